@@ -1,0 +1,214 @@
+"""``Experiment``: a grid of learners, trained together, results in a Zarr store.
+
+>>> import torch
+>>> from serimats_func import Experiment, datasets
+>>> from serimats_func.models import MLP
+>>> from serimats_func.interventions import PerturbWeights
+>>> train, test = datasets.mnist1d()
+>>> exp = Experiment(MLP(), train, [PerturbWeights.make_variations(epsilon=(0.0, 0.01), seed=range(2))],
+...                  test_dataset=test, steps=5, store=tempfile.mkdtemp() + "/doc.zarr", progress=False)
+>>> ds = exp.run()
+>>> dict(ds.sizes)
+{'epsilon': 2, 'seed': 2, 'step': 2}
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+import tempfile  # noqa: F401  (used by the docstring example)
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import xarray as xr
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import as_tensors, fingerprint, steps_per_epoch
+from .grid import Grid, build_grid
+from .interventions import Optimizer
+from .learners import prepare_template
+from .planning import Plan, make_plan
+from .plotter import Plotter
+from .results import assemble
+from .store import Store
+from .training import Schedule, TrainingData, train_chunk
+
+DEFAULT_OPTIMIZER = Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
+
+
+class Experiment:
+    """A collection of learners differentiated by interventions.
+
+    Args:
+        model: the template, any ``nn.Module`` mapping a batch of inputs to logits.
+        dataset: training data, a map-style Dataset of (x, y) or a tuple of tensors (x, y).
+        interventions: ``make_variations(...)`` results (or single interventions); variations of
+            one class are concatenated, classes multiply.
+        test_dataset: data for the test metrics (else they are NaN).
+        optimizer: the optimizer of learners that no ``Optimizer`` variation sets; default
+            ``Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)``. A torch.optim class is accepted.
+        batch_size, epochs, steps: training length (default one epoch); the last batch of an
+            epoch may be smaller, as with a DataLoader.
+        log_every: also record metrics every this many steps (besides step 0, epoch ends, last).
+        seed: the experiment seed, from which every random key derives.
+        loss: ``loss(logits, y) -> scalar`` (mean over the batch); default cross-entropy.
+        device: default CUDA when available. dtype: of parameters and inputs.
+        store: the Zarr store's path; default ``runs/<name>.zarr``.
+        max_learners_per_chunk: cap on the learners trained together (memory decides otherwise).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: object,
+        interventions: Sequence = (),
+        test_dataset: object | None = None,
+        *,
+        optimizer: Optimizer | type | None = None,
+        batch_size: int = 64,
+        epochs: int | None = None,
+        steps: int | None = None,
+        log_every: int | None = None,
+        seed: int = 0,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        store: str | Path | None = None,
+        name: str | None = None,
+        eval_batch_size: int = 1000,
+        max_learners_per_chunk: int | None = None,
+        progress: bool = True,
+    ):
+        _positive_int("batch_size", batch_size)
+        _positive_int("eval_batch_size", eval_batch_size)
+        if epochs is not None and steps is not None:
+            raise ValueError("Give epochs= or steps=, not both.")
+        if epochs is not None:
+            _positive_int("epochs", epochs)
+        if steps is not None:
+            _positive_int("steps", steps)
+        if log_every is not None:
+            _positive_int("log_every", log_every)
+        if max_learners_per_chunk is not None:
+            _positive_int("max_learners_per_chunk", max_learners_per_chunk)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer; got {seed!r}.")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point type; got {dtype}.")
+        if isinstance(optimizer, type):
+            optimizer = Optimizer(optimizer)
+        self.default_optimizer = optimizer or DEFAULT_OPTIMIZER
+        if self.default_optimizer.values["optimizer"] is None:
+            raise ValueError("optimizer= must name a torch.optim class, e.g. Optimizer(torch.optim.Adam, lr=1e-3).")
+
+        self.x, self.y = as_tensors(dataset, "dataset")
+        self.x = self.x.to(dtype)
+        self.x_test = self.y_test = None
+        if test_dataset is not None:
+            self.x_test, self.y_test = as_tensors(test_dataset, "test_dataset")
+            self.x_test = self.x_test.to(dtype)
+            if self.x_test.shape[1:] != self.x.shape[1:]:
+                raise ValueError(f"test_dataset inputs have shape {tuple(self.x_test.shape[1:])} but dataset "
+                                 f"inputs {tuple(self.x.shape[1:])}.")
+        labels = int(self.y.max()) + 1 if self.y_test is None else max(int(self.y.max()), int(self.y_test.max())) + 1
+        self.template = prepare_template(model, self.x[:2], num_classes=labels).to(dtype)
+
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        spe = steps_per_epoch(len(self.x), batch_size)
+        total = steps if steps is not None else spe * (epochs if epochs is not None else 1)
+        self.schedule = Schedule(total_steps=total, steps_per_epoch=spe, log_every=log_every)
+        self.seed, self.loss = int(seed), loss
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_learners_per_chunk, self.progress = max_learners_per_chunk, progress
+
+        self.interventions = list(interventions) if isinstance(interventions, (list, tuple)) else [interventions]
+        self.name = name or _default_name(self.interventions)
+        self.grid: Grid = build_grid(self.interventions, self.default_optimizer, self.seed, self.setup)
+        self.store = Store(store if store is not None else Path("runs") / f"{self.name}.zarr")
+        self.store.check()
+
+    @property
+    def setup(self) -> dict:
+        """What every learner of this experiment shares; part of each learner's id."""
+        return {
+            "model": f"{type(self.template).__module__}.{type(self.template).__qualname__}",
+            "model_repr": repr(self.template),
+            "parameters": {n: list(p.shape) for n, p in self.template.named_parameters()},
+            "data": fingerprint(self.x, self.y),
+            "test_data": fingerprint(self.x_test, self.y_test) if self.x_test is not None else None,
+            "batch_size": self.batch_size,
+            "steps": self.schedule.total_steps,
+            "log_steps": list(self.schedule.log_steps),
+            "loss": getattr(self.loss, "__qualname__", repr(self.loss)),
+            "dtype": str(self.x.dtype),
+        }
+
+    def plan(self) -> Plan:
+        """What ``run()`` would do: learners in the store vs. to train, groups, chunks, memory."""
+        plan = make_plan(
+            self.grid, self.store.index(), self.template, self.x[:2], self.batch_size,
+            min(self.eval_batch_size, len(self.x)), self.device, self.max_learners_per_chunk,
+        )
+        plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
+        return plan
+
+    def run(self, plot: bool = False) -> xr.Dataset:
+        """Train the learners missing from the store, then return the whole grid's results.
+        With ``plot=True``, also save one PNG per metric next to the store."""
+        plan = self.plan()
+        if plan.chunks:
+            self._train(plan)
+        ds = self.results()
+        if plot:
+            Plotter(ds).save_all(self.store.path.with_name(self.store.path.stem + "_plots"))
+        return ds
+
+    def _train(self, plan: Plan) -> None:
+        data = TrainingData(
+            x=self.x.to(self.device), y=self.y.to(self.device),
+            x_test=None if self.x_test is None else self.x_test.to(self.device),
+            y_test=None if self.y_test is None else self.y_test.to(self.device),
+            batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+        )
+        total = sum(len(c.learners) for c in plan.chunks) * self.schedule.total_steps
+        steps = list(self.schedule.log_steps)
+        with tqdm(total=total, unit=" learner-steps", disable=not self.progress, desc=self.name) as bar:
+            for i, chunk in enumerate(plan.chunks):
+                bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(chunk.learners)} learners")
+                metrics = train_chunk(self.template, chunk.learners, data, self.schedule, self.loss,
+                                      self.device, on_step=bar.update)
+                self.store.write([s.id for s in chunk.learners], [s.config for s in chunk.learners], steps, metrics)
+
+    def results(self) -> xr.Dataset:
+        """The grid's results as stored (NaN for learners not trained yet)."""
+        stored_ids = self.store.index()
+        present = [s.id for s in self.grid.learners if s.id in stored_ids]
+        if present:
+            stored = self.store.read(present)
+        else:
+            stored = xr.Dataset(coords={"learner": [], "step": list(self.schedule.log_steps)})
+        grid = self.grid
+        if len(present) < len(grid.learners):
+            grid = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in stored_ids])
+        attrs = {"experiment": self.name, "store": str(self.store.path), "seed": self.seed,
+                 "steps": self.schedule.total_steps, "batch_size": self.batch_size}
+        return assemble(grid, stored, attrs)
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
+def _default_name(interventions: list) -> str:
+    classes = []
+    for item in interventions:
+        cls = getattr(item, "cls", type(item))
+        if cls.__name__ not in classes:
+            classes.append(cls.__name__)
+    words = [re.sub(r"(?<!^)(?=[A-Z])", "-", c).lower() for c in classes]
+    return "_".join(words) or "experiment"
+
+

@@ -1,0 +1,225 @@
+"""Functional twins of ``torch.optim.SGD``, ``Adam`` and ``AdamW``.
+
+An optimizer is a pair of pure functions (as in optax): ``init(params) -> state`` and
+``update(grads, state, params, hparams) -> (params, state)``. Numeric hyperparameters (lr,
+momentum, betas, ...) arrive as tensors in ``hparams``, so one vmapped update serves a different
+value per learner. Flags that change the state's structure (nesterov, amsgrad, whether SGD keeps
+a momentum buffer) are fixed when the optimizer is built. The arithmetic follows torch.optim's
+single-tensor code line by line; the tests check them against each other step for step.
+
+>>> import torch
+>>> opt = functional_twin(torch.optim.SGD, momentum=0.9)
+>>> params = {"w": torch.ones(3, dtype=torch.float64)}
+>>> state = opt.init(params)
+>>> hparams = opt.hparams(lr=0.1, momentum=0.9)
+>>> params, state = opt.update({"w": torch.ones(3, dtype=torch.float64)}, state, params, hparams)
+>>> params["w"].tolist()
+[0.9, 0.9, 0.9]
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+Params = dict[str, torch.Tensor]
+OptState = dict[str, Any]
+HParams = dict[str, torch.Tensor]  # name -> float64 scalar (N,) when stacked over learners
+
+HPARAM_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class FunctionalOptimizer:
+    """``init`` and ``update`` of one optimizer structure, plus the names of its numeric
+    hyperparameters (the keys ``update`` reads from ``hparams``)."""
+
+    name: str
+    init: Callable[[Params], OptState]
+    update: Callable[[Params, OptState, Params, HParams], tuple[Params, OptState]]
+    numeric: tuple[str, ...]
+    torch_class: type | None = None
+
+    def hparams(self, **values: Any) -> HParams:
+        """One learner's hyperparameters as float64 scalar tensors, torch's defaults filled in."""
+        if self.torch_class is not None:
+            values = numeric_hparams(self.torch_class, resolve(self.torch_class, values))
+        return {k: torch.tensor(float(values[k]), dtype=HPARAM_DTYPE) for k in self.numeric}
+
+
+def _zeros_like(params: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in params.items()}
+
+
+def sgd(momentum_buffer: bool = False, nesterov: bool = False) -> FunctionalOptimizer:
+    """SGD with momentum, dampening, nesterov and (L2) weight decay, as ``torch.optim.SGD``."""
+
+    def init(params: Params) -> OptState:
+        state: OptState = {"step": torch.zeros((), dtype=HPARAM_DTYPE)}
+        if momentum_buffer:
+            state["momentum_buffer"] = _zeros_like(params)
+        return state
+
+    def update(grads: Params, state: OptState, params: Params, h: HParams) -> tuple[Params, OptState]:
+        first = state["step"] == 0
+        new_params, new_buffers = {}, {}
+        for name, p in params.items():
+            dt = p.dtype
+            d_p = grads[name] + p * h["weight_decay"].to(dt)
+            if momentum_buffer:
+                m = h["momentum"].to(dt)
+                later = state["momentum_buffer"][name] * m + d_p * (1 - h["dampening"]).to(dt)
+                buf = torch.where(first, d_p, later)  # torch starts the buffer at d_p
+                new_buffers[name] = buf
+                d_p = d_p + buf * m if nesterov else buf
+            new_params[name] = p + (-h["lr"]).to(dt) * d_p
+        new_state: OptState = {"step": state["step"] + 1}
+        if momentum_buffer:
+            new_state["momentum_buffer"] = new_buffers
+        return new_params, new_state
+
+    return FunctionalOptimizer("SGD", init, update, ("lr", "momentum", "dampening", "weight_decay"))
+
+
+def adam(amsgrad: bool = False, decoupled_weight_decay: bool = False) -> FunctionalOptimizer:
+    """Adam (L2 weight decay) or, with ``decoupled_weight_decay``, AdamW, as torch.optim's."""
+
+    def init(params: Params) -> OptState:
+        state: OptState = {
+            "step": torch.zeros((), dtype=HPARAM_DTYPE),
+            "exp_avg": _zeros_like(params),
+            "exp_avg_sq": _zeros_like(params),
+        }
+        if amsgrad:
+            state["max_exp_avg_sq"] = _zeros_like(params)
+        return state
+
+    def update(grads: Params, state: OptState, params: Params, h: HParams) -> tuple[Params, OptState]:
+        step = state["step"] + 1
+        lr, beta1, beta2, wd = h["lr"], h["beta1"], h["beta2"], h["weight_decay"]
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        step_size = lr / bias_correction1
+        new_params: Params = {}
+        new_state: OptState = {"step": step, "exp_avg": {}, "exp_avg_sq": {}}
+        if amsgrad:
+            new_state["max_exp_avg_sq"] = {}
+        for name, p in params.items():
+            dt, g = p.dtype, grads[name]
+            if decoupled_weight_decay:
+                p = p * (1 - lr * wd).to(dt)
+            else:
+                g = g + p * wd.to(dt)
+            exp_avg = torch.lerp(state["exp_avg"][name], g, (1 - beta1).to(dt))
+            exp_avg_sq = state["exp_avg_sq"][name] * beta2.to(dt) + (1 - beta2).to(dt) * g * g
+            second = exp_avg_sq
+            if amsgrad:
+                second = torch.maximum(state["max_exp_avg_sq"][name], exp_avg_sq)
+                new_state["max_exp_avg_sq"][name] = second
+            denom = second.sqrt() / bias_correction2_sqrt.to(dt) + h["eps"].to(dt)
+            new_params[name] = p + (-step_size).to(dt) * exp_avg / denom
+            new_state["exp_avg"][name] = exp_avg
+            new_state["exp_avg_sq"][name] = exp_avg_sq
+        return new_params, new_state
+
+    name = "AdamW" if decoupled_weight_decay else "Adam"
+    return FunctionalOptimizer(name, init, update, ("lr", "beta1", "beta2", "eps", "weight_decay"))
+
+
+# What each supported torch.optim class accepts. "numeric" become per-learner tensors; "static"
+# choose the structure. Arguments that only pick torch's kernels (foreach, fused) are accepted
+# and have no effect here; the rest of torch's arguments (maximize, ...) are not supported.
+_NUMERIC = {
+    torch.optim.SGD: ("lr", "momentum", "dampening", "weight_decay"),
+    torch.optim.Adam: ("lr", "betas", "eps", "weight_decay"),
+    torch.optim.AdamW: ("lr", "betas", "eps", "weight_decay"),
+}
+_STATIC = {
+    torch.optim.SGD: ("nesterov",),
+    torch.optim.Adam: ("amsgrad",),
+    torch.optim.AdamW: ("amsgrad",),
+}
+_KERNEL_CHOICES = ("foreach", "fused")
+SUPPORTED = tuple(_NUMERIC)
+
+
+def hyperparameter_names(torch_class: type) -> tuple[str, ...]:
+    """The hyperparameters a class takes here, e.g. ``('lr', 'momentum', ...)`` for SGD."""
+    _check_supported(torch_class)
+    return _NUMERIC[torch_class] + _STATIC[torch_class]
+
+
+def _check_supported(torch_class: type) -> None:
+    if torch_class not in _NUMERIC:
+        names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED)
+        raise ValueError(f"No functional twin of {getattr(torch_class, '__name__', torch_class)!r}; "
+                         f"supported optimizers: {names}.")
+
+
+def torch_defaults(torch_class: type) -> dict[str, Any]:
+    """torch.optim's own defaults for ``torch_class`` (read from its signature)."""
+    _check_supported(torch_class)
+    signature = inspect.signature(torch_class.__init__)
+    defaults = {}
+    for name in hyperparameter_names(torch_class):
+        default = signature.parameters[name].default
+        if default is not inspect.Parameter.empty and type(default).__name__ != "_RequiredParameter":
+            defaults[name] = tuple(default) if name == "betas" else default
+    return defaults
+
+
+def resolve(torch_class: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill in torch's defaults and validate with torch.optim itself (same checks, same messages).
+
+    >>> resolve(torch.optim.Adam, {"lr": 0.01})["betas"]
+    (0.9, 0.999)
+    """
+    known = hyperparameter_names(torch_class)
+    unknown = [k for k in values if k not in known and k not in _KERNEL_CHOICES]
+    if unknown:
+        raise ValueError(f"torch.optim.{torch_class.__name__} has no hyperparameter {unknown[0]!r} "
+                         f"here; it takes: {', '.join(known)}.")
+    resolved = torch_defaults(torch_class)
+    resolved.update({k: v for k, v in values.items() if k in known})
+    if "lr" not in resolved:
+        raise ValueError(f"torch.optim.{torch_class.__name__} needs a learning rate: give lr=...")
+    if "betas" in resolved:
+        resolved["betas"] = tuple(float(b) for b in resolved["betas"])
+    try:
+        torch_class([torch.zeros(1, requires_grad=True)], **resolved)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"torch.optim.{torch_class.__name__}({_describe(resolved)}): {error}") from error
+    return resolved
+
+
+def _describe(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
+
+
+def functional_twin(torch_class: type, **values: Any) -> FunctionalOptimizer:
+    """The functional optimizer that matches ``torch_class(params, **values)``'s structure."""
+    resolved = resolve(torch_class, values)
+    if torch_class is torch.optim.SGD:
+        twin = sgd(momentum_buffer=resolved["momentum"] != 0, nesterov=bool(resolved["nesterov"]))
+    else:
+        twin = adam(amsgrad=bool(resolved["amsgrad"]), decoupled_weight_decay=torch_class is torch.optim.AdamW)
+    return replace(twin, torch_class=torch_class)
+
+
+def structure_key(torch_class: type, resolved: Mapping[str, Any]) -> tuple:
+    """Learners with equal keys can share one vmapped update."""
+    if torch_class is torch.optim.SGD:
+        return ("SGD", resolved["momentum"] != 0, bool(resolved["nesterov"]))
+    return (torch_class.__name__, bool(resolved["amsgrad"]))
+
+
+def numeric_hparams(torch_class: type, resolved: Mapping[str, Any]) -> dict[str, float]:
+    """The per-learner numbers ``update`` reads, e.g. betas split into beta1 and beta2."""
+    out = {k: float(resolved[k]) for k in _NUMERIC[torch_class] if k != "betas"}
+    if "betas" in resolved:
+        out["beta1"], out["beta2"] = resolved["betas"]
+    return out

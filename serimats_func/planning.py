@@ -1,0 +1,149 @@
+"""Planning: which learners to train, in which groups and chunks, and how much memory each takes.
+
+Learners of different structure (optimizer class, nesterov, amsgrad, SGD with or without a
+momentum buffer) cannot share a vmapped step, so they form separate groups that run one after
+another. A group larger than the memory budget is split into chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import pytrees
+from .grid import Grid, LearnerSpec
+from .optimizers import functional_twin
+
+
+@dataclass
+class Chunk:
+    """Learners that train together in one vmapped run."""
+
+    structure: tuple
+    learners: list[LearnerSpec]
+
+
+@dataclass
+class Plan:
+    """What ``Experiment.run()`` would do. Printing it gives a short report."""
+
+    grid_cells: int
+    learners: int
+    in_store: int
+    chunks: list[Chunk] = field(default_factory=list)
+    bytes_per_learner: dict[tuple, int] = field(default_factory=dict)
+    memory_budget: int = 0
+    device: str = "cpu"
+    total_steps: int = 0
+    store: str = ""
+
+    @property
+    def to_train(self) -> int:
+        return sum(len(c.learners) for c in self.chunks)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.learners} learners in the grid ({self.grid_cells} cells); {self.in_store} already in "
+            f"{self.store}, {self.to_train} to train for {self.total_steps} steps on {self.device}.",
+        ]
+        groups: dict[tuple, list[Chunk]] = {}
+        for chunk in self.chunks:
+            groups.setdefault(chunk.structure, []).append(chunk)
+        for structure, chunks in groups.items():
+            n = sum(len(c.learners) for c in chunks)
+            mib = self.bytes_per_learner[structure] / 2**20
+            lines.append(
+                f"  group {_describe(structure)}: {n} learners in {len(chunks)} chunk(s) of up to "
+                f"{max(len(c.learners) for c in chunks)}, about {mib:.1f} MiB per learner"
+            )
+        lines.append(f"  memory budget: {self.memory_budget / 2**30:.1f} GiB")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _describe(structure: tuple) -> str:
+    name, *flags = structure
+    if name == "SGD":
+        momentum, nesterov = flags
+        return "SGD" + (" with momentum" if momentum else "") + (", nesterov" if nesterov else "")
+    return name + (" (amsgrad)" if flags and flags[0] else "")
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes the training may use: 70% of the free GPU memory, or half the available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.7)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) // 2
+
+
+def activation_bytes_per_example(template: nn.Module, example_x: torch.Tensor) -> int:
+    """Bytes of every module's outputs for one example (measured on a small batch)."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        for t in pytrees.leaves(output):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in template.modules()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            template(example_x)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, total // len(example_x))
+
+
+def bytes_per_learner(
+    template: nn.Module, spec: LearnerSpec, example_x: torch.Tensor, batch_size: int, eval_batch_size: int
+) -> int:
+    """Estimated peak bytes of one learner in a vmapped step or evaluation."""
+    params = dict(template.named_parameters())
+    param_bytes = pytrees.nbytes(params)
+    opt_bytes = pytrees.nbytes(functional_twin(spec.optimizer_class, **spec.optimizer_values).init(params))
+    per_example = activation_bytes_per_example(template, example_x)
+    train = 4 * param_bytes + opt_bytes + 3 * per_example * batch_size  # params, grads, new, temp
+    evaluation = 2 * param_bytes + opt_bytes + per_example * eval_batch_size
+    return max(train, evaluation)
+
+
+def make_plan(
+    grid: Grid,
+    in_store: Collection[str],
+    template: nn.Module,
+    example_x: torch.Tensor,
+    batch_size: int,
+    eval_batch_size: int,
+    device: torch.device,
+    max_learners_per_chunk: int | None = None,
+) -> Plan:
+    """Split the learners not yet in the store into groups of one structure and chunks that fit."""
+    learners = grid.learners
+    missing = [s for s in learners if s.id not in in_store]
+    groups: dict[tuple, list[LearnerSpec]] = {}
+    for spec in missing:
+        groups.setdefault(spec.structure, []).append(spec)
+    plan = Plan(grid_cells=len(grid.cells), learners=len(learners), in_store=len(learners) - len(missing),
+                memory_budget=memory_budget(device), device=str(device))
+    for structure, specs in groups.items():
+        each = bytes_per_learner(template, specs[0], example_x, batch_size, eval_batch_size)
+        plan.bytes_per_learner[structure] = each
+        size = max(1, plan.memory_budget // each)
+        if max_learners_per_chunk:
+            size = min(size, max_learners_per_chunk)
+        for start in range(0, len(specs), size):
+            plan.chunks.append(Chunk(structure, specs[start : start + size]))
+    return plan
