@@ -25,10 +25,13 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import pytrees
 from .data import as_tensors, fingerprint, steps_per_epoch
 from .grid import Grid, build_grid
 from .interventions import Optimizer
-from .learners import prepare_template
+from .learners import initial_model_state, prepare_template
+from .loggers import Logger
+from .metrics import DEFAULT_METRICS
 from .planning import Plan, make_plan
 from .plotter import Plotter
 from .results import assemble
@@ -57,6 +60,7 @@ class Experiment:
         device: default CUDA when available. dtype: of parameters and inputs.
         store: the Zarr store's path; default ``runs/<name>.zarr``.
         max_learners_per_chunk: cap on the learners trained together (memory decides otherwise).
+        logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Experiment:
         name: str | None = None,
         eval_batch_size: int = 1000,
         max_learners_per_chunk: int | None = None,
+        logger: Logger | None = None,
         progress: bool = True,
     ):
         _positive_int("batch_size", batch_size)
@@ -113,7 +118,7 @@ class Experiment:
                 raise ValueError(f"test_dataset inputs have shape {tuple(self.x_test.shape[1:])} but dataset "
                                  f"inputs {tuple(self.x.shape[1:])}.")
         labels = int(self.y.max()) + 1 if self.y_test is None else max(int(self.y.max()), int(self.y_test.max())) + 1
-        self.template = prepare_template(model, self.x[:2], num_classes=labels).to(dtype)
+        self.template = prepare_template(model, self.x[:2], num_classes=labels)
 
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         spe = steps_per_epoch(len(self.x), batch_size)
@@ -122,6 +127,10 @@ class Experiment:
         self.seed, self.loss = int(seed), loss
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.max_learners_per_chunk, self.progress = max_learners_per_chunk, progress
+
+        self.logger = logger or Logger()
+        probe = pytrees.stack([initial_model_state(self.template, init_key=0, dropout_key=0)])
+        self.logger.check(self.template, probe["params"], probe["buffers"])
 
         self.interventions = list(interventions) if isinstance(interventions, (list, tuple)) else [interventions]
         self.name = name or _default_name(self.interventions)
@@ -143,6 +152,7 @@ class Experiment:
             "log_steps": list(self.schedule.log_steps),
             "loss": getattr(self.loss, "__qualname__", repr(self.loss)),
             "dtype": str(self.x.dtype),
+            "metrics": self.logger.metric_names(),
         }
 
     def plan(self) -> Plan:
@@ -178,7 +188,7 @@ class Experiment:
             for i, chunk in enumerate(plan.chunks):
                 bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(chunk.learners)} learners")
                 metrics = train_chunk(self.template, chunk.learners, data, self.schedule, self.loss,
-                                      self.device, on_step=bar.update)
+                                      self.device, on_step=bar.update, metrics=self.logger.metrics())
                 self.store.write([s.id for s in chunk.learners], [s.config for s in chunk.learners], steps, metrics)
 
     def results(self) -> xr.Dataset:
@@ -194,7 +204,7 @@ class Experiment:
             grid = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in stored_ids])
         attrs = {"experiment": self.name, "store": str(self.store.path), "seed": self.seed,
                  "steps": self.schedule.total_steps, "batch_size": self.batch_size}
-        return assemble(grid, stored, attrs)
+        return assemble(grid, stored, attrs, order=list(DEFAULT_METRICS) + self.logger.metric_names())
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -32,10 +32,10 @@ class ModelDataMismatch(ValueError):
 
 
 def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int | None = None) -> nn.Module:
-    """A CPU copy of ``model`` ready for functional use: lazy layers materialized on
-    ``example_x`` (a small batch), dropout swapped for ``KeyedDropout``, and the forward pass
-    checked to give ``(batch, classes)`` logits. The global RNG is left untouched."""
-    template = swap_dropout(copy.deepcopy(model).cpu())
+    """A CPU copy of ``model`` in ``example_x``'s dtype, ready for functional use: lazy layers
+    materialized on ``example_x`` (a small batch), dropout swapped for ``KeyedDropout``, and the
+    forward pass checked to give ``(batch, classes)`` logits. The global RNG is left untouched."""
+    template = swap_dropout(copy.deepcopy(model).cpu().to(example_x.dtype))
     template.train()
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():

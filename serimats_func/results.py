@@ -8,12 +8,13 @@ took one value are scalar coordinates.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
 import xarray as xr
 
 from .grid import Grid
-from .training import METRICS
+from .metrics import DEFAULT_METRICS
 
 
 def _labels(values: list) -> np.ndarray:
@@ -26,8 +27,9 @@ def _labels(values: list) -> np.ndarray:
     return np.array(values, dtype=object)
 
 
-def assemble(grid: Grid, stored: xr.Dataset, attrs: dict | None = None) -> xr.Dataset:
-    """Lay the stored learners (dims learner, step) out on the grid's dimensions."""
+def assemble(grid: Grid, stored: xr.Dataset, attrs: dict | None = None, order: Sequence[str] = DEFAULT_METRICS) -> xr.Dataset:
+    """Lay the stored learners (dims learner, step) out on the grid's dimensions; metrics come
+    in ``order``, then any others."""
     dims = list(grid.dims)
     shape = tuple(len(v) for v in grid.dims.values())
     steps = stored["step"].values
@@ -39,7 +41,7 @@ def assemble(grid: Grid, stored: xr.Dataset, attrs: dict | None = None) -> xr.Da
         ids[cell], control[cell], rows[cell] = spec.id, spec.control, position[spec.id]
     filled = rows >= 0
     data_vars = {}
-    known = [m for m in METRICS if m in stored.data_vars]
+    known = [m for m in order if m in stored.data_vars]
     for name in known + [m for m in stored.data_vars if m not in known]:
         var = stored[name]
         values = np.full(shape + (len(steps),), np.nan)

@@ -5,7 +5,7 @@ is copied to the host until the chunk ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,7 @@ from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec
 from .interventions import perturb_weights, perturbation_directions
 from .learners import initial_model_state
+from .metrics import DEFAULT_METRICS, MetricFn, vmapped_metrics
 from .optimizers import functional_twin
 from .step import LossFn, evaluate_dataset, make_evaluate, make_train_step
 
@@ -60,9 +61,6 @@ class TrainingData:
         return steps_per_epoch(len(self.x), self.batch_size)
 
 
-METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
-
-
 def initial_state(template: nn.Module, specs: Sequence[LearnerSpec], device: torch.device) -> dict:
     """Stacked initial state of the chunk's learners, built on the CPU (so it is the same on any
     device), then moved: params, buffers (N, ...), optimizer state and hyperparameters."""
@@ -90,6 +88,7 @@ def train_chunk(
     loss_fn: LossFn,
     device: torch.device,
     on_step: Callable[[int], None] = lambda n: None,
+    metrics: Mapping[str, MetricFn] | None = None,
 ) -> dict[str, np.ndarray]:
     """Train one chunk of learners of one structure; returns each metric as (N, len(log_steps)).
 
@@ -108,7 +107,8 @@ def train_chunk(
     step_fn = make_train_step(template, twin, loss_fn, shared_batch=shared)
     evaluate = make_evaluate(template, loss_fn)
 
-    records: dict[str, list[torch.Tensor]] = {m: [] for m in METRICS}
+    custom = vmapped_metrics(template, metrics) if metrics else None
+    records: dict[str, list[torch.Tensor]] = {m: [] for m in DEFAULT_METRICS}
     log_steps = set(schedule.log_steps)
 
     def record() -> None:
@@ -122,6 +122,9 @@ def train_chunk(
                 loss, acc = evaluate_dataset(evaluate, params, buffers, x, y, data.eval_batch_size)
             records[f"{name}_loss"].append(loss)
             records[f"{name}_acc"].append(acc)
+        if custom is not None:
+            for name, value in custom(params, buffers).items():
+                records.setdefault(name, []).append(value.to(torch.float64))
         template.train()
 
     template.train()

@@ -28,13 +28,14 @@ def tiny_mnist_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture
 def mnist_root(tmp_path):
-    """A torchvision-style folder ROOT/MNIST/raw with tiny train (96) and test (48) IDX files."""
+    """A torchvision-style folder ROOT/MNIST/raw with tiny train (96) and test (48) IDX files
+    (uncompressed, as torchvision leaves them after extracting)."""
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for prefix, n, seed in (("train", 96, 0), ("t10k", 48, 1)):
         images, labels = tiny_mnist_arrays(n, seed)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return tmp_path / "data"
 
 

@@ -1,0 +1,134 @@
+"""Results survive a kill and a resume; extending a grid trains only what is missing; nothing
+in a store is overwritten."""
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+from serimats_func import Experiment, training
+from serimats_func.interventions import InitWeights, Optimizer, PerturbWeights
+from serimats_func.models import MLP
+from serimats_func.store import Store, StoreError
+
+GRID = [
+    PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
+    PerturbWeights.make_variations(epsilon=(0.01, 0.1), seed=range(4)),
+]
+
+
+def experiment(data, store, interventions=GRID, **kw):
+    train, test = data
+    return Experiment(MLP(widths=(32,)), train, interventions, test_dataset=test, steps=16, batch_size=32,
+                      store=store, progress=False, **kw)
+
+
+def snapshot(path):
+    """Every file of a store and a hash of its bytes."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_run_resumes_with_only_the_missing_chunks_and_the_same_numbers(small_mnist1d, tmp_path, monkeypatch):
+    reference = experiment(small_mnist1d, tmp_path / "ref.zarr", max_learners_per_chunk=3).run()
+
+    calls = []
+    real_train_chunk = training.train_chunk
+
+    def killed_after_two_chunks(*args, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(len(args[1]))
+        return real_train_chunk(*args, **kw)
+
+    monkeypatch.setattr("serimats_func.experiments.train_chunk", killed_after_two_chunks)
+    exp = experiment(small_mnist1d, tmp_path / "run.zarr", max_learners_per_chunk=3)
+    with pytest.raises(KeyboardInterrupt):
+        exp.run()
+    assert calls == [3, 3]
+    # the store opens, and holds the 6 learners of the two finished chunks
+    assert len(Store(tmp_path / "run.zarr").index()) == 6
+    zarr.open_group(tmp_path / "run.zarr", mode="r")
+
+    monkeypatch.setattr("serimats_func.experiments.train_chunk", real_train_chunk)
+    resumed = experiment(small_mnist1d, tmp_path / "run.zarr", max_learners_per_chunk=3)
+    plan = resumed.plan()
+    assert (plan.in_store, plan.to_train) == (6, 3)
+    ds = resumed.run()
+    for metric in ds.data_vars:
+        np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
+
+
+def test_extending_the_grid_trains_only_new_learners_and_overwrites_nothing(small_mnist1d, tmp_path):
+    store = tmp_path / "grid.zarr"
+    first = experiment(small_mnist1d, store).run()
+    before = snapshot(store)
+
+    bigger = GRID + [PerturbWeights.make_variations(epsilon=(0.001,), seed=range(4))]
+    exp = experiment(small_mnist1d, store, bigger)
+    assert (exp.plan().in_store, exp.plan().to_train) == (9, 4)
+    ds = exp.run()
+
+    after = snapshot(store)
+    assert all(after[p] == h for p, h in before.items())  # every old file is still there, unchanged
+    assert ds.epsilon.values.tolist() == [0.0, 0.01, 0.1, 0.001]
+    np.testing.assert_array_equal(ds.test_acc.sel(epsilon=[0.0, 0.01, 0.1]).values, first.test_acc.values)
+    assert experiment(small_mnist1d, store, bigger).plan().to_train == 0
+
+
+def test_adding_init_weights_with_its_default_seed_names_the_same_learners(small_mnist1d, tmp_path):
+    store = tmp_path / "s.zarr"
+    experiment(small_mnist1d, store).run()
+    with_init = GRID + [InitWeights.make_variations(seed=(0, 1))]
+    plan = experiment(small_mnist1d, store, with_init).plan()
+    assert (plan.in_store, plan.to_train) == (9, 9)  # seed 0 is the default: reused
+
+
+def test_changing_the_setup_makes_new_learners(small_mnist1d, tmp_path):
+    store = tmp_path / "s.zarr"
+    experiment(small_mnist1d, store).run()
+    train, test = small_mnist1d
+    longer = Experiment(MLP(widths=(32,)), train, GRID, test_dataset=test, steps=20, batch_size=32, store=store, progress=False)
+    assert longer.plan().to_train == 9
+    other_lr = experiment(small_mnist1d, store, optimizer=Optimizer(torch.optim.SGD, lr=0.05))
+    assert other_lr.plan().to_train == 9
+
+
+def test_a_half_written_batch_is_ignored_and_the_store_still_opens(small_mnist1d, tmp_path):
+    store = tmp_path / "s.zarr"
+    ds = experiment(small_mnist1d, store).run()
+    (store / ".pending" / "crashed" / "train_loss").mkdir(parents=True)
+    (store / ".pending" / "crashed" / "zarr.json").write_text("{truncated")
+    again = experiment(small_mnist1d, store)
+    assert again.plan().to_train == 0
+    xr.testing.assert_identical(again.run(), ds)
+
+
+def test_a_path_that_is_not_a_store_is_refused_before_anything_is_written(small_mnist1d, tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a serimats-func store"):
+        experiment(small_mnist1d, folder)
+    other = tmp_path / "other.zarr"
+    zarr.open_group(other, mode="w", zarr_format=3).attrs["owner"] = "someone else"
+    with pytest.raises(StoreError, match="not a serimats-func store"):
+        experiment(small_mnist1d, other)
+    assert sorted(os.listdir(folder)) == ["todo.txt"]
+
+
+def test_stored_batches_carry_each_learners_resolved_configuration(small_mnist1d, tmp_path):
+    store = tmp_path / "s.zarr"
+    ds = experiment(small_mnist1d, store).run()
+    configs = Store(store).configs()
+    learner = str(ds.learner.sel(epsilon=0.1, seed=2).values)
+    assert configs[learner]["perturb"] == {"epsilon": 0.1, "seed": 2, "mode": "relative"}
+    assert configs[learner]["optimizer"] == {"optimizer": "SGD", "lr": 0.01, "momentum": 0.9, "dampening": 0.0,
+                                             "weight_decay": 0.0, "nesterov": False}
+    # the stored metrics read back through plain xarray
+    batch = Store(store).batches()[0]
+    raw = xr.open_zarr(store / "batches" / batch, consolidated=False)
+    assert raw.train_loss.dims == ("learner", "step") and raw.attrs["learner_ids"]
