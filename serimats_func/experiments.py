@@ -1,6 +1,6 @@
 """``Experiment``: a grid of learners, trained together, results in a Zarr store.
 
->>> import torch
+>>> import tempfile
 >>> from serimats_func import Experiment, datasets
 >>> from serimats_func.models import MLP
 >>> from serimats_func.interventions import PerturbWeights
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numbers
 import re
-import tempfile  # noqa: F401  (used by the docstring example)
 from collections.abc import Callable, Sequence
 from pathlib import Path
 

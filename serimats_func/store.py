@@ -22,7 +22,6 @@ in two batches (two shards trained it), the older batch is read.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import uuid
 import warnings
@@ -136,7 +135,3 @@ class Store:
             parts.append(part)
         merged = parts[0] if len(parts) == 1 else xr.concat(parts, dim="learner", join="outer")
         return merged.sel(learner=list(ids))
-
-    def remove_pending(self) -> None:
-        """Delete batches left half-written by a crash (only call when no writer is running)."""
-        shutil.rmtree(self.path / ".pending", ignore_errors=True)

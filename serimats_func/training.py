@@ -145,5 +145,5 @@ def train_chunk(
             params, buffers, opt, _ = step_fn(params, buffers, opt, hparams, xb, yb)
             if step + 1 in log_steps:
                 record()
-            on_step(len(specs))
+            on_step(n_learners)
     return {m: torch.stack(v, dim=1)[:n_learners].cpu().numpy() for m, v in records.items()}  # (N, n_log)

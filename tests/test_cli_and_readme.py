@@ -48,3 +48,17 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     assert np.isnan(ds.test_acc.sel(epsilon=0, seed=1)).all()
     assert namespace["fig"].axes[0].get_ylabel() == "test accuracy"
     assert (tmp_path / "runs" / "perturb.zarr" / "zarr.json").exists()
+
+
+def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    notebook = json.loads((ROOT / "notebooks" / "first_sweep.ipynb").read_text())
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            source = "".join(cell["source"]).replace("epochs=5", "epochs=1")  # shorter, same code
+            exec(compile(source, "first_sweep.ipynb", "exec"), namespace)
+    assert dict(namespace["ds"].sizes) == {"epsilon": 4, "seed": 10, "step": 2}
+    assert len(namespace["final"].sel(epsilon=[0.001, 0.01, 0.1]).seed) == 10

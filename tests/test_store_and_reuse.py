@@ -132,3 +132,19 @@ def test_stored_batches_carry_each_learners_resolved_configuration(small_mnist1d
     batch = Store(store).batches()[0]
     raw = xr.open_zarr(store / "batches" / batch, consolidated=False)
     assert raw.train_loss.dims == ("learner", "step") and raw.attrs["learner_ids"]
+
+
+def test_a_group_too_large_for_memory_is_split_into_chunks_with_the_same_numbers(small_mnist1d, tmp_path, monkeypatch):
+    whole = experiment(small_mnist1d, tmp_path / "whole.zarr")
+    per_learner = whole.plan().bytes_per_learner[("SGD", True, False)]
+    monkeypatch.setattr("serimats_func.planning.memory_budget", lambda device: 4 * per_learner)
+    small = experiment(small_mnist1d, tmp_path / "small.zarr")
+    assert [len(c.learners) for c in small.plan().chunks] == [4, 4, 1]
+    assert "3 chunk(s) of up to 4" in str(small.plan())
+    xr.testing.assert_equal(small.run().drop_vars("learner"), whole.run().drop_vars("learner"))
+
+
+def test_run_with_plot_saves_one_png_per_metric_beside_the_store(small_mnist1d, tmp_path):
+    experiment(small_mnist1d, tmp_path / "p.zarr").run(plot=True)
+    pngs = sorted(p.name for p in (tmp_path / "p_plots").iterdir())
+    assert pngs == ["test_acc.png", "test_loss.png", "train_acc.png", "train_loss.png"]
