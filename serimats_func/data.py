@@ -28,9 +28,12 @@ class DataError(ValueError):
 
 
 def as_tensors(dataset: object, name: str = "dataset") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)``: inputs (float) and integer class labels, from a Dataset or a tuple of tensors."""
-    if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
-        x, y = (torch.as_tensor(np.asarray(t)) if not isinstance(t, torch.Tensor) else t for t in dataset)
+    """``(x, y)``: inputs (float) and integer class labels, from a Dataset or an ``(x, y)``
+    tuple of tensors or arrays."""
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(
+        isinstance(t, (torch.Tensor, np.ndarray)) for t in dataset
+    ):
+        x, y = (torch.as_tensor(t) for t in dataset)
     elif hasattr(dataset, "tensors") and len(dataset.tensors) == 2:  # TensorDataset
         x, y = dataset.tensors
     elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
@@ -69,6 +72,8 @@ def _checked(x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor,
         raise DataError(f"{name} labels must be >= 0; found {int(y.min())}.")
     if not x.dtype.is_floating_point:
         x = x.float()
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{name} inputs contain NaN or infinite values.")
     return x, y.long()
 
 

@@ -41,7 +41,8 @@ def mnist1d() -> tuple[TensorDataset, TensorDataset]:
     d = _mnist1d_arrays()
 
     def as_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
+        # copies: editing a returned tensor in place must not change later calls
+        return TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64))
 
     return as_dataset(d["x"], d["y"]), as_dataset(d["x_test"], d["y_test"])
 

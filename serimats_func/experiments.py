@@ -25,8 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import pytrees
+from .checkpoints import Checkpoints
 from .data import as_tensors, fingerprint, steps_per_epoch
 from .grid import Grid, build_grid
+from .identity import describe_callable, describe_module
 from .interventions import Optimizer
 from .learners import initial_model_state, prepare_template
 from .loggers import Logger
@@ -60,6 +62,8 @@ class Experiment:
         store: the Zarr store's path; default ``runs/<name>.zarr``.
         max_learners_per_chunk: cap on the learners trained together (memory decides otherwise).
         logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too.
+        checkpoint_every: save the chunk in training every this many steps (default: every 10
+            minutes), so that a crash loses at most the work since; ``run()`` resumes from it.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class Experiment:
         eval_batch_size: int = 1000,
         max_learners_per_chunk: int | None = None,
         logger: Logger | None = None,
+        checkpoint_every: int | None = None,
         progress: bool = True,
     ):
         _positive_int("batch_size", batch_size)
@@ -97,15 +102,18 @@ class Experiment:
             _positive_int("log_every", log_every)
         if max_learners_per_chunk is not None:
             _positive_int("max_learners_per_chunk", max_learners_per_chunk)
+        if checkpoint_every is not None:
+            _positive_int("checkpoint_every", checkpoint_every)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point type; got {dtype}.")
         if isinstance(optimizer, type):
             optimizer = Optimizer(optimizer)
+        if optimizer is not None and (not isinstance(optimizer, Optimizer) or optimizer.values["optimizer"] is None):
+            raise ValueError(f"optimizer= takes a torch.optim class or Optimizer(torch.optim.Adam, lr=1e-3); got {optimizer!r}.")
         self.default_optimizer = optimizer or DEFAULT_OPTIMIZER
-        if self.default_optimizer.values["optimizer"] is None:
-            raise ValueError("optimizer= must name a torch.optim class, e.g. Optimizer(torch.optim.Adam, lr=1e-3).")
+        self.device = _device(device)
 
         self.x, self.y = as_tensors(dataset, "dataset")
         self.x = self.x.to(dtype)
@@ -124,8 +132,8 @@ class Experiment:
         total = steps if steps is not None else spe * (epochs if epochs is not None else 1)
         self.schedule = Schedule(total_steps=total, steps_per_epoch=spe, log_every=log_every)
         self.seed, self.loss = int(seed), loss
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.max_learners_per_chunk, self.progress = max_learners_per_chunk, progress
+        self.checkpoint_every = checkpoint_every
 
         self.logger = logger or Logger()
         probe = pytrees.stack([initial_model_state(self.template, init_key=0, dropout_key=0)])
@@ -141,24 +149,29 @@ class Experiment:
     def setup(self) -> dict:
         """What every learner of this experiment shares; part of each learner's id."""
         return {
-            "model": f"{type(self.template).__module__}.{type(self.template).__qualname__}",
-            "model_repr": repr(self.template),
+            "model": describe_module(self.template),
             "parameters": {n: list(p.shape) for n, p in self.template.named_parameters()},
             "data": fingerprint(self.x, self.y),
             "test_data": fingerprint(self.x_test, self.y_test) if self.x_test is not None else None,
             "batch_size": self.batch_size,
             "steps": self.schedule.total_steps,
             "log_steps": list(self.schedule.log_steps),
-            "loss": getattr(self.loss, "__qualname__", repr(self.loss)),
+            "loss": describe_callable(self.loss),
             "dtype": str(self.x.dtype),
-            "metrics": self.logger.metric_names(),
+            "metrics": {name: describe_callable(fn) for name, fn in self.logger.metrics().items()},
         }
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of the train and test tensors, which go to the device whole."""
+        return sum(t.numel() * t.element_size() for t in (self.x, self.y, self.x_test, self.y_test) if t is not None)
 
     def plan(self) -> Plan:
         """What ``run()`` would do: learners in the store vs. to train, groups, chunks, memory."""
         plan = make_plan(
             self.grid, self.store.index(), self.template, self.x[:2], self.batch_size,
             min(self.eval_batch_size, len(self.x)), self.device, self.max_learners_per_chunk,
+            data_bytes=self.data_bytes,
         )
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
         return plan
@@ -175,6 +188,7 @@ class Experiment:
         return ds
 
     def _train(self, plan: Plan) -> None:
+        self.store.create()
         data = TrainingData(
             x=self.x.to(self.device), y=self.y.to(self.device),
             x_test=None if self.x_test is None else self.x_test.to(self.device),
@@ -186,9 +200,12 @@ class Experiment:
         with tqdm(total=total, unit=" learner-steps", disable=not self.progress, desc=self.name) as bar:
             for i, chunk in enumerate(plan.chunks):
                 bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(chunk.learners)} learners")
-                metrics = train_chunk(self.template, chunk.learners, data, self.schedule, self.loss,
-                                      self.device, on_step=bar.update, metrics=self.logger.metrics())
-                self.store.write([s.id for s in chunk.learners], [s.config for s in chunk.learners], steps, metrics)
+                ids = [s.id for s in chunk.learners]
+                checkpoints = Checkpoints(self.store.path / "checkpoints", ids, self.checkpoint_every)
+                metrics = train_chunk(self.template, chunk.learners, data, self.schedule, self.loss, self.device,
+                                      on_step=bar.update, metrics=self.logger.metrics(), checkpoints=checkpoints)
+                self.store.write(ids, [s.config for s in chunk.learners], steps, metrics)
+                checkpoints.remove()
 
     def results(self) -> xr.Dataset:
         """The grid's results as stored (NaN for learners not trained yet)."""
@@ -204,6 +221,15 @@ class Experiment:
         attrs = {"experiment": self.name, "store": str(self.store.path), "seed": self.seed,
                  "steps": self.schedule.total_steps, "batch_size": self.batch_size}
         return assemble(grid, stored, attrs, order=list(DEFAULT_METRICS) + self.logger.metric_names())
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device here; use device='cpu' or leave it out.")
+    return device
 
 
 def _positive_int(name: str, value: object) -> None:

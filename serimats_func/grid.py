@@ -114,6 +114,11 @@ def build_grid(
 ) -> Grid:
     """All learners of an experiment, with their place in the result's dimensions."""
     groups = _flatten(interventions)
+    for cls, _, _ in groups:
+        if not issubclass(cls, DEFAULT_CLASSES):
+            known = ", ".join(c.__name__ for c in DEFAULT_CLASSES)
+            raise ValueError(f"{cls.__name__} is not an intervention serimats_func knows how to apply; it would "
+                             f"multiply the grid without changing any learner. Known: {known}.")
     present = {cls for cls, _, _ in groups}
     for cls in DEFAULT_CLASSES:
         if cls not in present and not any(issubclass(p, cls) for p in present):

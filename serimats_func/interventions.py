@@ -21,6 +21,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from . import optimizers as optim_twins
@@ -52,6 +53,7 @@ class Intervention:
         if unknown:
             raise ValueError(f"{type(self).__name__} has no axis {unknown[0]!r}; its axes are: "
                              f"{', '.join(self.defaults)}.")
+        values = {k: _plain(v) for k, v in values.items()}
         self.given = tuple(values)
         self.control = bool(control)
         self.values = {**self.defaults, **{k: self._check(k, v) for k, v in values.items()}}
@@ -70,7 +72,9 @@ class Intervention:
 
     @classmethod
     def _values_of(cls, name: str, value: Any) -> list:
-        single = isinstance(value, (str, bytes, type, numbers.Number, torch.Tensor)) or (
+        if isinstance(value, (np.ndarray, torch.Tensor)):
+            value = _plain(value) if value.ndim == 0 else list(value)  # elements are made plain later
+        single = isinstance(value, (str, bytes, type, numbers.Number)) or (
             name in cls.tuple_axes and isinstance(value, tuple) and not any(isinstance(v, (tuple, list)) for v in value)
         )
         values = [value] if single else list(value) if isinstance(value, Iterable) else [value]
@@ -90,6 +94,22 @@ class Intervention:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.values.items())
         return f"{type(self).__name__}({args}{', control=True' if self.control else ''})"
+
+
+def _plain(value: Any) -> Any:
+    """NumPy and 0-d torch numbers as Python numbers (float32 ones by their shortest repr, so
+    that ``np.float32(0.001)`` labels as 0.001)."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        value = value.numpy()[()] if value.dtype != torch.bfloat16 else value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, np.floating):
+        return float(np.format_float_positional(value, unique=True, trim="-"))
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def _seed(axis: str, value: Any, owner: str) -> int:

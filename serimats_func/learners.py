@@ -35,6 +35,8 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
     """A CPU copy of ``model`` in ``example_x``'s dtype, ready for functional use: lazy layers
     materialized on ``example_x`` (a small batch), dropout swapped for ``KeyedDropout``, and the
     forward pass checked to give ``(batch, classes)`` logits. The global RNG is left untouched."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (the template of every learner); got {type(model).__name__}.")
     template = swap_dropout(copy.deepcopy(model).cpu().to(example_x.dtype))
     template.train()
     try:
@@ -47,6 +49,9 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
             f"{type(error).__name__}: {error}. Use a model made for this input shape, or "
             "reshape the dataset (e.g. MLP() takes any shape; Lenet5() takes 1x28x28 images)."
         ) from error
+    if not isinstance(out, torch.Tensor):
+        raise ModelDataMismatch(f"{type(model).__name__} returned a {type(out).__name__}; the template must "
+                                "return one tensor of logits of shape (batch, classes).")
     if out.ndim != 2 or out.shape[0] != example_x.shape[0]:
         raise ModelDataMismatch(
             f"{type(model).__name__} returned shape {tuple(out.shape)} for a batch of "
@@ -60,7 +65,30 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
     if any(isinstance(m, LazyModuleMixin) for m in template.modules()):
         raise ModelDataMismatch(f"{type(model).__name__} still has lazy layers after a forward pass.")
     _check_every_parameter_resets(template)
+    _check_vmappable(template, example_x.cpu())
     return template
+
+
+def _check_vmappable(template: nn.Module, example_x: torch.Tensor) -> None:
+    """Run two learners through one vmapped train-mode step, as training will."""
+    states = [initial_model_state(template, init_key=k, dropout_key=k) for k in (0, 1)]
+    params = {k: torch.stack([s["params"][k] for s in states]) for k in states[0]["params"]}
+    buffers = {k: torch.stack([s["buffers"][k] for s in states]) for k in states[0]["buffers"]}
+
+    def loss(p, b, x):
+        return forward(template, p, {k: v.clone() for k, v in b.items()}, x).sum()
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.func.vmap(torch.func.grad(loss), in_dims=(0, 0, None))(params, buffers, example_x)
+    except Exception as error:
+        hint = ""
+        if "random" in str(error).lower():
+            hint = (" The model draws random numbers from torch's global RNG (F.dropout, AlphaDropout, ...), "
+                    "which would tie a learner to its batch-mates; use nn.Dropout / nn.Dropout1d/2d/3d modules, "
+                    "which the library gives per-learner keys.")
+        raise ModelDataMismatch(f"{type(template).__name__} cannot be trained under torch.func.vmap: "
+                                f"{type(error).__name__}: {error}.{hint}") from error
 
 
 def _check_every_parameter_resets(template: nn.Module) -> None:
@@ -83,7 +111,7 @@ def initial_model_state(template: nn.Module, init_key: int, dropout_key: int) ->
     the RNG seeded by ``init_key``; each dropout layer gets a key derived from ``dropout_key``."""
     module = template  # reset in place: every parameter is redrawn, so no copy is needed
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(init_key)
+        torch.default_generator.manual_seed(init_key)  # the CPU generator only: CUDA's is not touched
         for m in module.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()

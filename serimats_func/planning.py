@@ -129,15 +129,17 @@ def make_plan(
     eval_batch_size: int,
     device: torch.device,
     max_learners_per_chunk: int | None = None,
+    data_bytes: int = 0,
 ) -> Plan:
-    """Split the learners not yet in the store into groups of one structure and chunks that fit."""
+    """Split the learners not yet in the store into groups of one structure and chunks that fit
+    in the memory left once the data (``data_bytes``) is on the device."""
     learners = grid.learners
     missing = [s for s in learners if s.id not in in_store]
     groups: dict[tuple, list[LearnerSpec]] = {}
     for spec in missing:
         groups.setdefault(spec.structure, []).append(spec)
     plan = Plan(grid_cells=len(grid.cells), learners=len(learners), in_store=len(learners) - len(missing),
-                memory_budget=memory_budget(device), device=str(device))
+                memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device))
     for structure, specs in groups.items():
         each = bytes_per_learner(template, specs[0], example_x, batch_size, eval_batch_size)
         plan.bytes_per_learner[structure] = each

@@ -22,6 +22,7 @@ in two batches (two shards trained it), the older batch is read.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 import warnings
@@ -45,10 +46,16 @@ class Store:
         self.path = Path(path)
 
     def check(self) -> None:
-        """Refuse a path that holds something other than a serimats-func store (writes nothing)."""
+        """Refuse a path that holds something other than a serimats-func store, or where one
+        cannot be created (writes nothing)."""
         if not self.path.exists():
-            if self.path.parent.exists() and not self.path.parent.is_dir():
-                raise StoreError(f"Cannot create store {self.path}: {self.path.parent} is not a folder.")
+            ancestor = self.path.parent
+            while not ancestor.exists():
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                raise StoreError(f"Cannot create store {self.path}: {ancestor} is not a folder.")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise StoreError(f"Cannot create store {self.path}: {ancestor} is not writable.")
             return
         if not (self.path / "zarr.json").is_file():
             raise StoreError(f"{self.path} exists and is not a serimats-func store; choose another store= path.")
@@ -57,14 +64,23 @@ class Store:
             raise StoreError(f"{self.path} is a Zarr group but not a serimats-func store (format {fmt!r}); "
                              "choose another store= path.")
 
-    def _create(self) -> None:
+    def create(self) -> None:
+        """Make the store if it does not exist: built aside, then renamed into place in one step,
+        so a crash never leaves a half-made store."""
         self.check()
-        root = zarr.open_group(self.path, mode="a", zarr_format=3)
-        if "format" not in root.attrs:
-            root.attrs["format"] = FORMAT
-        (self.path / "batches").mkdir(exist_ok=True)
-        if not (self.path / "batches" / "zarr.json").exists():
-            zarr.open_group(self.path / "batches", mode="a", zarr_format=3)
+        if self.path.exists():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        aside = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}")
+        zarr.create_group(aside, zarr_format=3, attributes={"format": FORMAT})
+        zarr.create_group(aside / "batches", zarr_format=3)
+        try:
+            os.rename(aside, self.path)
+        except OSError:  # another process made it first
+            if not self.path.exists():
+                raise
+            shutil.rmtree(aside)
+        self.check()
 
     def batches(self) -> list[str]:
         """Names of the complete batches, oldest first."""
@@ -99,7 +115,7 @@ class Store:
         metrics: Mapping[str, np.ndarray],
     ) -> str:
         """Add one batch of learners: ``metrics[name]`` is (len(ids), len(steps))."""
-        self._create()
+        self.create()
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         data = xr.Dataset(
             {k: (("learner", "step"), np.asarray(v, dtype=np.float64)) for k, v in metrics.items()},

@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import vmap
 
 from . import pytrees
+from .checkpoints import Checkpoints
 from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec
 from .interventions import perturb_weights, perturbation_directions
@@ -89,8 +90,10 @@ def train_chunk(
     device: torch.device,
     on_step: Callable[[int], None] = lambda n: None,
     metrics: Mapping[str, MetricFn] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict[str, np.ndarray]:
     """Train one chunk of learners of one structure; returns each metric as (N, len(log_steps)).
+    With ``checkpoints``, resume from the last one and save new ones when due.
 
     A lone learner is trained as two identical copies: with a learner axis of 1, torch turns
     batched matmuls into plain ones whose rounding differs, and a learner must give the same
@@ -98,7 +101,8 @@ def train_chunk(
     n_learners = len(specs)
     specs = list(specs) * 2 if n_learners == 1 else list(specs)
     twin = functional_twin(specs[0].optimizer_class, **specs[0].optimizer_values)
-    state = initial_state(template, specs, device)
+    resumed = checkpoints.load(device) if checkpoints is not None else None
+    start, state, records = resumed if resumed else (0, initial_state(template, specs, device), None)
     params, buffers, opt, hparams = state["params"], state["buffers"], state["opt"], state["hparams"]
 
     data_keys = list(dict.fromkeys(s.data_key for s in specs))
@@ -108,7 +112,7 @@ def train_chunk(
     evaluate = make_evaluate(template, loss_fn)
 
     custom = vmapped_metrics(template, metrics) if metrics else None
-    records: dict[str, list[torch.Tensor]] = {m: [] for m in DEFAULT_METRICS}
+    records = records or {m: [] for m in DEFAULT_METRICS}
     log_steps = set(schedule.log_steps)
 
     def record() -> None:
@@ -129,12 +133,13 @@ def train_chunk(
 
     template.train()
     with torch.no_grad():
-        if 0 in log_steps:
+        if start == 0 and 0 in log_steps:
             record()
+        on_step(start * n_learners)
         orders = None
-        for step in range(schedule.total_steps):
+        for step in range(start, schedule.total_steps):
             epoch, position = divmod(step, schedule.steps_per_epoch)
-            if position == 0:
+            if position == 0 or orders is None:
                 orders = epoch_orders(data_keys, epoch, len(data.x), device)  # (K, n)
             idx = batch_indices(orders, position, data.batch_size)  # (K, B)
             if shared:
@@ -146,4 +151,7 @@ def train_chunk(
             if step + 1 in log_steps:
                 record()
             on_step(n_learners)
+            if checkpoints is not None and step + 1 < schedule.total_steps and checkpoints.due(step + 1):
+                state = {"params": params, "buffers": buffers, "opt": opt, "hparams": hparams}
+                checkpoints.save(step + 1, state, records)
     return {m: torch.stack(v, dim=1)[:n_learners].cpu().numpy() for m, v in records.items()}  # (N, n_log)

@@ -117,3 +117,75 @@ def test_bad_datasets_are_refused(store):
         Experiment(MLP(), (x, torch.zeros(10, dtype=torch.long)), test_dataset=(torch.randn(5, 20), torch.zeros(5).long()),
                    store=store)
     assert not store.exists()
+
+
+def test_an_optimizer_given_as_a_string_is_refused_with_the_form_to_use(build):
+    with pytest.raises(ValueError, match=r"optimizer= takes a torch.optim class or Optimizer\("):
+        build(optimizer="SGD")
+
+
+def test_a_model_that_is_not_a_module_or_returns_a_tuple_is_refused(build):
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(40, 10)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        build(model=lambda x: x)
+    with pytest.raises(ValueError, match="Pair returned a tuple; the template must return one tensor"):
+        build(model=Pair())
+
+
+def test_randomness_outside_nn_dropout_is_refused_before_training(build):
+    class FunctionalDropout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(40, 10)
+
+        def forward(self, x):
+            return torch.nn.functional.dropout(self.fc(x), 0.5)
+
+    with pytest.raises(ValueError, match="global RNG.*use nn.Dropout"):
+        build(model=FunctionalDropout())
+
+
+def test_an_intervention_class_the_library_cannot_apply_is_refused(build):
+    from serimats_func.interventions import Intervention
+
+    class Custom(Intervention):
+        defaults = {"scale": 1.0}
+
+    with pytest.raises(ValueError, match="Custom is not an intervention serimats_func knows how to apply"):
+        build(interventions=[Custom.make_variations(scale=(0.0, 0.5))])
+
+
+def test_cuda_without_a_gpu_is_refused_at_once(build):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="device='cuda' but torch sees no CUDA device"):
+        build(device="cuda")
+
+
+def test_inputs_with_nan_are_refused(store):
+    x = torch.randn(8, 40)
+    x[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="dataset inputs contain NaN"):
+        Experiment(MLP(), (x, torch.zeros(8, dtype=torch.long)), store=store)
+
+
+def test_a_store_path_below_a_file_is_refused_before_training(small_mnist1d, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="file.txt is not a folder"):
+        Experiment(MLP(), small_mnist1d[0], store=tmp_path / "file.txt" / "sub" / "s.zarr")
+
+
+def test_numpy_and_tensor_numbers_are_plain_labels():
+    import numpy as np
+
+    vs = PerturbWeights.make_variations(epsilon=np.array([0.001, 0.01], dtype=np.float32), seed=torch.tensor(3))
+    assert [v.values["epsilon"] for v in vs] == [0.001, 0.01] and vs[0].values["seed"] == 3
+    assert Optimizer(torch.optim.SGD, lr=torch.tensor(0.5)).values["lr"] == 0.5
+    assert [v.values["lr"] for v in Optimizer.make_variations(lr=torch.tensor([0.1, 0.01]))] == [0.1, 0.01]

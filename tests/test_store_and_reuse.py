@@ -137,7 +137,7 @@ def test_stored_batches_carry_each_learners_resolved_configuration(small_mnist1d
 def test_a_group_too_large_for_memory_is_split_into_chunks_with_the_same_numbers(small_mnist1d, tmp_path, monkeypatch):
     whole = experiment(small_mnist1d, tmp_path / "whole.zarr")
     per_learner = whole.plan().bytes_per_learner[("SGD", True, False)]
-    monkeypatch.setattr("serimats_func.planning.memory_budget", lambda device: 4 * per_learner)
+    monkeypatch.setattr("serimats_func.planning.memory_budget", lambda device: 4 * per_learner + whole.data_bytes)
     small = experiment(small_mnist1d, tmp_path / "small.zarr")
     assert [len(c.learners) for c in small.plan().chunks] == [4, 4, 1]
     assert "3 chunk(s) of up to 4" in str(small.plan())
@@ -148,3 +148,48 @@ def test_run_with_plot_saves_one_png_per_metric_beside_the_store(small_mnist1d, 
     experiment(small_mnist1d, tmp_path / "p.zarr").run(plot=True)
     pngs = sorted(p.name for p in (tmp_path / "p_plots").iterdir())
     assert pngs == ["test_acc.png", "test_loss.png", "train_acc.png", "train_loss.png"]
+
+
+def test_a_run_killed_mid_chunk_resumes_from_its_checkpoint_with_the_same_numbers(small_mnist1d, tmp_path, monkeypatch):
+    reference = experiment(small_mnist1d, tmp_path / "ref.zarr").run()
+    real_make_train_step = training.make_train_step
+    calls = []
+
+    def make_step_killed_at_call_11(*args, **kw):
+        step = real_make_train_step(*args, **kw)
+
+        def counted(*a):
+            calls.append(1)
+            if len(calls) == 11:
+                raise KeyboardInterrupt("killed")
+            return step(*a)
+
+        return counted
+
+    monkeypatch.setattr(training, "make_train_step", make_step_killed_at_call_11)
+    store = tmp_path / "run.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        experiment(small_mnist1d, store, checkpoint_every=4).run()
+    assert len(list((store / "checkpoints").glob("*.pt"))) == 1  # saved after steps 4 and 8
+    assert Store(store).index() == {}
+
+    calls.clear()
+    ds = experiment(small_mnist1d, store, checkpoint_every=4).run()
+    assert len(calls) == 16 - 8  # resumed from step 8
+    for metric in ds.data_vars:
+        np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
+    assert list((store / "checkpoints").glob("*.pt")) == []  # removed once the results are stored
+
+
+def test_a_different_dropout_rate_or_loss_setting_makes_new_learners(small_mnist1d, tmp_path):
+    train, test = small_mnist1d
+    store = tmp_path / "s.zarr"
+
+    def plan(model, loss=torch.nn.functional.cross_entropy):
+        return Experiment(model, train, GRID, test_dataset=test, steps=4, store=store, loss=loss, progress=False)
+
+    plan(MLP(widths=(16,), dropout=0.2)).run()
+    assert plan(MLP(widths=(16,), dropout=0.2)).plan().to_train == 0
+    assert plan(MLP(widths=(16,), dropout=0.7)).plan().to_train == 9
+    assert plan(MLP(widths=(16,), dropout=0.2), torch.nn.CrossEntropyLoss(label_smoothing=0.3)).plan().to_train == 9
+    assert plan(MLP(widths=(16,), dropout=0.2), lambda logits, y: (logits - 1).pow(2).mean()).plan().to_train == 9
