@@ -126,6 +126,7 @@ class Experiment:
                                  f"inputs {tuple(self.x.shape[1:])}.")
         labels = int(self.y.max()) + 1 if self.y_test is None else max(int(self.y.max()), int(self.y_test.max())) + 1
         self.template = prepare_template(model, self.x[:2], num_classes=labels)
+        _check_loss(loss, self.template, self.x[:2], self.y[:2])
 
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         spe = steps_per_epoch(len(self.x), batch_size)
@@ -221,6 +222,19 @@ class Experiment:
         attrs = {"experiment": self.name, "store": str(self.store.path), "seed": self.seed,
                  "steps": self.schedule.total_steps, "batch_size": self.batch_size}
         return assemble(grid, stored, attrs, order=list(DEFAULT_METRICS) + self.logger.metric_names())
+
+
+def _check_loss(loss: Callable, template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    template.eval()
+    try:
+        with torch.no_grad():
+            value = loss(template(x), y)
+    except Exception as error:
+        raise ValueError(f"loss(logits, y) failed on a batch: {type(error).__name__}: {error}") from error
+    finally:
+        template.train()
+    if not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.dtype.is_floating_point:
+        raise ValueError(f"loss(logits, y) must return a scalar float tensor (the batch mean); got {value!r:.80}.")
 
 
 def _device(device: str | torch.device | None) -> torch.device:

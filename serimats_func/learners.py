@@ -38,7 +38,7 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (the template of every learner); got {type(model).__name__}.")
     template = swap_dropout(copy.deepcopy(model).cpu().to(example_x.dtype))
-    template.train()
+    template.eval()  # in eval mode the check changes no buffer (BatchNorm statistics)
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             out = template(example_x.cpu())
@@ -64,6 +64,7 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
         )
     if any(isinstance(m, LazyModuleMixin) for m in template.modules()):
         raise ModelDataMismatch(f"{type(model).__name__} still has lazy layers after a forward pass.")
+    template.train()
     _check_every_parameter_resets(template)
     _check_vmappable(template, example_x.cpu())
     return template

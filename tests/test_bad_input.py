@@ -189,3 +189,10 @@ def test_numpy_and_tensor_numbers_are_plain_labels():
     assert [v.values["epsilon"] for v in vs] == [0.001, 0.01] and vs[0].values["seed"] == 3
     assert Optimizer(torch.optim.SGD, lr=torch.tensor(0.5)).values["lr"] == 0.5
     assert [v.values["lr"] for v in Optimizer.make_variations(lr=torch.tensor([0.1, 0.01]))] == [0.1, 0.01]
+
+
+def test_a_loss_that_fails_or_does_not_return_a_scalar_is_refused(build):
+    with pytest.raises(ValueError, match=r"loss\(logits, y\) failed on a batch"):
+        build(loss=lambda logits: logits.sum())
+    with pytest.raises(ValueError, match="must return a scalar float tensor"):
+        build(loss=torch.nn.CrossEntropyLoss(reduction="none"))
