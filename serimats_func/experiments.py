@@ -59,6 +59,7 @@ class Experiment:
         seed: the experiment seed, from which every random key derives.
         loss: ``loss(logits, y) -> scalar`` (mean over the batch); default cross-entropy.
         device: default CUDA when available. dtype: of parameters and inputs.
+        eval_batch_size: examples per vmapped evaluation batch (default 256 on a CPU, 1024 on CUDA).
         store: the Zarr store's path; default ``runs/<name>.zarr``.
         max_learners_per_chunk: cap on the learners trained together (memory decides otherwise).
         logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too.
@@ -84,14 +85,15 @@ class Experiment:
         dtype: torch.dtype = torch.float32,
         store: str | Path | None = None,
         name: str | None = None,
-        eval_batch_size: int = 1000,
+        eval_batch_size: int | None = None,
         max_learners_per_chunk: int | None = None,
         logger: Logger | None = None,
         checkpoint_every: int | None = None,
         progress: bool = True,
     ):
         _positive_int("batch_size", batch_size)
-        _positive_int("eval_batch_size", eval_batch_size)
+        if eval_batch_size is not None:
+            _positive_int("eval_batch_size", eval_batch_size)
         if epochs is not None and steps is not None:
             raise ValueError("Give epochs= or steps=, not both.")
         if epochs is not None:
@@ -128,7 +130,9 @@ class Experiment:
         self.template = prepare_template(model, self.x[:2], num_classes=labels)
         _check_loss(loss, self.template, self.x[:2], self.y[:2])
 
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        # Evaluation batches: small on a CPU, where learners x batch x width must stay in cache.
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or (1024 if self.device.type == "cuda" else 256)
         spe = steps_per_epoch(len(self.x), batch_size)
         total = steps if steps is not None else spe * (epochs if epochs is not None else 1)
         self.schedule = Schedule(total_steps=total, steps_per_epoch=spe, log_every=log_every)
