@@ -169,7 +169,7 @@ class Experiment:
     @property
     def data_bytes(self) -> int:
         """Bytes of the train and test tensors, which go to the device whole."""
-        return sum(t.numel() * t.element_size() for t in (self.x, self.y, self.x_test, self.y_test) if t is not None)
+        return pytrees.nbytes([self.x, self.y, self.x_test, self.y_test])
 
     def plan(self) -> Plan:
         """What ``run()`` would do: learners in the store vs. to train, groups, chunks, memory."""

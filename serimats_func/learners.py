@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from . import pytrees
 from .dropout import KeyedDropout, swap_dropout
 from .keys import derive_key
 
@@ -72,9 +73,8 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
 
 def _check_vmappable(template: nn.Module, example_x: torch.Tensor) -> None:
     """Run two learners through one vmapped train-mode step, as training will."""
-    states = [initial_model_state(template, init_key=k, dropout_key=k) for k in (0, 1)]
-    params = {k: torch.stack([s["params"][k] for s in states]) for k in states[0]["params"]}
-    buffers = {k: torch.stack([s["buffers"][k] for s in states]) for k in states[0]["buffers"]}
+    stacked = pytrees.stack([initial_model_state(template, init_key=k, dropout_key=k) for k in (0, 1)])
+    params, buffers = stacked["params"], stacked["buffers"]
 
     def loss(p, b, x):
         return forward(template, p, {k: v.clone() for k, v in b.items()}, x).sum()

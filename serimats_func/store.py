@@ -89,23 +89,22 @@ class Store:
             return []
         return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
 
+    def _members(self) -> dict[str, tuple[str, int, dict[str, Any]]]:
+        """learner id -> (batch, position in it, resolved configuration); the oldest batch wins."""
+        found: dict[str, tuple[str, int, dict[str, Any]]] = {}
+        for batch in self.batches():
+            attrs = zarr.open_group(self.path / "batches" / batch, mode="r").attrs
+            for position, (learner_id, config) in enumerate(zip(attrs["learner_ids"], attrs["configs"], strict=True)):
+                found.setdefault(learner_id, (batch, position, config))
+        return found
+
     def index(self) -> dict[str, tuple[str, int]]:
         """learner id -> (batch, position in it), for every learner in the store."""
-        found: dict[str, tuple[str, int]] = {}
-        for batch in self.batches():
-            ids = zarr.open_group(self.path / "batches" / batch, mode="r").attrs["learner_ids"]
-            for position, learner_id in enumerate(ids):
-                found.setdefault(learner_id, (batch, position))
-        return found
+        return {i: (batch, position) for i, (batch, position, _) in self._members().items()}
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """learner id -> its resolved configuration, for every learner in the store."""
-        found: dict[str, dict[str, Any]] = {}
-        for batch in self.batches():
-            attrs = zarr.open_group(self.path / "batches" / batch, mode="r").attrs
-            for learner_id, config in zip(attrs["learner_ids"], attrs["configs"], strict=False):
-                found.setdefault(learner_id, config)
-        return found
+        return {i: config for i, (_, _, config) in self._members().items()}
 
     def write(
         self,
