@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .keys import counter_uniform
+from .keys import fold_in, uniform
 
 
 class KeyedDropout(nn.Module):
-    """Inverted dropout whose masks come from ``counter_uniform(key, calls, shape)``.
+    """Inverted dropout whose masks come from ``uniform(fold_in(key, calls), shape)``.
     ``channels=True`` drops whole channels of a (B, C, ...) input, as ``nn.Dropout1d/2d/3d``."""
 
     def __init__(self, p: float = 0.5, key: int = 0, channels: bool = False):
@@ -41,7 +41,7 @@ class KeyedDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         shape = x.shape[:2] + (1,) * (x.ndim - 2) if self.channels else x.shape
-        keep = counter_uniform(self.key, self.calls, shape) >= self.p
+        keep = uniform(fold_in(self.key, self.calls), shape) >= self.p
         self.calls.add_(1)
         return x * keep.to(x.dtype) / (1.0 - self.p)
 

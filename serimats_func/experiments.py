@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import numbers
+import platform
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,16 +27,17 @@ from tqdm.auto import tqdm
 
 from . import pytrees
 from .checkpoints import Checkpoints
-from .data import as_tensors, fingerprint, steps_per_epoch
-from .grid import Grid, build_grid
-from .identity import describe_callable, describe_module
-from .interventions import Optimizer
-from .learners import initial_model_state, prepare_template
+from .data import as_tensors, steps_per_epoch
+from .grid import Grid, LearnerSpec, build_grid
+from .identity import describe_callable, digest
+from .interventions.optimizer import Optimizer, as_optimizer
+from .learners import initial_model_state
 from .loggers import Logger
 from .metrics import DEFAULT_METRICS
 from .planning import Plan, make_plan
 from .plotter import Plotter
 from .results import assemble
+from .setup import Setup, SetupContext
 from .store import Store
 from .training import Schedule, TrainingData, train_chunk
 
@@ -59,7 +61,9 @@ class Experiment:
         seed: the experiment seed, from which every random key derives.
         loss: ``loss(logits, y) -> scalar`` (mean over the batch); default cross-entropy.
         device: default CUDA when available. dtype: of parameters and inputs.
-        eval_batch_size: examples per vmapped evaluation batch (default 256 on a CPU, 1024 on CUDA).
+        eval_batch_size: examples per vmapped evaluation batch (default 256 on a CPU, 1024 on CUDA);
+            it changes no number: losses are computed on the logits of the whole set.
+        evaluate: record the train and test loss and accuracy (default True).
         store: the Zarr store's path; default ``runs/<name>.zarr``.
         max_learners_per_chunk: cap on the learners trained together (memory decides otherwise).
         logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too.
@@ -86,6 +90,7 @@ class Experiment:
         store: str | Path | None = None,
         name: str | None = None,
         eval_batch_size: int | None = None,
+        evaluate: bool = True,
         max_learners_per_chunk: int | None = None,
         logger: Logger | None = None,
         checkpoint_every: int | None = None,
@@ -108,76 +113,87 @@ class Experiment:
             _positive_int("checkpoint_every", checkpoint_every)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point type; got {dtype}.")
-        if isinstance(optimizer, type):
-            optimizer = Optimizer(optimizer)
-        if optimizer is not None and (not isinstance(optimizer, Optimizer) or optimizer.values["optimizer"] is None):
-            raise ValueError(f"optimizer= takes a torch.optim class or Optimizer(torch.optim.Adam, lr=1e-3); got {optimizer!r}.")
-        self.default_optimizer = optimizer or DEFAULT_OPTIMIZER
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point torch.dtype such as torch.float32 or torch.float64; "
+                             f"got {dtype!r}.")
+        self.default_optimizer = DEFAULT_OPTIMIZER if optimizer is None else as_optimizer(optimizer)
         self.device = _device(device)
 
-        self.x, self.y = as_tensors(dataset, "dataset")
-        self.x = self.x.to(dtype)
-        self.x_test = self.y_test = None
+        default_test = None
         if test_dataset is not None:
-            self.x_test, self.y_test = as_tensors(test_dataset, "test_dataset")
-            self.x_test = self.x_test.to(dtype)
-            if self.x_test.shape[1:] != self.x.shape[1:]:
-                raise ValueError(f"test_dataset inputs have shape {tuple(self.x_test.shape[1:])} but dataset "
-                                 f"inputs {tuple(self.x.shape[1:])}.")
-        labels = int(self.y.max()) + 1 if self.y_test is None else max(int(self.y.max()), int(self.y_test.max())) + 1
-        self.template = prepare_template(model, self.x[:2], num_classes=labels)
-        _check_loss(loss, self.template, self.x[:2], self.y[:2])
+            x_test, y_test = as_tensors(test_dataset, "test_dataset")
+            default_test = (x_test.to(dtype).clone(), y_test.clone())
+        self.context = SetupContext(loss, dtype, default_test)
+        data = self.context.data_source(None, dataset)
+        self.base = Setup(model=model, data=data, batch_size=batch_size, default_optimizer=self.default_optimizer,
+                          context=self.context)
+        _check_loss(loss, self.base.template, data.x[:2], data.y[:2])
 
-        # Evaluation batches: small on a CPU, where learners x batch x width must stay in cache.
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or (1024 if self.device.type == "cuda" else 256)
-        spe = steps_per_epoch(len(self.x), batch_size)
-        total = steps if steps is not None else spe * (epochs if epochs is not None else 1)
-        self.schedule = Schedule(total_steps=total, steps_per_epoch=spe, log_every=log_every)
+        self.epochs, self.steps, self.log_every = epochs, steps, log_every
         self.seed, self.loss = int(seed), loss
+        self.evaluate = evaluate
         self.max_learners_per_chunk, self.progress = max_learners_per_chunk, progress
         self.checkpoint_every = checkpoint_every
 
+        if isinstance(logger, type):
+            raise ValueError(f"logger= takes a Logger instance; got the class {logger.__name__}: use logger={logger.__name__}().")
+        if logger is not None and not isinstance(logger, Logger):
+            raise ValueError(f"logger= takes a Logger instance (a subclass with @register_metric methods); got {logger!r}.")
         self.logger = logger or Logger()
-        probe = pytrees.stack([initial_model_state(self.template, init_key=0, dropout_key=0)])
-        self.logger.check(self.template, probe["params"], probe["buffers"])
 
         self.interventions = list(interventions) if isinstance(interventions, (list, tuple)) else [interventions]
         self.name = name or _default_name(self.interventions)
-        self.grid: Grid = build_grid(self.interventions, self.default_optimizer, self.seed, self.setup)
+        self.grid: Grid = build_grid(self.interventions, self.base, self.seed)
+        for setup in {id(s.setup.template): s.setup for s in self.grid.learners}.values():
+            probe = pytrees.stack([initial_model_state(setup.template, init_key=0, dropout_key=0)])
+            self.logger.check(setup.template, probe["params"], probe["buffers"])
         self.store = Store(store if store is not None else Path("runs") / f"{self.name}.zarr")
         self.store.check()
 
+    # -- what each learner needs --------------------------------------------------------------------------
+
     @property
-    def setup(self) -> dict:
-        """What every learner of this experiment shares; part of each learner's id."""
-        return {
-            "model": describe_module(self.template),
-            "parameters": {n: list(p.shape) for n, p in self.template.named_parameters()},
-            "data": fingerprint(self.x, self.y),
-            "test_data": fingerprint(self.x_test, self.y_test) if self.x_test is not None else None,
-            "batch_size": self.batch_size,
-            "steps": self.schedule.total_steps,
-            "log_steps": list(self.schedule.log_steps),
-            "loss": describe_callable(self.loss),
-            "dtype": str(self.x.dtype),
-            "metrics": {name: describe_callable(fn) for name, fn in self.logger.metrics().items()},
-        }
+    def template(self) -> nn.Module:
+        """The experiment's own model template, prepared (lazy layers materialized, dropout keyed)."""
+        return self.base.template
+
+    @property
+    def schedule(self) -> Schedule:
+        """The schedule of learners with the experiment's own data and batch size."""
+        return self.schedule_of(self.base)
+
+    def schedule_of(self, setup: Setup) -> Schedule:
+        spe = steps_per_epoch(len(setup.data.x), setup.batch_size)
+        total = self.steps if self.steps is not None else spe * (self.epochs if self.epochs is not None else 1)
+        return Schedule(total_steps=total, steps_per_epoch=spe, log_every=self.log_every)
+
+    def metric_keys(self, setup: Setup) -> dict[str, str]:
+        """Each recorded metric and a digest of what decides its values (code, loss, evaluation data)."""
+        keys = {}
+        if self.evaluate:
+            loss = digest(self.context.loss_description())
+            keys.update({f"train_{m}": digest([loss, setup.data.fingerprint, m]) for m in ("loss", "acc")})
+            keys.update({f"test_{m}": digest([loss, setup.data.test_fingerprint, m]) for m in ("loss", "acc")})
+        keys.update({n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()})
+        return keys
+
+    def _done(self, spec: LearnerSpec) -> bool:
+        return self.store.find(spec.id, self.schedule_of(spec.setup).log_steps, self.metric_keys(spec.setup)) is not None
 
     @property
     def data_bytes(self) -> int:
         """Bytes of the train and test tensors, which go to the device whole."""
-        return pytrees.nbytes([self.x, self.y, self.x_test, self.y_test])
+        sources = {id(s.setup.data): s.setup.data for s in self.grid.learners}
+        return sum(d.nbytes for d in sources.values())
+
+    # -- planning, training, results ----------------------------------------------------------------------
 
     def plan(self) -> Plan:
-        """What ``run()`` would do: learners in the store vs. to train, groups, chunks, memory."""
-        plan = make_plan(
-            self.grid, self.store.index(), self.template, self.x[:2], self.batch_size,
-            min(self.eval_batch_size, len(self.x)), self.device, self.max_learners_per_chunk,
-            data_bytes=self.data_bytes,
-        )
+        """What ``run()`` would do: learners in the store vs. to train, groups, chunks, memory. Changes nothing."""
+        plan = make_plan(self.grid, self._done, self.eval_batch_size, self.device, self.max_learners_per_chunk,
+                         data_bytes=self.data_bytes)
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
         return plan
 
@@ -192,46 +208,68 @@ class Experiment:
             Plotter(ds).save_all(self.store.path.with_name(self.store.path.stem + "_plots"))
         return ds
 
+    def _training_data(self, setup: Setup) -> TrainingData:
+        d = setup.data
+        return TrainingData(
+            x=d.x.to(self.device), y=d.y.to(self.device),
+            x_test=None if d.x_test is None else d.x_test.to(self.device),
+            y_test=None if d.y_test is None else d.y_test.to(self.device),
+            batch_size=setup.batch_size, eval_batch_size=self.eval_batch_size,
+        )
+
     def _train(self, plan: Plan) -> None:
         self.store.create()
-        data = TrainingData(
-            x=self.x.to(self.device), y=self.y.to(self.device),
-            x_test=None if self.x_test is None else self.x_test.to(self.device),
-            y_test=None if self.y_test is None else self.y_test.to(self.device),
-            batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
-        )
-        total = sum(len(c.learners) for c in plan.chunks) * self.schedule.total_steps
-        steps = list(self.schedule.log_steps)
+        total = sum(len(c.learners) * self.schedule_of(c.learners[0].setup).total_steps for c in plan.chunks)
+        data_cache: dict[tuple[int, int], TrainingData] = {}
         with tqdm(total=total, unit=" learner-steps", disable=not self.progress, desc=self.name) as bar:
             for i, chunk in enumerate(plan.chunks):
                 bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(chunk.learners)} learners")
+                setup = chunk.learners[0].setup
+                schedule = self.schedule_of(setup)
+                data = data_cache.get((id(setup.data), setup.batch_size)) or self._training_data(setup)
+                data_cache[(id(setup.data), setup.batch_size)] = data
                 ids = [s.id for s in chunk.learners]
                 checkpoints = Checkpoints(self.store.path / "checkpoints", ids, self.checkpoint_every)
-                metrics = train_chunk(self.template, chunk.learners, data, self.schedule, self.loss, self.device,
-                                      on_step=bar.update, metrics=self.logger.metrics(), checkpoints=checkpoints)
-                self.store.write(ids, [s.config for s in chunk.learners], steps, metrics)
+                metrics = train_chunk(chunk.learners, data, schedule, self.loss, self.device, on_step=bar.update,
+                                      metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate)
+                diverged = metrics.pop("diverged_at")
+                self.store.write(ids, [s.config for s in chunk.learners], schedule.log_steps, metrics,
+                                 per_learner={"diverged_at": diverged}, metric_keys=self.metric_keys(setup),
+                                 attrs=_environment(self.device))
                 checkpoints.remove()
 
     def results(self) -> xr.Dataset:
         """The grid's results as stored (NaN for learners not trained yet)."""
-        stored_ids = self.store.index()
-        present = [s.id for s in self.grid.learners if s.id in stored_ids]
-        if present:
-            stored = self.store.read(present)
-        else:
-            stored = xr.Dataset(coords={"learner": [], "step": list(self.schedule.log_steps)})
+        parts, present = [], set()
+        for spec in self.grid.learners:
+            if spec.id in present:
+                continue
+            setup = spec.setup
+            found = self.store.find(spec.id, self.schedule_of(setup).log_steps, self.metric_keys(setup))
+            if found is not None:
+                present.add(spec.id)
+                parts.append((spec, found, self.schedule_of(setup).log_steps))
+        stored = self.store.read_found(parts, list(self.metric_keys(self.base)))
         grid = self.grid
         if len(present) < len(grid.learners):
-            grid = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in stored_ids])
+            grid = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in present])
+        steps = sorted({step for s in self.grid.learners for step in self.schedule_of(s.setup).log_steps})
         attrs = {"experiment": self.name, "store": str(self.store.path), "seed": self.seed,
                  "steps": self.schedule.total_steps, "batch_size": self.batch_size}
-        return assemble(grid, stored, attrs, order=list(DEFAULT_METRICS) + self.logger.metric_names())
+        order = (list(DEFAULT_METRICS) if self.evaluate else []) + self.logger.metric_names()
+        return assemble(grid, stored, steps, attrs, order=order, controls=self.grid.has_controls)
+
+
+def _environment(device: torch.device) -> dict:
+    """Where a batch was trained: recorded with it (ids do not depend on it)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _check_loss(loss: Callable, template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     template.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             value = loss(template(x), y)
     except Exception as error:
         raise ValueError(f"loss(logits, y) failed on a batch: {type(error).__name__}: {error}") from error
@@ -263,5 +301,3 @@ def _default_name(interventions: list) -> str:
             classes.append(cls.__name__)
     words = [re.sub(r"(?<!^)(?=[A-Z])", "-", c).lower() for c in classes]
     return "_".join(words) or "experiment"
-
-

@@ -1,15 +1,17 @@
-"""The grid: from interventions to learners, their ids, keys and coordinates.
+"""The grid: from interventions to learners, their ids, keys, coordinates and controls.
 
-Variations of one intervention class are concatenated; classes multiply. A class the experiment
-does not mention contributes its default (no perturbation, init seed 0, the experiment's
-optimizer, data order 0), so removing ``InitWeights`` and re-adding it with ``seed=0`` names the
-same learner. A learner's id is a hash of its fully resolved configuration and of the setup
-(model, data, training length...), so equal ids mean equal trajectories.
+Variations of one intervention class are concatenated; classes multiply. A class the experiment does not
+mention changes nothing: its random stream keeps seed 0, its setup is the experiment's. A learner's id is a
+hash of what decides its numbers: the experiment seed, its setup (model, data, batch size, loss, dtype),
+its optimizer's resolved hyperparameters, and the interventions that change something (a variation at
+its defaults is left out, so adding a class never renames a stored learner).
 
-Coordinates: one per axis that any ``make_variations`` call named. An axis with several values
-is a dimension of the result, one with a single value a scalar coordinate. The name is the axis
-name (``epsilon``, ``lr``, ``seed``), unless two classes of the experiment name the same axis: then
-both take their class prefix (``init_seed``, ``perturb_seed``, ``data_seed``).
+Coordinates: one per axis that any ``make_variations`` call named. An axis with several values is a
+dimension of the result, one with a single value a scalar coordinate. The name is the axis name
+(``epsilon``, ``lr``, ``seed``), unless two classes of the experiment name the same axis: then both take
+their class prefix (``init_seed``, ``perturb_seed``, ``data_seed``). An axis given as a function of the
+learner's base value is labelled by the relative change it makes (``momentum_change``: 0.001, -0.001),
+else by the difference (``momentum_delta``), else by the position of the value (``momentum_variant``).
 """
 
 from __future__ import annotations
@@ -17,39 +19,46 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import optimizers as optim_twins
-from .interventions import DataOrder, InitWeights, Intervention, Optimizer, PerturbWeights, Variations
+from .identity import describe_class, digest
+from .interventions.base import Derived, Intervention, Variations
 from .keys import derive_key
+from .setup import Setup
 
-DEFAULT_CLASSES = (InitWeights, PerturbWeights, DataOrder, Optimizer)
+FORMAT_VERSION = 2
+DEFAULT_STREAMS = {"init": 0, "data": 0}
+DERIVED = "<derived>"  # marks the coordinate of an axis given as a function, until it is labelled
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LearnerSpec:
-    """Everything that makes one learner: id, coordinates, random keys and optimizer."""
+    """Everything that makes one learner."""
 
     id: str
     coords: dict[str, Any]
-    control: bool
+    control: bool  # is it a control (every class with control variations takes one)
     config: dict[str, Any]  # JSON-able, written to the store
-    optimizer_class: type
-    optimizer_values: dict[str, Any]
-    init_key: int
-    perturb_key: int
-    data_key: int
-    dropout_key: int
-    epsilon: float
-    relative: bool
+    setup: Setup
+    interventions: tuple[Intervention, ...]  # resolved variations, one per class of the experiment
+    seeds: dict[str, int]  # stream -> seed ("init", "data")
+    keys: dict[str, int]  # stream -> key ("init", "data", "dropout"); class name -> the class's key
+    structure: tuple  # learners with equal structures share one vmapped step
+    control_id: str | None = None  # the id of its control, when the experiment has controls
 
     @property
-    def structure(self) -> tuple:
-        """Learners with the same structure can share one vmapped step."""
-        return optim_twins.structure_key(self.optimizer_class, self.optimizer_values)
+    def init_key(self) -> int:
+        return self.keys["init"]
+
+    @property
+    def data_key(self) -> int:
+        return self.keys["data"]
+
+    @property
+    def dropout_key(self) -> int:
+        return self.keys["dropout"]
 
 
 @dataclass
@@ -66,119 +75,231 @@ class Grid:
             unique.setdefault(spec.id, spec)
         return list(unique.values())
 
+    @property
+    def has_controls(self) -> bool:
+        return any(spec.control_id is not None for _, spec in self.cells)
 
-def _flatten(interventions: Iterable) -> list[tuple[type, list[Intervention], tuple[str, ...]]]:
-    """Group the given variations by class: [(class, variations, named axes)]."""
-    by_class: dict[type, tuple[list, list]] = {}
+
+@dataclass
+class _ClassGroup:
+    cls: type
+    items: list[Intervention]
+    given: tuple[str, ...]
+
+
+def _flatten(interventions: Iterable) -> list[_ClassGroup]:
+    """Group the given variations by class, in order of first appearance."""
+    by_class: dict[type, _ClassGroup] = {}
+
+    def add(cls: type, items: list, given: tuple) -> None:
+        group = by_class.setdefault(cls, _ClassGroup(cls, [], ()))
+        group.items.extend(items)
+        group.given = tuple(dict.fromkeys(group.given + tuple(given)))
+
     for item in interventions:
         if isinstance(item, Variations):
-            items, cls, given = list(item), item.cls, item.given
+            if not len(item):
+                raise ValueError(f"{item.cls.__name__}.make_variations gave no variations.")
+            add(item.cls, list(item), item.given)
         elif isinstance(item, Intervention):
-            items, cls, given = [item], type(item), item.given
+            add(type(item), [item], item.given)
         elif isinstance(item, (list, tuple)):
             for sub in _flatten(item):
-                by_class.setdefault(sub[0], ([], []))
-                by_class[sub[0]][0].extend(sub[1])
-                by_class[sub[0]][1].extend(sub[2])
-            continue
+                add(sub.cls, sub.items, sub.given)
+        elif isinstance(item, type) and issubclass(item, Intervention):
+            raise TypeError(f"interventions= got the class {item.__name__}; give variations: "
+                            f"{item.__name__}.make_variations(...) or {item.__name__}(...).")
         else:
-            raise TypeError(f"interventions must be made by make_variations(...) or be Intervention "
-                            f"instances; got {type(item).__name__}.")
-        if not items:
-            raise ValueError(f"{cls.__name__}.make_variations gave no variations.")
-        by_class.setdefault(cls, ([], []))
-        by_class[cls][0].extend(items)
-        by_class[cls][1].extend(given)
-    return [(cls, items, tuple(dict.fromkeys(given))) for cls, (items, given) in by_class.items()]
+            raise TypeError(f"interventions must be made by make_variations(...) or be Intervention instances; "
+                            f"got {type(item).__name__}.")
+    groups = list(by_class.values())
+    _refuse_shared_streams(groups)
+    return groups
 
 
-def _coordinate_names(named: list[tuple[type, tuple[str, ...]]]) -> dict[tuple[type, str], str]:
-    counts: dict[str, int] = {}
-    for _, axes in named:
-        for axis in axes:
-            counts[axis] = counts.get(axis, 0) + 1
-    return {(cls, axis): axis if counts[axis] == 1 else f"{cls.prefix}_{axis}" for cls, axes in named for axis in axes}
+def _refuse_shared_streams(groups: list[_ClassGroup]) -> None:
+    seeded: dict[str, type] = {}
+    for g in groups:
+        for stream in g.cls.streams:
+            if stream in seeded:
+                raise ValueError(f"{g.cls.__name__} and {seeded[stream].__name__} both seed the {stream!r} random stream, "
+                                 "so one would silently override the other; use one of them.")
+            seeded[stream] = g.cls
 
 
-def _json_number(value: Any) -> Any:
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return list(value) if isinstance(value, tuple) else value
+def _coordinate_names(groups: list[_ClassGroup]) -> dict[tuple[type, str], str]:
+    """An axis keeps its name unless another class names the same axis; an axis given as a function of a
+    base value is named apart (it becomes ``momentum_change``, not ``momentum``)."""
+    def derived(g: _ClassGroup, axis: str) -> bool:
+        return any(isinstance(v.values.get(axis), Derived) for v in g.items)
+
+    named = [(g, axis, derived(g, axis)) for g in groups for axis in g.given]
+    counts: dict[tuple[str, bool], int] = {}
+    for _, axis, d in named:
+        counts[(axis, d)] = counts.get((axis, d), 0) + 1
+    names = {}
+    for g, axis, d in named:
+        name = axis if counts[(axis, d)] == 1 else f"{g.cls.prefix or g.cls.__name__.lower()}_{axis}"
+        names[(g.cls, axis)] = name + DERIVED if d else name
+    return names
 
 
-def build_grid(
-    interventions: Sequence,
-    default_optimizer: Optimizer,
-    seed: int,
-    setup: dict[str, Any],
-) -> Grid:
+def class_name(cls: type) -> str:
+    """How a class is named in ids and state: built-ins by name, user classes by qualified name."""
+    return cls.__name__ if cls.builtin else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def build_grid(interventions: Sequence, base: Setup, seed: int) -> Grid:
     """All learners of an experiment, with their place in the result's dimensions."""
     groups = _flatten(interventions)
-    for cls, _, _ in groups:
-        if not issubclass(cls, DEFAULT_CLASSES):
-            known = ", ".join(c.__name__ for c in DEFAULT_CLASSES)
-            raise ValueError(f"{cls.__name__} is not an intervention serimats_func knows how to apply; it would "
-                             f"multiply the grid without changing any learner. Known: {known}.")
-    present = {cls for cls, _, _ in groups}
-    for cls in DEFAULT_CLASSES:
-        if cls not in present and not any(issubclass(p, cls) for p in present):
-            groups.append((cls, [cls()], ()))
-    names = _coordinate_names([(cls, given) for cls, _, given in groups])
-    setup_hash = hashlib.blake2b(json.dumps(setup, sort_keys=True).encode(), digest_size=8).hexdigest()
+    names = _coordinate_names(groups)
+    codes = {g.cls: digest(describe_class(g.cls)) for g in groups if not g.cls.builtin}
+    controls = [[i for i, v in enumerate(g.items) if v.control] for g in groups]
 
-    labelled: list[tuple[dict[str, Any], LearnerSpec]] = []
-    for combo in itertools.product(*(items for _, items, _ in groups)):
-        by_class = {type(v): v for v in combo}
-        init, perturb = _find(by_class, InitWeights), _find(by_class, PerturbWeights)
-        data, opt = _find(by_class, DataOrder), _find(by_class, Optimizer)
-        opt_class, opt_values = opt.resolve(default_optimizer)
-        opt_identity = {"optimizer": opt_class.__name__, **{k: _json_number(v) for k, v in opt_values.items()}}
-        identity = {
-            "init": init.identity(),
-            "perturb": perturb.identity(),
-            "data": data.identity(),
-            "optimizer": opt_identity,
-            "seed": seed,
-            "setup": setup_hash,
-        }
-        learner_id = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=8).hexdigest()
-        coords = {}
-        for cls, _, given in groups:
-            v = _find(by_class, cls)
-            for axis in given:
-                coords[names[(cls, axis)]] = _optimizer_label(v, axis, opt_class, opt_values) if v is opt else v.label(axis)
-        spec = LearnerSpec(
-            id=learner_id,
-            coords=coords,
-            control=any(v.control for v in combo),
-            config={**identity, "setup": setup, "control": any(v.control for v in combo)},
-            optimizer_class=opt_class,
-            optimizer_values=opt_values,
-            init_key=derive_key(seed, "init", init.values["seed"]),
-            perturb_key=derive_key(seed, "perturb", perturb.values["seed"]),
-            data_key=derive_key(seed, "data", data.values["seed"]),
-            dropout_key=derive_key(seed, "dropout", init.values["seed"], data.values["seed"]),
-            epsilon=perturb.values["epsilon"],
-            relative=perturb.values["mode"] == "relative",
-        )
-        labelled.append((coords, spec))
-    return _place(labelled)
+    built: dict[tuple, tuple[dict, LearnerSpec, dict]] = {}  # (item indices, expansion indices) -> ...
+    for combo in itertools.product(*(range(len(g.items)) for g in groups)):
+        variations = [g.items[i] for g, i in zip(groups, combo, strict=True)]
+        setup = base.copy()
+        for v in sorted(variations, key=lambda v: v.order):
+            if hasattr(v, "on_setup"):
+                v.on_setup(setup)
+        seeds = dict(DEFAULT_STREAMS)
+        for v in variations:
+            seeds.update({stream: v.values[axis] for stream, axis in v.streams.items()})
+        expansions = [v.resolve(setup) for v in variations]
+        for expansion in itertools.product(*(list(enumerate(e)) for e in expansions)):
+            resolved = tuple(v for _, v in expansion)
+            spec, derived = _learner(groups, names, codes, resolved, setup, seeds, seed)
+            built[(combo, tuple(i for i, _ in expansion))] = (spec.coords, spec, derived)
+    _label_derived(built, groups, names)
+    specs = _with_controls(built, groups, controls)
+    return _place([(spec.coords, spec) for spec in specs])
 
 
-def _find(by_class: dict[type, Intervention], cls: type) -> Intervention:
-    for c, v in by_class.items():
-        if issubclass(c, cls):
-            return v
-    raise KeyError(cls)
+def _learner(groups, names, codes, resolved, setup: Setup, seeds: dict, seed: int) -> tuple[LearnerSpec, dict]:
+    interventions = {}
+    for v in resolved:
+        identity = v.identity()
+        if identity is not None:
+            cls = type(v)
+            interventions[class_name(cls)] = identity if cls.builtin else {"values": identity, "code": codes[cls]}
+    identity = {
+        "format": FORMAT_VERSION,
+        "seed": seed,
+        "setup": setup.digest(),
+        "optimizer": setup.optimizer_identity(),
+        "interventions": interventions,
+    }
+    learner_id = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=8).hexdigest()
+    coords, derived = {}, {}
+    for g, v in zip(groups, resolved, strict=True):
+        for axis in g.given:
+            coords[names[(g.cls, axis)]] = v.label(axis)
+            if axis in v.derived:
+                derived[names[(g.cls, axis)]] = v.derived[axis]
+    keys = {stream: derive_key(seed, stream, value) for stream, value in seeds.items()}
+    keys["dropout"] = derive_key(seed, "dropout", seeds["init"], seeds["data"])
+    for v in resolved:
+        keys[class_name(type(v))] = derive_key(seed, class_name(type(v)), v.values.get("seed", 0))
+    structure = (setup.group_key(),) + tuple(s for v in resolved if (s := v.structure()))
+    spec = LearnerSpec(
+        id=learner_id,
+        coords=coords,
+        control=False,
+        config={**identity, "coords": {k: _json_label(v) for k, v in coords.items()},
+                "model": setup.model_label, "dataset": setup.data.label, "batch_size": setup.batch_size},
+        setup=setup,
+        interventions=resolved,
+        seeds=seeds,
+        keys=keys,
+        structure=structure,
+    )
+    return spec, derived
 
 
-def _optimizer_label(v: Optimizer, axis: str, opt_class: type, resolved: dict[str, Any]) -> Any:
-    if axis == "optimizer":
-        return opt_class.__name__
-    if axis not in resolved:
-        return None  # e.g. momentum for Adam learners, when SGD learners vary it: NaN in results
-    value = resolved[axis]
-    return str(tuple(value)) if isinstance(value, (tuple, list)) else value
+def _json_label(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def _label_derived(built: dict, groups: list[_ClassGroup], names: dict) -> None:
+    """Relabel axes given as functions of a base value: by relative change, else difference, else position."""
+    axes = {name for _, _, derived in built.values() for name in derived}
+    for name in axes:
+        entries = [(coords, derived[name]) for coords, _, derived in built.values() if name in derived]
+        kind, labels = _derived_labels([value for _, value in entries])
+        new_name = f"{name.removesuffix(DERIVED)}_{kind}"
+        for coords, (i, _, _) in entries:
+            _rename(coords, name, new_name, labels[i])
+        for _, spec, _ in built.values():
+            if name in spec.config["coords"]:
+                _rename(spec.config["coords"], name, new_name, _json_label(spec.coords[new_name]))
+
+
+def _derived_labels(values: list[tuple[int, Any, Any]]) -> tuple[str, dict[int, Any]]:
+    """For (index, base, value) triples: the first labelling that gives each index one label, distinct across
+    indices: the relative change, the difference, else the index itself."""
+    for kind, fn in (("change", _relative), ("delta", _difference)):
+        labels: dict[int, Any] = {}
+        try:
+            consistent = all(labels.setdefault(i, _round(fn(base, v))) == _round(fn(base, v)) for i, base, v in values)
+        except (TypeError, ZeroDivisionError):
+            continue
+        if consistent and len(set(labels.values())) == len(labels):
+            return kind, labels
+    return "variant", {i: i for i, _, _ in values}
+
+
+def _difference(base: Any, value: Any) -> Any:
+    if isinstance(base, tuple):
+        return tuple(v - b for b, v in zip(base, value, strict=True))
+    return value - base
+
+
+def _rename(coords: dict, old: str, new: str, value: Any) -> None:
+    """Replace key ``old`` by ``new`` (with ``value``) in place, keeping the order of keys."""
+    items = [(new, value) if k == old else (k, v) for k, v in coords.items()]
+    coords.clear()
+    coords.update(items)
+
+
+def _relative(base: Any, value: Any) -> Any:
+    if isinstance(base, tuple):
+        return tuple(_relative(b, v) for b, v in zip(base, value, strict=True))
+    return value / base - 1
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return str(tuple(_round(v) for v in value))
+    return float(f"{value:.10g}")
+
+
+def _with_controls(built: dict, groups: list[_ClassGroup], controls: list[list[int]]) -> list[LearnerSpec]:
+    """Each learner's control: its own variations, except that every class with control variations takes
+    the one closest to the learner's own (most axis values in common)."""
+    specs = []
+    has_controls = any(controls)
+    for (combo, expansion), (_, spec, _) in built.items():
+        if not has_controls:
+            specs.append(spec)
+            continue
+        target = list(combo)
+        for k, candidates in enumerate(controls):
+            if candidates and combo[k] not in candidates:
+                own = groups[k].items[combo[k]]
+                target[k] = max(candidates, key=lambda i: (_shared(own, groups[k].items[i]), -i))
+        control_expansion = tuple(e if target[k] == combo[k] else 0 for k, e in enumerate(expansion))
+        control = built.get((tuple(target), control_expansion)) or built.get((tuple(target), expansion))
+        is_control = tuple(target) == combo
+        object.__setattr__(spec, "control", is_control)
+        object.__setattr__(spec, "control_id", control[1].id if control else None)
+        spec.config["control"] = is_control
+        specs.append(spec)
+    return specs
+
+
+def _shared(a: Intervention, b: Intervention) -> int:
+    return sum(1 for k in a.given if k in b.values and a.values[k] == b.values[k])
 
 
 def _place(labelled: list[tuple[dict[str, Any], LearnerSpec]]) -> Grid:
@@ -195,7 +316,7 @@ def _place(labelled: list[tuple[dict[str, Any], LearnerSpec]]) -> Grid:
         cell = tuple(dims[n].index(coords[n]) for n in dims)
         if cell in seen:
             if seen[cell].id != spec.id:
-                where = ", ".join(f"{n}={coords[n]!r}" for n in dims)
+                where = ", ".join(f"{n}={coords[n]!r}" for n in dims) or "no varied axis"
                 raise ValueError(f"Two different learners land on the same coordinates ({where}); give "
                                  "them an axis that tells them apart.")
             continue

@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import pytrees
 from .dropout import KeyedDropout, swap_dropout
-from .keys import derive_key
+from .keys import derive_key, seeded_cpu_rng
 
 ModelState = dict[str, dict[str, torch.Tensor]]
 
@@ -93,26 +94,38 @@ def _check_vmappable(template: nn.Module, example_x: torch.Tensor) -> None:
 
 
 def _check_every_parameter_resets(template: nn.Module) -> None:
-    """Each learner draws its own weights by calling ``reset_parameters()``; a parameter whose
-    module has none would be shared by all learners, silently. Refuse that."""
-    for module_name, module in template.named_modules():
-        own = [n for n, _ in module.named_parameters(recurse=False)]
-        if own and not hasattr(module, "reset_parameters"):
-            where = f"{module_name}." if module_name else ""
+    """Each learner draws its own weights by calling every module's ``reset_parameters()`` with its key. A
+    parameter that no ``reset_parameters`` sets would keep the template's value, drawn from the global RNG
+    when the model was built: the same for every learner, whatever its init seed. Refuse that: fill every
+    parameter with NaN, reset, and look for what is left."""
+    probe = copy.deepcopy(template)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.fill_(float("nan"))
+    with seeded_cpu_rng(0), torch.no_grad():
+        for m in probe.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    for name, p in probe.named_parameters():
+        if torch.isnan(p).any():
+            module_name, _, own = name.rpartition(".")
+            module = probe.get_submodule(module_name)
+            where = "" if hasattr(module, "reset_parameters") else ", which has no reset_parameters() method"
             raise ValueError(
-                f"Parameter {where}{own[0]} belongs to {type(module).__name__}, which has no "
-                "reset_parameters() method, so every learner would start from the same values. "
-                "Add a reset_parameters() that draws them from torch's RNG (as nn.Linear does)."
+                f"Parameter {name} belongs to {type(module).__name__}{where}, and no reset_parameters() sets "
+                f"{'it' if torch.isnan(p).all() else 'all of it'}, so every learner would start from the same "
+                f"values, drawn when the model was built. Give {type(module).__name__} a reset_parameters() that "
+                f"draws {own} from torch's RNG (as nn.Linear does), e.g. nn.init.normal_(self.{own})."
             )
 
 
 def initial_model_state(template: nn.Module, init_key: int, dropout_key: int) -> ModelState:
     """A learner's initial params and buffers: the template's own initialization
     (``reset_parameters`` of every module, PyTorch's defaults for built-in layers), drawn with
-    the RNG seeded by ``init_key``; each dropout layer gets a key derived from ``dropout_key``."""
-    module = template  # reset in place: every parameter is redrawn, so no copy is needed
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.default_generator.manual_seed(init_key)  # the CPU generator only: CUDA's is not touched
+    the CPU RNG set from all 63 bits of ``init_key``; each dropout layer gets a key derived from
+    ``dropout_key``. Buffers that no ``reset_parameters`` sets keep the template's values."""
+    module = copy.deepcopy(template)  # the template itself is never changed
+    with seeded_cpu_rng(init_key), torch.no_grad():
         for m in module.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
@@ -123,6 +136,39 @@ def initial_model_state(template: nn.Module, init_key: int, dropout_key: int) ->
             buffers[f"{name}.key"] = torch.tensor(derive_key(dropout_key, name), dtype=torch.int64)
             buffers[f"{name}.calls"] = torch.tensor(0, dtype=torch.int64)
     return {"params": params, "buffers": buffers}
+
+
+PROBE_KEY = derive_key("serimats-func behaviour probe")
+PROBE_EXAMPLES = 8
+PROBE_DIGITS = 9
+
+
+def behaviour_fingerprint(template: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> list | None:
+    """What the template and the loss compute, in numbers that any machine reproduces: a float64 copy is
+    initialized from a fixed key, run in train mode on the first examples (loss, the norm of each
+    parameter's gradient and of each buffer after the step) and in eval mode (the norm of the logits),
+    each rounded to 9 significant digits. Catches what reading code cannot (a global, a C extension...).
+    None when the model cannot run in float64."""
+    try:
+        model = copy.deepcopy(template).double()
+        with seeded_cpu_rng(PROBE_KEY), torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        xb, yb = x[:PROBE_EXAMPLES].double(), y[:PROBE_EXAMPLES]
+        with torch.random.fork_rng(devices=[]):
+            model.train()
+            loss = loss_fn(model(xb), yb)
+            grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+            model.eval()
+            with torch.no_grad():
+                logits = model(xb)
+    except Exception:
+        return None
+    numbers = [float(loss.detach()), float(logits.norm())]
+    numbers += [0.0 if g is None else float(g.norm()) for g in grads]
+    numbers += [float(b.double().norm()) for b in model.buffers() if b.is_floating_point()]
+    return [float(f"{v:.{PROBE_DIGITS}g}") for v in numbers]
 
 
 def forward(template: nn.Module, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:

@@ -56,30 +56,41 @@ def _zeros_like(params: Params) -> Params:
 
 
 def sgd(momentum_buffer: bool = False, nesterov: bool = False) -> FunctionalOptimizer:
-    """SGD with momentum, dampening, nesterov and (L2) weight decay, as ``torch.optim.SGD``."""
+    """SGD with momentum, dampening, nesterov and (L2) weight decay, as ``torch.optim.SGD``.
+
+    With ``momentum_buffer``, the state keeps torch's buffer and whether it exists yet: torch starts the
+    buffer at the first step whose momentum is not 0 (``buf = d_p``), and a step with momentum 0 uses the
+    plain gradient and leaves the buffer alone, so momentum may change between steps exactly as it can
+    in ``optimizer.param_groups``."""
 
     def init(params: Params) -> OptState:
         state: OptState = {"step": torch.zeros((), dtype=HPARAM_DTYPE)}
         if momentum_buffer:
             state["momentum_buffer"] = _zeros_like(params)
+            state["has_buffer"] = torch.zeros((), dtype=torch.bool)
         return state
 
     def update(grads: Params, state: OptState, params: Params, h: HParams) -> tuple[Params, OptState]:
-        first = state["step"] == 0
         new_params, new_buffers = {}, {}
+        if momentum_buffer:
+            uses_momentum = h["momentum"] != 0
+            fresh = ~state["has_buffer"]
         for name, p in params.items():
             dt = p.dtype
             d_p = grads[name] + p * h["weight_decay"].to(dt)
             if momentum_buffer:
                 m = h["momentum"].to(dt)
-                later = state["momentum_buffer"][name] * m + d_p * (1 - h["dampening"]).to(dt)
-                buf = torch.where(first, d_p, later)  # torch starts the buffer at d_p
-                new_buffers[name] = buf
-                d_p = d_p + buf * m if nesterov else buf
+                old = state["momentum_buffer"][name]
+                later = old * m + d_p * (1 - h["dampening"]).to(dt)
+                buf = torch.where(fresh, d_p, later)  # torch starts the buffer at d_p
+                new_buffers[name] = torch.where(uses_momentum, buf, old)
+                with_momentum = d_p + buf * m if nesterov else buf
+                d_p = torch.where(uses_momentum, with_momentum, d_p)
             new_params[name] = p + (-h["lr"]).to(dt) * d_p
         new_state: OptState = {"step": state["step"] + 1}
         if momentum_buffer:
             new_state["momentum_buffer"] = new_buffers
+            new_state["has_buffer"] = state["has_buffer"] | uses_momentum
         return new_params, new_state
 
     return FunctionalOptimizer("SGD", init, update, ("lr", "momentum", "dampening", "weight_decay"))
@@ -200,21 +211,41 @@ def _describe(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in values.items())
 
 
-def functional_twin(torch_class: type, **values: Any) -> FunctionalOptimizer:
-    """The functional optimizer that matches ``torch_class(params, **values)``'s structure."""
+def functional_twin(torch_class: type, varied: frozenset[str] = frozenset(), **values: Any) -> FunctionalOptimizer:
+    """The functional optimizer that matches ``torch_class(params, **values)``'s structure; ``varied``
+    names hyperparameters that interventions change during training (a momentum that may become non-zero
+    needs SGD's momentum buffer)."""
     resolved = resolve(torch_class, values)
+    flags = structure_key(torch_class, resolved, varied)
     if torch_class is torch.optim.SGD:
-        twin = sgd(momentum_buffer=resolved["momentum"] != 0, nesterov=bool(resolved["nesterov"]))
+        twin = sgd(momentum_buffer=flags[1], nesterov=flags[2])
     else:
-        twin = adam(amsgrad=bool(resolved["amsgrad"]), decoupled_weight_decay=torch_class is torch.optim.AdamW)
+        twin = adam(amsgrad=flags[1], decoupled_weight_decay=torch_class is torch.optim.AdamW)
     return replace(twin, torch_class=torch_class)
 
 
-def structure_key(torch_class: type, resolved: Mapping[str, Any]) -> tuple:
+def structure_key(torch_class: type, resolved: Mapping[str, Any], varied: frozenset[str] = frozenset()) -> tuple:
     """Learners with equal keys can share one vmapped update."""
     if torch_class is torch.optim.SGD:
-        return ("SGD", resolved["momentum"] != 0, bool(resolved["nesterov"]))
+        return ("SGD", resolved["momentum"] != 0 or "momentum" in varied, bool(resolved["nesterov"]))
     return (torch_class.__name__, bool(resolved["amsgrad"]))
+
+
+def canonical(torch_class: type, resolved: Mapping[str, Any], varied: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The hyperparameters that decide the numbers, for learner ids: ``dampening`` is left out when
+    momentum is 0 throughout (torch never reads it then).
+
+    >>> canonical(torch.optim.SGD, resolve(torch.optim.SGD, {"lr": 0.1, "dampening": 0.5}))
+    {'optimizer': 'SGD', 'lr': 0.1, 'momentum': 0.0, 'nesterov': False, 'weight_decay': 0.0}
+    """
+    out = {"optimizer": torch_class.__name__}
+    for k in sorted(resolved):
+        if k == "dampening" and resolved["momentum"] == 0 and "momentum" not in varied:
+            continue
+        v = resolved[k]
+        out[k] = [float(b) for b in v] if isinstance(v, tuple) else (float(v) if isinstance(v, int | float) and
+                                                                      not isinstance(v, bool) else v)
+    return out
 
 
 def numeric_hparams(torch_class: type, resolved: Mapping[str, Any]) -> dict[str, float]:

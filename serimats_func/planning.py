@@ -1,14 +1,15 @@
 """Planning: which learners to train, in which groups and chunks, and how much memory each takes.
 
-Learners of different structure (optimizer class, nesterov, amsgrad, SGD with or without a
-momentum buffer) cannot share a vmapped step, so they form separate groups that run one after
-another. A group larger than the memory budget is split into chunks.
+Learners of different structure (model, data, batch size, optimizer class, nesterov, amsgrad, SGD with
+or without a momentum buffer, an activation hook's module) cannot share a vmapped step, so they form
+separate groups that run one after another. A group larger than the memory budget is split into chunks.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,10 @@ class Chunk:
 
     structure: tuple
     learners: list[LearnerSpec]
+
+    @property
+    def description(self) -> str:
+        return describe_group(self.learners[0])
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Plan:
             n = sum(len(c.learners) for c in chunks)
             mib = self.bytes_per_learner[structure] / 2**20
             lines.append(
-                f"  group {_describe(structure)}: {n} learners in {len(chunks)} chunk(s) of up to "
+                f"  group {chunks[0].description}: {n} learners in {len(chunks)} chunk(s) of up to "
                 f"{max(len(c.learners) for c in chunks)}, about {mib:.1f} MiB per learner"
             )
         lines.append(f"  memory budget: {self.memory_budget / 2**30:.1f} GiB")
@@ -65,13 +70,27 @@ class Plan:
 
     __repr__ = __str__
 
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython
+        printer.text(str(self))
 
-def _describe(structure: tuple) -> str:
-    name, *flags = structure
+
+def describe_group(spec: LearnerSpec) -> str:
+    """A group in words: its optimizer structure, and model, data and batch size where they vary."""
+    setup = spec.setup
+    name, *flags = setup.optimizer_structure()
     if name == "SGD":
         momentum, nesterov = flags
-        return "SGD" + (" with momentum" if momentum else "") + (", nesterov" if nesterov else "")
-    return name + (" (amsgrad)" if flags and flags[0] else "")
+        words = "SGD" + (" with momentum" if momentum else "") + (", nesterov" if nesterov else "")
+    else:
+        words = name + (" (amsgrad)" if flags and flags[0] else "")
+    extra = []
+    if setup.model_label is not None:
+        extra.append(f"model {setup.model_label}")
+    if setup.data.label is not None:
+        extra.append(f"dataset {setup.data.label}")
+    extra.append(f"batch {setup.batch_size}")
+    extra += [f"{k}={v}" for s in spec.structure[1:] for k, v in s if k not in ("model", "dataset", "batch_size")]
+    return f"{words} ({', '.join(extra)})"
 
 
 def memory_budget(device: torch.device) -> int:
@@ -97,23 +116,22 @@ def activation_bytes_per_example(template: nn.Module, example_x: torch.Tensor) -
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
 
-    handles = [m.register_forward_hook(hook) for m in template.modules()]
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            template(example_x)
-    finally:
-        for h in handles:
-            h.remove()
+    probe = copy.deepcopy(template).eval()  # measuring changes nothing: no BatchNorm statistics, no dropout counter
+    for m in probe.modules():
+        m.register_forward_hook(hook)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        probe(example_x)
     return max(1, total // len(example_x))
 
 
-def bytes_per_learner(
-    template: nn.Module, spec: LearnerSpec, example_x: torch.Tensor, batch_size: int, eval_batch_size: int
-) -> int:
+def bytes_per_learner(spec: LearnerSpec, batch_size: int, eval_batch_size: int) -> int:
     """Estimated peak bytes of one learner in a vmapped step or evaluation."""
+    setup = spec.setup
+    template, example_x = setup.template, setup.template_info.example_x
     params = dict(template.named_parameters())
     param_bytes = pytrees.nbytes(params)
-    opt_bytes = pytrees.nbytes(functional_twin(spec.optimizer_class, **spec.optimizer_values).init(params))
+    twin = functional_twin(setup.optimizer_class, frozenset(setup.varied_hyperparameters), **setup.optimizer_values)
+    opt_bytes = pytrees.nbytes(twin.init({k: params[k] for k in setup.trainable_names}))
     per_example = activation_bytes_per_example(template, example_x)
     train = 4 * param_bytes + opt_bytes + 3 * per_example * batch_size  # params, grads, new, temp
     evaluation = 2 * param_bytes + opt_bytes + per_example * eval_batch_size
@@ -122,26 +140,23 @@ def bytes_per_learner(
 
 def make_plan(
     grid: Grid,
-    in_store: Collection[str],
-    template: nn.Module,
-    example_x: torch.Tensor,
-    batch_size: int,
+    done: Callable[[LearnerSpec], bool],
     eval_batch_size: int,
     device: torch.device,
     max_learners_per_chunk: int | None = None,
     data_bytes: int = 0,
 ) -> Plan:
-    """Split the learners not yet in the store into groups of one structure and chunks that fit
-    in the memory left once the data (``data_bytes``) is on the device."""
+    """Split the learners that ``done`` says are not in the store yet into groups of one structure and
+    chunks that fit in the memory left once the data (``data_bytes``) is on the device."""
     learners = grid.learners
-    missing = [s for s in learners if s.id not in in_store]
+    missing = [s for s in learners if not done(s)]
     groups: dict[tuple, list[LearnerSpec]] = {}
     for spec in missing:
         groups.setdefault(spec.structure, []).append(spec)
     plan = Plan(grid_cells=len(grid.cells), learners=len(learners), in_store=len(learners) - len(missing),
                 memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device))
     for structure, specs in groups.items():
-        each = bytes_per_learner(template, specs[0], example_x, batch_size, eval_batch_size)
+        each = bytes_per_learner(specs[0], specs[0].setup.batch_size, eval_batch_size)
         plan.bytes_per_learner[structure] = each
         size = max(1, plan.memory_budget // each)
         if max_learners_per_chunk:

@@ -26,7 +26,8 @@ class Plotter:
 
     def default_hue(self) -> str | None:
         """The first dimension that is not a seed (``seed``, ``init_seed``...) nor ``step``."""
-        for dim in self.ds[next(iter(self.ds.data_vars))].dims:
+        metric = next(m for m in self.ds.data_vars if "step" in self.ds[m].dims)
+        for dim in self.ds[metric].dims:
             if dim != "step" and not dim.endswith("seed"):
                 return dim
         return None
@@ -68,4 +69,4 @@ class Plotter:
 
     def save_all(self, folder: str | Path) -> list[Path]:
         """One PNG per metric in ``folder``."""
-        return [self.save(Path(folder) / f"{m}.png", m) for m in self.ds.data_vars]
+        return [self.save(Path(folder) / f"{m}.png", m) for m in self.ds.data_vars if "step" in self.ds[m].dims]

@@ -1,8 +1,18 @@
 """The vmapped training step and evaluation: pure functions over stacked learner state.
 
-One step, for every learner of a group at once: forward, loss, ``torch.func.grad``, optimizer
-update. Learners that share a data order get the batch unbatched (``in_dims=None``), which is
-much cheaper than one copy per learner.
+One step, for every learner of a chunk at once: the interventions' batch hooks, the forward pass (with
+their activation hooks), the loss, ``torch.func.grad``, their gradient hooks, their hyperparameter
+hooks, the optimizer's update, their parameter hooks. The step number enters as a tensor and windows
+are ``torch.where`` masks, so one function serves every learner and nothing waits for the host.
+Learners that share a data order get the batch unbatched (``in_dims=None``), which is much cheaper
+than one copy per learner.
+
+The state of N learners::
+
+    {"params": {name: (N, ...)}, "buffers": {name: (N, ...)}, "opt": optimizer state (N, ...),
+     "hparams": {name: (N,) float64}, "diverged_at": (N,) int64 (-1: never),
+     "interventions": {class: {"n": numbers (N, ...), "key": (N,), "active": (N,) bool,
+                               "windows": (N, K, 2) int64, "state": its own state (N, ...) if any}}}
 
 >>> import torch
 >>> from serimats_func.models import MLP
@@ -13,64 +23,248 @@ much cheaper than one copy per learner.
 >>> model = pytrees.stack([initial_model_state(template, k, 0) for k in range(3)])  # N = 3
 >>> twin = functional_twin(torch.optim.SGD, lr=0.1)
 >>> opt = pytrees.stack([twin.init(pytrees.index(model["params"], i)) for i in range(3)])
->>> hp = pytrees.stack([twin.hparams(lr=0.1)] * 3)
->>> step = make_train_step(template, twin, torch.nn.functional.cross_entropy, shared_batch=True)
->>> params, buffers, opt, loss = step(model["params"], model["buffers"], opt, hp, torch.randn(4, 40), torch.arange(4))
+>>> state = {**model, "opt": opt, "hparams": pytrees.stack([twin.hparams(lr=0.1)] * 3),
+...          "diverged_at": torch.full((3,), -1), "interventions": {}}
+>>> step = make_train_step(template, twin, torch.nn.functional.cross_entropy, Hooks(), shared_batch=True)
+>>> state, loss = step(state, torch.randn(4, 40), torch.arange(4), torch.tensor(0))
 >>> loss.shape
 torch.Size([3])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import grad_and_value, vmap
 
+from . import keys, pytrees
+from .interventions.base import Numbers
 from .learners import forward
 from .optimizers import FunctionalOptimizer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: LossFn, shared_batch: bool) -> Callable:
-    """``step(params, buffers, opt_state, hparams, x, y) -> (params, buffers, opt_state, loss)``
-    over N learners: state leaves (N, ...); x (B, ...) if ``shared_batch`` else (N, B, ...)."""
+@dataclass(frozen=True)
+class Hook:
+    """One intervention class's function at one point of the step."""
 
-    def one_learner(params, buffers, opt_state, hparams, x, y):
+    name: str  # the class's key in state["interventions"]
+    fn: Callable  # the bound method, e.g. PerturbGradients().on_gradients
+    windowed: bool
+    stateful: bool
+    module: str | None = None  # the submodule, for activation hooks
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The hooks of a chunk's step, in the order they run at each point."""
+
+    init: tuple[Hook, ...] = ()
+    batch: tuple[Hook, ...] = ()
+    activations: tuple[Hook, ...] = ()
+    gradients: tuple[Hook, ...] = ()
+    hyperparameters: tuple[Hook, ...] = ()
+    params: tuple[Hook, ...] = ()
+
+
+@dataclass
+class StepContext:
+    """What a hook sees besides its value and numbers: ``step`` (updates done before this step, int64),
+    its class's ``key`` for this learner, its own ``state``, and, for activation hooks, the ``call`` of
+    the module within this forward pass."""
+
+    step: torch.Tensor
+    key: torch.Tensor
+    state: Any = None
+    call: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def _key(self, stream: Sequence) -> torch.Tensor:
+        k = self.key
+        for part in stream:
+            k = keys.fold_in(k, keys.string_key(part) if isinstance(part, str) else part)
+        return k
+
+    def normal(self, shape: Sequence[int], dtype: torch.dtype = torch.float32, *stream: Any) -> torch.Tensor:
+        """Standard Gaussian noise, a pure function of this learner's key and ``stream`` (strings, ints or
+        int tensors such as ``ctx.step``): the same numbers alone or in any batch of learners."""
+        return keys.normal(self._key(stream), tuple(shape), dtype)
+
+    def uniform(self, shape: Sequence[int], dtype: torch.dtype = torch.float32, *stream: Any) -> torch.Tensor:
+        """Uniform numbers in [0, 1), as ``normal``."""
+        return keys.uniform(self._key(stream), tuple(shape), dtype)
+
+
+def in_windows(step: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Whether ``step`` lies in any window (start inclusive, end exclusive) of ``windows`` (K, 2)."""
+    return ((windows[:, 0] <= step) & (step < windows[:, 1])).any()
+
+
+def apply_hook(hook: Hook, value: Any, data: dict, step: torch.Tensor, call: int = 0) -> tuple[Any, Any]:
+    """Run one hook for one learner; where it does not act (an inactive learner, a step outside its
+    windows) the result is discarded, so the value is bitwise what it was. Returns (value, its state)."""
+    ctx = StepContext(step, data["key"], data.get("state"), call)
+    out = hook.fn(value, Numbers(data["n"]), ctx)
+    new_state = data.get("state")
+    if hook.stateful:
+        out, new_state = out
+    on = data["active"]
+    if hook.windowed:
+        on = on & in_windows(step, data["windows"])
+    out = pytrees.tree_map(lambda new, old: torch.where(on, new, old), out, value)
+    if hook.stateful:
+        new_state = pytrees.tree_map(lambda new, old: torch.where(on, new, old), new_state, data["state"])
+    return out, new_state
+
+
+def _run(hooks: Sequence[Hook], value: Any, inter: dict, step: torch.Tensor) -> tuple[Any, dict]:
+    for hook in hooks:
+        value, new_state = apply_hook(hook, value, inter[hook.name], step)
+        if hook.stateful:
+            inter = {**inter, hook.name: {**inter[hook.name], "state": new_state}}
+    return value, inter
+
+
+class ActivationPoints:
+    """A copy of the template with forward hooks on the submodules that activation hooks name. Inside a
+    step, ``current`` holds the learner's intervention data; outside (evaluation) the hooks do nothing."""
+
+    def __init__(self, template: nn.Module, hooks: Sequence[Hook]):
+        self.module = copy.deepcopy(template) if hooks else template
+        self.current: tuple[dict, torch.Tensor] | None = None
+        self.calls: dict[str, int] = {}
+        self.updates: dict[str, Any] = {}
+        for hook in hooks:
+            self.module.get_submodule(hook.module).register_forward_hook(self._make(hook))
+
+    def _make(self, hook: Hook) -> Callable:
+        def on_output(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            if self.current is None:
+                return output
+            inter, step = self.current
+            call = self.calls[hook.name] = self.calls.get(hook.name, -1) + 1
+            data = inter[hook.name] if hook.name not in self.updates else {**inter[hook.name], "state": self.updates[hook.name]}
+            out, new_state = apply_hook(hook, output, data, step, call)
+            if hook.stateful:
+                self.updates[hook.name] = new_state
+            return out
+
+        return on_output
+
+    def begin(self, inter: dict, step: torch.Tensor) -> None:
+        self.current, self.calls, self.updates = (inter, step), {}, {}
+
+    def end(self, inter: dict) -> dict:
+        for name, new_state in self.updates.items():
+            inter = {**inter, name: {**inter[name], "state": new_state}}
+        self.current, self.updates = None, {}
+        return inter
+
+
+def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: LossFn, hooks: Hooks,
+                    shared_batch: bool, trainable: Sequence[str] | None = None) -> Callable:
+    """``step(state, x, y, t) -> (state, loss)`` over N learners: state leaves (N, ...); x (B, ...) if
+    ``shared_batch`` else (N, B, ...); ``t`` the number of updates done (an int64 tensor); loss (N,).
+    Only the ``trainable`` parameters (default: all) are differentiated and updated."""
+    points = ActivationPoints(template, hooks.activations)
+    model = points.module
+
+    def one_learner(state, x, y, t):
+        inter = state["interventions"]
+        (x, y), inter = _run(hooks.batch, (x, y), inter, t)
+        params = state["params"]
+        names = list(params) if trainable is None else list(trainable)
+        train, frozen = {k: params[k] for k in names}, {k: v for k, v in params.items() if k not in names}
+
         def loss_of(p):
-            b = {k: v.clone() for k, v in buffers.items()}  # updated in place by BatchNorm, dropout
-            return loss_fn(forward(template, p, b, x), y), b
+            b = {k: v.clone() for k, v in state["buffers"].items()}  # updated in place by BatchNorm, dropout
+            points.begin(inter, t)
+            try:
+                logits = forward(model, {**p, **frozen}, b, x)
+            finally:
+                hooked = points.end(inter)
+            return loss_fn(logits, y), (b, hooked)
 
-        grads, (loss, new_buffers) = grad_and_value(loss_of, has_aux=True)(params)
-        new_params, new_opt_state = twin.update(grads, opt_state, params, hparams)
-        return new_params, new_buffers, new_opt_state, loss
+        grads, (loss, (buffers, inter)) = grad_and_value(loss_of, has_aux=True)(train)
+        grads, inter = _run(hooks.gradients, grads, inter, t)
+        hparams, inter = _run(hooks.hyperparameters, state["hparams"], inter, t)
+        train, opt = twin.update(grads, state["opt"], train, hparams)
+        params = {k: train[k] if k in train else v for k, v in params.items()}
+        params, inter = _run(hooks.params, params, inter, t)
+        d = state["diverged_at"]
+        diverged_at = torch.where((d < 0) & ~torch.isfinite(loss), t, d)
+        new_state = {**state, "params": params, "buffers": buffers, "opt": opt, "interventions": inter,
+                     "diverged_at": diverged_at}
+        return new_state, loss
 
     data_dim = None if shared_batch else 0
-    return vmap(one_learner, in_dims=(0, 0, 0, 0, data_dim, data_dim))
+    return vmap(one_learner, in_dims=(0, data_dim, data_dim, None))
 
 
-def make_evaluate(template: nn.Module, loss_fn: LossFn) -> Callable:
-    """``evaluate(params, buffers, x, y) -> (loss_sum, correct)``, each (N,), for a shared batch
-    x (B, ...). Call with the template in eval mode."""
+def initial_hooks(hooks: Hooks, state: dict) -> dict:
+    """Run the ``on_init`` hooks on stacked initial states (N, ...): ``state`` holds params, buffers and
+    interventions; returns it with new params and buffers."""
+    if not hooks.init:
+        return state
 
-    def one_learner(params, buffers, x, y):
-        logits = forward(template, params, buffers, x)  # (B, classes)
-        loss_sum = loss_fn(logits, y) * y.shape[0]
-        correct = (logits.argmax(dim=-1) == y).sum()
-        return loss_sum, correct
+    def one_learner(model, inter):
+        for hook in hooks.init:
+            model, new_state = apply_hook(hook, model, inter[hook.name], torch.zeros((), dtype=torch.int64))
+            if hook.stateful:
+                inter = {**inter, hook.name: {**inter[hook.name], "state": new_state}}
+        return model, inter
 
-    return vmap(one_learner, in_dims=(0, 0, None, None))
+    model = {"params": state["params"], "buffers": state["buffers"]}
+    model, inter = vmap(one_learner)(model, state["interventions"])
+    return {**state, **model, "interventions": inter}
 
 
-def evaluate_dataset(
-    evaluate: Callable, params, buffers, x: torch.Tensor, y: torch.Tensor, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss and accuracy (fraction) of every learner over all of (x, y): two (N,) tensors."""
-    loss_total, correct_total = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        loss_sum, correct = evaluate(params, buffers, x[start : start + batch_size], y[start : start + batch_size])
-        loss_total = loss_total + loss_sum.to(torch.float64)
-        correct_total = correct_total + correct
-    return loss_total / len(x), correct_total.to(torch.float64) / len(x)
+def make_logits(template: nn.Module) -> Callable:
+    """``logits(params, buffers, x) -> (N, B, classes)`` for a shared batch x (B, ...). Call with the
+    template in eval mode."""
+    return vmap(lambda p, b, x: forward(template, p, b, x), in_dims=(0, 0, None))
+
+
+def evaluate_dataset(logits_fn: Callable, loss_fn: LossFn, params, buffers, x: torch.Tensor, y: torch.Tensor,
+                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and accuracy (fraction) of every learner on all of (x, y), two (N,) float64 tensors. The loss
+    is ``loss_fn`` on the logits of the whole set, whatever the evaluation batch size, so it is exact for
+    any loss (weighted, summed...). A learner with non-finite logits has accuracy NaN, not the accuracy of
+    argmax over NaN."""
+    logits = torch.cat([logits_fn(params, buffers, x[s : s + batch_size]) for s in range(0, len(x), batch_size)], dim=1)
+    loss = vmap(loss_fn, in_dims=(0, None))(logits, y)  # (N,)
+    finite = torch.isfinite(logits).flatten(1).all(dim=1)  # (N,)
+    accuracy = (logits.argmax(dim=-1) == y).sum(dim=1).to(torch.float64) / len(y)
+    return loss.to(torch.float64), torch.where(finite, accuracy, torch.nan)
+
+
+HOST_SYNC_SIGNS = ("item()", "meta tensor", "data-dependent", "to numpy", "Cannot copy out of meta")
+
+
+def check_pure(step: Callable, state: dict, x: torch.Tensor, y: torch.Tensor, hooks: Hooks) -> None:
+    """Run ``step`` once on meta tensors (shapes without data): a Python branch on a tensor's value, an
+    ``.item()``, ``float(tensor)``, ``.cpu()`` or ``.numpy()`` inside it fails there, and is refused with a
+    message naming the interventions in the step. Operations that meta tensors lack are not errors here."""
+    def meta(t: Any) -> Any:
+        return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+    try:
+        step(pytrees.tree_map(meta, state), meta(x), meta(y), torch.zeros((), dtype=torch.int64, device="meta"))
+    except Exception as error:
+        if not any(sign in str(error) for sign in HOST_SYNC_SIGNS):
+            return
+        names = sorted({h.name for point in (hooks.batch, hooks.activations, hooks.gradients, hooks.hyperparameters,
+                                             hooks.params) for h in point})
+        where = f" (interventions in this step: {', '.join(names)})" if names else ""
+        raise ValueError(
+            f"The training step reads a tensor's value in Python or copies it to the host{where}: "
+            f"{type(error).__name__}: {error}. One step serves every learner of a group at once, so hooks, models "
+            "and losses must not branch on a tensor's value (`if step > 100:`), call .item(), float(tensor), .cpu() "
+            "or .numpy(): use torch.where on tensors instead (e.g. torch.where(ctx.step >= 100, new, old))."
+        ) from error

@@ -2,21 +2,23 @@
 
 Layout::
 
-    runs/perturb.zarr/            root group, attrs {"format": "serimats-func/1"}
-      batches/<time>-<uuid>/      one group per trained chunk: metrics (learner, step),
-                                  attrs {"learner_ids": [...], "configs": [...]}
+    runs/perturb.zarr/            root group, attrs {"format": "serimats-func/2"}
+      batches/<time>-<uuid>/      one group per trained chunk: metrics (learner, step), diverged_at
+                                  (learner,), attrs {"learner_ids": [...], "configs": [...],
+                                  "metric_keys": {metric: digest}, "device": ..., "torch": ...}
       .pending/                   batches being written
 
 A batch is written in full under ``.pending`` and then renamed into ``batches/`` in one atomic
 step, so a crash never leaves a half-written batch where readers look, and the store always
-opens. Batches are never changed or deleted: nothing in a store is overwritten. If a learner is
-in two batches (two shards trained it), the older batch is read.
+opens. Batches are never changed or deleted: nothing in a store is overwritten. A learner may be in
+several batches; a batch serves it when it holds every step and metric asked for (metrics are named by
+a digest of what decides their values), the oldest such batch first.
 
 >>> import numpy as np, tempfile
 >>> store = Store(tempfile.mkdtemp() + "/demo.zarr")
 >>> _ = store.write(["a1"], [{"lr": 0.1}], np.array([0, 5]), {"loss": np.array([[2.3, 0.4]])})
->>> store.read(["a1"]).loss.values.tolist()
-[[2.3, 0.4]]
+>>> store.find("a1", steps=(0, 5), metric_keys={"loss": None})[1]  # (batch, position)
+0
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
-FORMAT = "serimats-func/1"
+FORMAT = "serimats-func/2"
+FORMAT_HISTORY = {"serimats-func/1": "learner ids before interventions at any step (version 0.1)"}
 
 
 class StoreError(ValueError):
@@ -60,6 +63,12 @@ class Store:
         if not (self.path / "zarr.json").is_file():
             raise StoreError(f"{self.path} exists and is not a serimats-func store; choose another store= path.")
         fmt = zarr.open_group(self.path, mode="r").attrs.get("format")
+        if fmt in FORMAT_HISTORY:
+            raise StoreError(
+                f"{self.path} was made by an older serimats-func (format {fmt!r}: {FORMAT_HISTORY[fmt]}); its learner "
+                f"ids are not this version's ({FORMAT!r}), so nothing in it could be reused. Use a new store= path, or "
+                "move the old store away; nothing in it is changed."
+            )
         if fmt != FORMAT:
             raise StoreError(f"{self.path} is a Zarr group but not a serimats-func store (format {fmt!r}); "
                              "choose another store= path.")
@@ -89,37 +98,66 @@ class Store:
             return []
         return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
 
-    def _members(self) -> dict[str, tuple[str, int, dict[str, Any]]]:
-        """learner id -> (batch, position in it, resolved configuration); the oldest batch wins."""
-        found: dict[str, tuple[str, int, dict[str, Any]]] = {}
-        for batch in self.batches():
-            attrs = zarr.open_group(self.path / "batches" / batch, mode="r").attrs
-            for position, (learner_id, config) in enumerate(zip(attrs["learner_ids"], attrs["configs"], strict=True)):
-                found.setdefault(learner_id, (batch, position, config))
-        return found
+    def _batch_attrs(self) -> dict[str, dict[str, Any]]:
+        """Attributes of every complete batch, oldest first (cached until the batches change)."""
+        names = self.batches()
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != names:
+            attrs = {b: dict(zarr.open_group(self.path / "batches" / b, mode="r").attrs) for b in names}
+            self._cache = cache = (names, attrs)
+        return cache[1]
 
-    def index(self) -> dict[str, tuple[str, int]]:
-        """learner id -> (batch, position in it), for every learner in the store."""
-        return {i: (batch, position) for i, (batch, position, _) in self._members().items()}
+    def index(self) -> dict[str, list[tuple[str, int]]]:
+        """learner id -> every (batch, position) that holds it, oldest batch first."""
+        found: dict[str, list[tuple[str, int]]] = {}
+        for batch, attrs in self._batch_attrs().items():
+            for position, learner_id in enumerate(attrs["learner_ids"]):
+                found.setdefault(learner_id, []).append((batch, position))
+        return found
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """learner id -> its resolved configuration, for every learner in the store."""
-        return {i: config for i, (_, _, config) in self._members().items()}
+        out: dict[str, dict[str, Any]] = {}
+        for attrs in self._batch_attrs().values():
+            for learner_id, config in zip(attrs["learner_ids"], attrs["configs"], strict=True):
+                out.setdefault(learner_id, config)
+        return out
+
+    def find(self, learner_id: str, steps: Sequence[int], metric_keys: Mapping[str, str | None]) -> tuple[str, int] | None:
+        """The oldest (batch, position) that holds ``learner_id`` at every step of ``steps`` with every metric of
+        ``metric_keys`` (name -> digest of what decides it; None accepts any), or None."""
+        attrs_by_batch = self._batch_attrs()
+        for batch, position in self.index().get(learner_id, []):
+            attrs = attrs_by_batch[batch]
+            stored = attrs.get("metric_keys", {})
+            if not set(steps) <= set(attrs.get("steps", [])):
+                continue
+            if all(name in stored and (key is None or stored[name] == key) for name, key in metric_keys.items()):
+                return batch, position
+        return None
 
     def write(
         self,
         ids: Sequence[str],
         configs: Sequence[Mapping[str, Any]],
-        steps: np.ndarray,
+        steps: Sequence[int],
         metrics: Mapping[str, np.ndarray],
+        per_learner: Mapping[str, np.ndarray] | None = None,
+        metric_keys: Mapping[str, str] | None = None,
+        attrs: Mapping[str, Any] | None = None,
     ) -> str:
-        """Add one batch of learners: ``metrics[name]`` is (len(ids), len(steps))."""
+        """Add one batch of learners: ``metrics[name]`` is (len(ids), len(steps)), ``per_learner[name]``
+        (len(ids),); ``metric_keys`` names what decides each metric (default: its name)."""
         self.create()
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        variables = {k: (("learner", "step"), np.asarray(v, dtype=np.float64)) for k, v in metrics.items()}
+        variables.update({k: (("learner",), np.asarray(v)) for k, v in (per_learner or {}).items()})
         data = xr.Dataset(
-            {k: (("learner", "step"), np.asarray(v, dtype=np.float64)) for k, v in metrics.items()},
+            variables,
             coords={"learner": np.arange(len(ids)), "step": np.asarray(steps, dtype=np.int64)},
-            attrs={"learner_ids": list(ids), "configs": [dict(c) for c in configs]},
+            attrs={"learner_ids": list(ids), "configs": [dict(c) for c in configs], "steps": [int(s) for s in steps],
+                   "metric_keys": dict(metric_keys) if metric_keys is not None else {k: k for k in metrics},
+                   **(attrs or {})},
         )
         pending = self.path / ".pending" / name
         pending.parent.mkdir(exist_ok=True)
@@ -127,26 +165,37 @@ class Store:
         os.rename(pending, self.path / "batches" / name)
         return name
 
-    def read(self, ids: Sequence[str]) -> xr.Dataset:
-        """Metrics of the learners ``ids`` (all must be in the store), dims (learner, step);
-        the learner coordinate holds the ids."""
-        where = self.index()
-        missing = [i for i in ids if i not in where]
-        if missing:
-            raise KeyError(f"{len(missing)} learners are not in {self.path}, e.g. {missing[0]}.")
-        parts = []
-        by_batch: dict[str, list[tuple[str, int]]] = {}
-        for learner_id in dict.fromkeys(ids):
-            batch, position = where[learner_id]
-            by_batch.setdefault(batch, []).append((learner_id, position))
+    def _open(self, batch: str) -> xr.Dataset:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            return xr.open_zarr(self.path / "batches" / batch, consolidated=False)
+
+    def read_found(self, found: Sequence[tuple[Any, tuple[str, int], Sequence[int]]], metrics: Sequence[str]) -> xr.Dataset:
+        """Metrics of learners located by ``find``: ``found`` holds (spec with ``.id``, (batch, position),
+        its steps). Dims (learner, step) over the union of the steps (NaN where a learner has no such
+        step); the learner coordinate holds the ids; per-learner variables (diverged_at) too."""
+        steps = sorted({int(s) for _, _, st in found for s in st})
+        ids = [spec.id for spec, _, _ in found]
+        out = {m: np.full((len(ids), len(steps)), np.nan) for m in metrics}
+        diverged = np.full(len(ids), -1, dtype=np.int64)
+        by_batch: dict[str, list[tuple[int, int, Sequence[int]]]] = {}
+        for row, (_, (batch, position), st) in enumerate(found):
+            by_batch.setdefault(batch, []).append((row, position, st))
+        column = {s: i for i, s in enumerate(steps)}
         for batch, members in by_batch.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=RuntimeWarning)
-                ds = xr.open_zarr(self.path / "batches" / batch, consolidated=False)
-            part = ds.isel(learner=[p for _, p in members]).load()
+            ds = self._open(batch)
+            stored_steps = {int(s): i for i, s in enumerate(ds["step"].values)}
+            positions = [p for _, p, _ in members]
+            for m in metrics:
+                if m not in ds:
+                    continue
+                values = ds[m].isel(learner=positions).values  # (members, stored steps)
+                for k, (row, _, st) in enumerate(members):
+                    for s in st:
+                        out[m][row, column[int(s)]] = values[k, stored_steps[int(s)]]
+            if "diverged_at" in ds:
+                diverged[[r for r, _, _ in members]] = ds["diverged_at"].isel(learner=positions).values
             ds.close()
-            part = part.assign_coords(learner=[i for i, _ in members])
-            part.attrs = {}
-            parts.append(part)
-        merged = parts[0] if len(parts) == 1 else xr.concat(parts, dim="learner", join="outer")
-        return merged.sel(learner=list(ids))
+        variables = {m: (("learner", "step"), v) for m, v in out.items()}
+        variables["diverged_at"] = (("learner",), diverged)
+        return xr.Dataset(variables, coords={"learner": np.array(ids, dtype=object), "step": np.array(steps, dtype=np.int64)})

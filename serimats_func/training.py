@@ -1,6 +1,6 @@
-"""The training loop of one chunk: initial states, batches fed by index, the vmapped step, and
-metrics at the logged steps. No Python control flow depends on a learner's values, and nothing
-is copied to the host until the chunk ends.
+"""The training loop of one chunk: initial states, the chunk's step built from its learners'
+interventions, batches fed by index, and metrics at the logged steps. Nothing in the loop depends on a
+learner's values, and nothing is copied to the host until the chunk ends.
 """
 
 from __future__ import annotations
@@ -10,18 +10,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
-from torch.func import vmap
 
 from . import pytrees
 from .checkpoints import Checkpoints
 from .data import batch_indices, epoch_orders, steps_per_epoch
-from .grid import LearnerSpec
-from .interventions import perturb_weights, perturbation_directions
+from .grid import LearnerSpec, class_name
+from .interventions.base import STEP_HOOKS, Intervention, Numbers
 from .learners import initial_model_state
 from .metrics import DEFAULT_METRICS, MetricFn, vmapped_metrics
 from .optimizers import functional_twin
-from .step import LossFn, evaluate_dataset, make_evaluate, make_train_step
+from .step import Hook, Hooks, LossFn, check_pure, evaluate_dataset, initial_hooks, make_logits, make_train_step
+
+POINTS = {"on_batch": "batch", "on_activations": "activations", "on_gradients": "gradients",
+          "on_hyperparameters": "hyperparameters", "on_params": "params"}
 
 
 @dataclass(frozen=True)
@@ -62,27 +63,110 @@ class TrainingData:
         return steps_per_epoch(len(self.x), self.batch_size)
 
 
-def initial_state(template: nn.Module, specs: Sequence[LearnerSpec], device: torch.device) -> dict:
-    """Stacked initial state of the chunk's learners, built on the CPU (so it is the same on any
-    device), then moved: params, buffers (N, ...), optimizer state and hyperparameters."""
+def _overrides(v: Intervention, name: str) -> bool:
+    return callable(getattr(type(v), name, None))
+
+
+def chunk_hooks(specs: Sequence[LearnerSpec]) -> Hooks:
+    """The hooks of a chunk's step: each class's, at each point it implements, when any learner of the
+    chunk needs them (a class whose learners all leave the step alone is left out of it)."""
+    points: dict[str, list[Hook]] = {"init": [], **{p: [] for p in POINTS.values()}}
+    by_class = _variations_by_class(specs)
+    for name, variations in sorted(by_class.items(), key=lambda kv: (kv[1][0].order, kv[0])):
+        prototype = variations[0]
+        stateful = _stateful(prototype)
+        if _overrides(prototype, "on_init") and any(not v.is_default() for v in variations):
+            points["init"].append(Hook(name, prototype.on_init, False, stateful))
+        if not any(v.active_in_step() for v in variations):
+            continue
+        for hook_name in STEP_HOOKS:
+            if _overrides(prototype, hook_name):
+                module = prototype.values.get("module") if hook_name == "on_activations" else None
+                points[POINTS[hook_name]].append(Hook(name, getattr(prototype, hook_name), prototype.windowed, stateful, module))
+    return Hooks(**{k: tuple(v) for k, v in points.items()})
+
+
+def _stateful(v: Intervention) -> bool:
+    return callable(getattr(type(v), "init_state", None))
+
+
+def _variations_by_class(specs: Sequence[LearnerSpec]) -> dict[str, list[Intervention]]:
+    by_class: dict[str, list[Intervention]] = {}
+    for spec in specs:
+        for v in spec.interventions:
+            by_class.setdefault(class_name(type(v)), []).append(v)
+    return by_class
+
+
+def _tensor(value: object) -> object:
+    """A learner's numbers as tensors: bool, int64 or float64; tuples of numbers as 1-d tensors."""
+    if isinstance(value, dict):
+        return {k: _tensor(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, bool) or (isinstance(value, tuple) and value and all(isinstance(v, bool) for v in value)):
+        return torch.tensor(value, dtype=torch.bool)
+    if isinstance(value, int) or (isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in value)):
+        return torch.tensor(value, dtype=torch.int64)
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def intervention_data(specs: Sequence[LearnerSpec], hooks: Hooks) -> dict:
+    """Per class that has hooks in this chunk: its learners' numbers, keys, activity, windows and state,
+    stacked (N, ...)."""
+    names = {h.name for point in (hooks.init, hooks.batch, hooks.activations, hooks.gradients,
+                                  hooks.hyperparameters, hooks.params) for h in point}
+    by_class = _variations_by_class(specs)
+    out = {}
+    for name in sorted(names):
+        variations = by_class[name]
+        windows = [v.windows() for v in variations]
+        k = max(len(w) for w in windows)
+        padded = [list(w) + [(0, 0)] * (k - len(w)) for w in windows]
+        data = {
+            "n": pytrees.stack([_tensor(v.numbers(s.setup)) for v, s in zip(variations, specs, strict=True)]),
+            "key": torch.tensor([s.keys[name] for s in specs], dtype=torch.int64),
+            "active": torch.tensor([not v.is_default() for v in variations]),
+            "windows": torch.tensor(padded, dtype=torch.int64).reshape(len(specs), k, 2),
+        }
+        if _stateful(variations[0]):
+            data["state"] = pytrees.stack([_init_state(v, s) for v, s in zip(variations, specs, strict=True)])
+        out[name] = data
+    return out
+
+
+def _init_state(v: Intervention, spec: LearnerSpec) -> object:
+    template = spec.setup.template
+    params = {n: p.detach().clone() for n, p in template.named_parameters()}
+    numbers = _tensor(v.numbers(spec.setup))
+    return pytrees.tree_map(lambda t: t.clone(), v.init_state(params, Numbers(numbers)))
+
+
+def initial_state(specs: Sequence[LearnerSpec], hooks: Hooks, device: torch.device) -> dict:
+    """Stacked initial state of the chunk's learners, built on the CPU (so it is the same on any device),
+    then moved: params, buffers (N, ...), interventions' data, optimizer state and hyperparameters."""
+    setup = specs[0].setup
+    template = setup.template
     model = pytrees.stack([initial_model_state(template, s.init_key, s.dropout_key) for s in specs])
-    if any(s.epsilon != 0 for s in specs):
-        directions = pytrees.stack(
-            [perturbation_directions(pytrees.index(model["params"], i), s.perturb_key) for i, s in enumerate(specs)]
-        )
-        epsilon = torch.tensor([s.epsilon for s in specs], dtype=torch.float64)  # (N,)
-        relative = torch.tensor([s.relative for s in specs])  # (N,)
-        model["params"] = vmap(perturb_weights)(model["params"], directions, epsilon, relative)
-    twin = functional_twin(specs[0].optimizer_class, **specs[0].optimizer_values)
+    state = {"params": model["params"], "buffers": model["buffers"], "interventions": intervention_data(specs, hooks)}
+    state = initial_hooks(hooks, state)
+    twin = chunk_optimizer(specs)
+    trainable = setup.trainable_names
     n = len(specs)
-    opt_state = pytrees.stack([twin.init(pytrees.index(model["params"], i)) for i in range(n)])
-    hparams = pytrees.stack([twin.hparams(**s.optimizer_values) for s in specs])
-    state = {"params": model["params"], "buffers": model["buffers"], "opt": opt_state, "hparams": hparams}
+    state["opt"] = pytrees.stack([twin.init({k: pytrees.index(state["params"], i)[k] for k in trainable}) for i in range(n)])
+    state["hparams"] = pytrees.stack([twin.hparams(**s.setup.optimizer_values) for s in specs])
+    state["diverged_at"] = torch.full((n,), -1, dtype=torch.int64)
     return pytrees.to(state, device)
 
 
+def chunk_optimizer(specs: Sequence[LearnerSpec]):
+    setup = specs[0].setup
+    varied = frozenset().union(*(s.setup.varied_hyperparameters for s in specs))
+    return functional_twin(setup.optimizer_class, varied, **setup.optimizer_values)
+
+
 def train_chunk(
-    template: nn.Module,
     specs: Sequence[LearnerSpec],
     data: TrainingData,
     schedule: Schedule,
@@ -91,44 +175,54 @@ def train_chunk(
     on_step: Callable[[int], None] = lambda n: None,
     metrics: Mapping[str, MetricFn] | None = None,
     checkpoints: Checkpoints | None = None,
+    evaluate: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Train one chunk of learners of one structure; returns each metric as (N, len(log_steps)).
-    With ``checkpoints``, resume from the last one and save new ones when due.
+    """Train one chunk of learners of one structure; returns each metric as (N, len(log_steps)), and
+    ``diverged_at`` (N,). With ``checkpoints``, resume from the last one and save new ones when due.
 
-    A lone learner is trained as two identical copies: with a learner axis of 1, torch turns
-    batched matmuls into plain ones whose rounding differs, and a learner must give the same
-    numbers whether it trains alone or in a batch."""
+    A lone learner is trained as two identical copies: with a learner axis of 1, torch turns batched
+    matmuls into plain ones whose rounding differs, and a learner must give the same numbers whether it
+    trains alone or in a batch."""
     n_learners = len(specs)
     specs = list(specs) * 2 if n_learners == 1 else list(specs)
-    twin = functional_twin(specs[0].optimizer_class, **specs[0].optimizer_values)
+    setup = specs[0].setup
+    template = setup.template
+    hooks = chunk_hooks(specs)
+    twin = chunk_optimizer(specs)
     resumed = checkpoints.load(device) if checkpoints is not None else None
-    start, state, records = resumed if resumed else (0, initial_state(template, specs, device), None)
-    params, buffers, opt, hparams = state["params"], state["buffers"], state["opt"], state["hparams"]
+    start, state, records = resumed if resumed else (0, initial_state(specs, hooks, device), None)
 
     data_keys = list(dict.fromkeys(s.data_key for s in specs))
     shared = len(data_keys) == 1
     which_order = torch.tensor([data_keys.index(s.data_key) for s in specs], device=device)  # (N,)
-    step_fn = make_train_step(template, twin, loss_fn, shared_batch=shared)
-    evaluate = make_evaluate(template, loss_fn)
+    step_fn = make_train_step(template, twin, loss_fn, hooks, shared_batch=shared, trainable=setup.trainable_names)
+    logits_fn = make_logits(template)
+    first = batch_indices(epoch_orders(data_keys[:1], 0, len(data.x), device), 0, data.batch_size)[0]
+    xb, yb = data.x[first], data.y[first]
+    check_pure(step_fn, state, xb if shared else xb.expand(len(specs), *xb.shape), yb if shared else
+               yb.expand(len(specs), *yb.shape), hooks)
 
     custom = vmapped_metrics(template, metrics) if metrics else None
-    records = records or {m: [] for m in DEFAULT_METRICS}
+    records = records or {m: [] for m in (DEFAULT_METRICS if evaluate else ())}
     log_steps = set(schedule.log_steps)
 
     def record() -> None:
         template.eval()
-        sets = [("train", data.x, data.y), ("test", data.x_test, data.y_test)]
-        for name, x, y in sets:
-            if x is None:
-                nan = torch.full((len(specs),), float("nan"), dtype=torch.float64, device=device)
-                loss, acc = nan, nan
-            else:
-                loss, acc = evaluate_dataset(evaluate, params, buffers, x, y, data.eval_batch_size)
-            records[f"{name}_loss"].append(loss)
-            records[f"{name}_acc"].append(acc)
+        diverged = state["diverged_at"] >= 0  # (N,): metrics of a diverged learner are NaN from then on
+        values = {}
+        if evaluate:
+            for name, x, y in (("train", data.x, data.y), ("test", data.x_test, data.y_test)):
+                if x is None:
+                    nan = torch.full((len(specs),), float("nan"), dtype=torch.float64, device=device)
+                    loss, acc = nan, nan
+                else:
+                    loss, acc = evaluate_dataset(logits_fn, loss_fn, state["params"], state["buffers"], x, y,
+                                                 data.eval_batch_size)
+                values[f"{name}_loss"], values[f"{name}_acc"] = loss, acc
         if custom is not None:
-            for name, value in custom(params, buffers).items():
-                records.setdefault(name, []).append(value.to(torch.float64))
+            values.update({k: v.to(torch.float64) for k, v in custom(state["params"], state["buffers"]).items()})
+        for name, value in values.items():
+            records.setdefault(name, []).append(torch.where(diverged, torch.nan, value))
         template.train()
 
     template.train()
@@ -147,11 +241,12 @@ def train_chunk(
             else:
                 idx = idx[which_order]  # (N, B)
                 xb, yb = data.x[idx], data.y[idx]  # (N, B, ...)
-            params, buffers, opt, _ = step_fn(params, buffers, opt, hparams, xb, yb)
+            state, _ = step_fn(state, xb, yb, torch.tensor(step, device=device))
             if step + 1 in log_steps:
                 record()
             on_step(n_learners)
             if checkpoints is not None and step + 1 < schedule.total_steps and checkpoints.due(step + 1):
-                state = {"params": params, "buffers": buffers, "opt": opt, "hparams": hparams}
                 checkpoints.save(step + 1, state, records)
-    return {m: torch.stack(v, dim=1)[:n_learners].cpu().numpy() for m, v in records.items()}  # (N, n_log)
+    out = {m: torch.stack(v, dim=1)[:n_learners].cpu().numpy() for m, v in records.items()}  # (N, n_log)
+    out["diverged_at"] = state["diverged_at"][:n_learners].cpu().numpy()  # (N,)
+    return out

@@ -1,4 +1,5 @@
 import gzip
+import itertools
 import struct
 
 import numpy as np
@@ -51,6 +52,41 @@ def small_mnist1d():
 @pytest.fixture
 def store(tmp_path):
     return tmp_path / "runs" / "test.zarr"
+
+
+@pytest.fixture
+def experiment(small_mnist1d, tmp_path):
+    """The tests' one way to build an Experiment: ``experiment(interventions, **settings)`` on the small
+    MNIST-1D split with a 32-unit MLP, 16 steps of batch 32, a fresh store per call, no progress bar. Any
+    Experiment argument overrides these (``model=``, ``data=(train, test)``, ``store=``...)."""
+    from serimats_func import Experiment
+    from serimats_func.models import MLP
+
+    count = itertools.count()
+
+    def build(interventions=(), *, model=None, data=None, **settings):
+        train, test = data if data is not None else small_mnist1d
+        settings = {"steps": 16, "batch_size": 32, "progress": False,
+                    "store": tmp_path / "runs" / f"run{next(count)}.zarr", **settings}
+        model = model if model is not None else MLP(widths=(32,))
+        return Experiment(model, train, list(interventions), test_dataset=test, **settings)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def mnist_digits():
+    """Real MNIST digits when ../shared/data/mnist holds them (the first 8,000 of the test split), else tiny
+    synthetic IDX-like digits: (x (n, 1, 28, 28), y (n,))."""
+    from pathlib import Path
+
+    from serimats_func import datasets
+
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+    if (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").exists():
+        return datasets.mnist(root, train=False).tensors
+    images, labels = tiny_mnist_arrays(512, seed=5)
+    return torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
 @pytest.fixture(autouse=True)

@@ -152,14 +152,14 @@ def test_randomness_outside_nn_dropout_is_refused_before_training(build):
         build(model=FunctionalDropout())
 
 
-def test_an_intervention_class_the_library_cannot_apply_is_refused(build):
+def test_an_intervention_class_that_implements_nothing_is_refused():
     from serimats_func.interventions import Intervention
 
     class Custom(Intervention):
         defaults = {"scale": 1.0}
 
-    with pytest.raises(ValueError, match="Custom is not an intervention serimats_func knows how to apply"):
-        build(interventions=[Custom.make_variations(scale=(0.0, 0.5))])
+    with pytest.raises(TypeError, match="Custom implements no hook, so it would multiply the grid"):
+        Custom.make_variations(scale=(0.0, 0.5))
 
 
 def test_cuda_without_a_gpu_is_refused_at_once(build):

@@ -84,3 +84,68 @@ def test_dropout_masks_depend_on_the_learners_key_not_on_global_rng(small_mnist1
 def test_float64_training_runs_end_to_end(small_mnist1d, tmp_path, dtype):
     ds = run(MLP(widths=(16,)), small_mnist1d, [InitWeights.make_variations(seed=range(2))], tmp_path, "f64", dtype=dtype)
     assert ds.train_loss.isel(step=-1).max() < ds.train_loss.isel(step=0).min()
+
+
+def test_widths_by_batch_sizes_by_init_seeds_is_one_result_and_each_learner_is_itself_alone(experiment):
+    from serimats_func.interventions import BatchSize, Model
+
+    grid = [Model.make_variations(factory=lambda width: MLP(widths=(width,)), width=(8, 16, 32)),
+            BatchSize.make_variations(batch_size=(16, 32)), InitWeights.make_variations(seed=range(5))]
+    together = experiment(grid, steps=12, log_every=4)
+    assert len(together.plan().chunks) == 6  # one group per width and batch size
+    ds = together.run()
+    assert dict(ds.sizes) == {"width": 3, "batch_size": 2, "seed": 5, "step": 4}
+    alone = experiment(grid, steps=12, log_every=4, max_learners_per_chunk=1).run()
+    for metric in METRICS:
+        np.testing.assert_array_equal(ds[metric].values, alone[metric].values)
+    single = experiment([Model(factory=lambda width: MLP(widths=(width,)), width=16), BatchSize(batch_size=16),
+                         InitWeights(seed=3)], steps=12, log_every=4).run()
+    np.testing.assert_array_equal(ds.train_loss.sel(width=16, batch_size=16, seed=3).values, single.train_loss.values)
+    assert len(np.unique(ds.train_loss.isel(step=-1))) == 30
+
+
+def test_a_grid_mixing_every_intervention_gives_each_learner_bitwise_what_it_gets_alone(experiment):
+    from serimats_func.interventions import PerturbActivations, PerturbGradients, PerturbMomentum
+
+    grid = [
+        InitWeights.make_variations(seed=(0, 1)),
+        DataOrder.make_variations(seed=(0, 1)),
+        PerturbWeights.make_variations(epsilon=(0.0, 0.01), at=4),
+        PerturbGradients.make_variations(noise=(0.0, 0.01), when=(2, 6)),
+        PerturbMomentum.make_variations(momentum=(None, 0.5), when=(3, 7)),
+        PerturbActivations.make_variations(module="2", zero=((), (1, 2)), when=(1, 5)),
+    ]
+    together = experiment(grid, steps=10, log_every=1)
+    assert len(together.grid.learners) == 64 and len(together.plan().chunks) == 1
+    ds = together.run()
+    alone = experiment(grid, steps=10, log_every=1, max_learners_per_chunk=1).run()
+    for metric in METRICS:
+        np.testing.assert_array_equal(ds[metric].values, alone[metric].values)
+    assert len(np.unique(ds.train_loss.isel(step=-1))) == 64
+
+
+def test_the_training_step_has_no_branch_on_values_and_no_host_sync(experiment):
+    """The whole step of a chunk mixing every built-in runs on meta tensors, which have shapes but no values:
+    any .item(), float(tensor), `if tensor:`, .cpu() or .numpy() inside it would fail there."""
+    from serimats_func.interventions import PerturbActivations, PerturbGradients, PerturbMomentum
+    from serimats_func.step import make_train_step
+    from serimats_func.training import chunk_hooks, chunk_optimizer, initial_state
+
+    exp = experiment([PerturbWeights.make_variations(epsilon=(0.0, 0.01), at=(0, 4)),
+                      PerturbGradients.make_variations(noise=(0.0, 0.01), when=(2, 6)),
+                      PerturbMomentum.make_variations(momentum=(None, 0.5), when=(3, 7)),
+                      PerturbActivations.make_variations(module="2", zero=((), (1, 2))),
+                      DataOrder.make_variations(seed=(0, 1))], model=MLP(widths=(32,), dropout=0.2))
+    specs = exp.grid.learners
+    hooks = chunk_hooks(specs)
+    assert all(len(getattr(hooks, point)) == 1 for point in ("gradients", "hyperparameters", "activations", "params"))
+    step = make_train_step(specs[0].setup.template, chunk_optimizer(specs), torch.nn.functional.cross_entropy, hooks,
+                           shared_batch=False)
+    meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    from serimats_func import pytrees
+
+    state = pytrees.tree_map(meta, initial_state(specs, hooks, torch.device("cpu")))
+    x, y = torch.empty(len(specs), 32, 40, device="meta"), torch.empty(len(specs), 32, dtype=torch.long, device="meta")
+    new_state, loss = step(state, x, y, torch.zeros((), dtype=torch.int64, device="meta"))
+    assert loss.shape == (len(specs),) and loss.device.type == "meta"
+    assert new_state["params"]["1.weight"].shape == (len(specs), 32, 40)

@@ -6,9 +6,9 @@ import torch
 
 from serimats_func import Experiment
 from serimats_func.interventions import InitWeights, PerturbWeights
-from serimats_func.learners import initial_model_state
 from serimats_func.loggers import Logger, register_metric
 from serimats_func.models import MLP
+from serimats_func.training import chunk_hooks, initial_state
 
 
 class Net(torch.nn.Module):
@@ -40,14 +40,15 @@ def test_the_seeds_custom_logger_records_its_metrics_for_every_learner(small_mni
     exp = Experiment(Net(), train, [InitWeights.make_variations(seed=range(3)), PerturbWeights.make_variations(epsilon=(0, 0.5))],
                      test_dataset=test, steps=6, log_every=3, logger=CustomLogger(), store=tmp_path / "s.zarr", progress=False)
     ds = exp.run()
-    assert list(ds.data_vars) == ["train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "weight_space_distance"]
+    assert list(ds.data_vars) == ["train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "weight_space_distance",
+                                 "diverged_at"]
     assert ds.weight_norm.dims == ("seed", "epsilon", "step")
     # at step 0 the value is the norm of the learner's own initial fc1 weight
-    for spec in exp.grid.learners:
-        if spec.epsilon == 0:
-            w = initial_model_state(exp.template, spec.init_key, spec.dropout_key)["params"]["fc1.weight"]
-            seed = spec.coords["seed"]
-            assert ds.weight_norm.sel(seed=seed, epsilon=0, step=0).item() == pytest.approx(w.norm().item(), rel=1e-6)
+    specs = exp.grid.learners
+    params = initial_state(specs, chunk_hooks(specs), torch.device("cpu"))["params"]["fc1.weight"]
+    for i, spec in enumerate(specs):
+        seed, epsilon = spec.coords["seed"], spec.coords["epsilon"]
+        assert ds.weight_norm.sel(seed=seed, epsilon=epsilon, step=0).item() == pytest.approx(params[i].norm().item(), rel=1e-6)
     # a relative perturbation of 0.5 scales the distance from the unperturbed weights, not the norm itself
     assert not np.allclose(ds.weight_norm.sel(epsilon=0.5, step=0), ds.weight_norm.sel(epsilon=0, step=0))
     assert (ds.weight_norm.sel(step=6) != ds.weight_norm.sel(step=0)).all()  # training moves it

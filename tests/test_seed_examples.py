@@ -5,7 +5,12 @@ import torch
 
 from serimats_func import datasets
 from serimats_func.experiments import Experiment
-from serimats_func.interventions import InitWeightsIntervention, OptimizerIntervention, PerturbWeights
+from serimats_func.interventions import (
+    InitWeightsIntervention,
+    OptimizerIntervention,
+    PerturbMomentumIntervention,
+    PerturbWeights,
+)
 from serimats_func.models import Lenet5
 
 
@@ -67,3 +72,46 @@ def test_second_example_optimizers_and_learning_rates_gives_60_learners(mnist_ro
     assert float(abs(final.sel(optimizer="Adam", lr=0.1) - final.sel(optimizer="SGD", lr=0.001)).mean()) > 0.05
     # different init seeds give different starting losses
     assert len(np.unique(ds.train_loss.sel(step=0, optimizer="SGD", lr=0.01).values)) == 10
+
+
+def test_third_example_momentum_windows_gives_540_learners_and_54_without_init_weights(mnist_digits, tmp_path):
+    """The seed's third example as written (the lambda, the windows), scaled down: 32 MNIST digits, batch 16,
+    3 steps, windows one step long."""
+    x, y = mnist_digits
+    dataset = (x[:32], y[:32])
+    store = tmp_path / "momentum.zarr"
+
+    def third_example(with_init_weights: bool) -> Experiment:
+        interventions = [
+            OptimizerIntervention.make_variations(
+                momentum=(0.9, 0.99, 0.999),
+            ),
+            PerturbMomentumIntervention.make_variations(
+                momentum=lambda m: (m * (1 + epsilon) for epsilon in (0.001, -0.001, 0.01, -0.01, 0.1, -0.1)),
+                when=((0, 1), (1, 2), (2, 3)),
+            ),
+        ]
+        if with_init_weights:
+            interventions.insert(0, InitWeightsIntervention.make_variations(seed=range(10)))
+        return Experiment(model=Lenet5(), dataset=dataset, interventions=interventions, batch_size=16, steps=3,
+                          store=store, progress=False)
+
+    small = third_example(False)
+    assert small.plan().to_train == 54
+    ds = small.run()
+    assert dict(ds.sizes) == {"momentum": 3, "momentum_change": 6, "when": 3, "step": 3}  # 0, epoch end, last
+    assert ds.momentum_change.values.tolist() == [0.001, -0.001, 0.01, -0.01, 0.1, -0.1]
+    assert ds.when.values.tolist() == ["0-1", "1-2", "2-3"]
+    assert ds.train_loss.notnull().all()
+    final = ds.train_loss.isel(step=-1)
+    # momentum at step 0 changes nothing (torch starts the buffer at the gradient); in later windows every change acts
+    assert (final.sel(when="0-1") == final.sel(when="0-1", momentum_change=0.001)).all()
+    assert all(len(np.unique(final.sel(when="1-2", momentum=m))) == 6 for m in (0.9, 0.99, 0.999))
+
+    full = third_example(True)
+    plan = full.plan()
+    assert (plan.in_store, plan.to_train) == (54, 486)  # init seed 0 is the default: those 54 are reused
+    big = full.run()
+    assert dict(big.sizes) == {"seed": 10, "momentum": 3, "momentum_change": 6, "when": 3, "step": 3}
+    assert int(big.train_loss.isel(step=-1).notnull().sum()) == 540
+    np.testing.assert_array_equal(big.train_loss.sel(seed=0).values, ds.train_loss.values)

@@ -41,7 +41,7 @@ def test_a_killed_run_resumes_with_only_the_missing_chunks_and_the_same_numbers(
     def killed_after_two_chunks(*args, **kw):
         if len(calls) == 2:
             raise KeyboardInterrupt("killed")
-        calls.append(len(args[1]))
+        calls.append(len(args[0]))
         return real_train_chunk(*args, **kw)
 
     monkeypatch.setattr("serimats_func.experiments.train_chunk", killed_after_two_chunks)
@@ -125,7 +125,9 @@ def test_stored_batches_carry_each_learners_resolved_configuration(small_mnist1d
     ds = experiment(small_mnist1d, store).run()
     configs = Store(store).configs()
     learner = str(ds.learner.sel(epsilon=0.1, seed=2).values)
-    assert configs[learner]["perturb"] == {"epsilon": 0.1, "seed": 2, "mode": "relative"}
+    assert configs[learner]["interventions"] == {"PerturbWeights": {"epsilon": 0.1, "seed": 2, "mode": "relative", "at": 0,
+                                                                    "layers": None}}
+    assert configs[learner]["coords"] == {"epsilon": 0.1, "seed": 2}
     assert configs[learner]["optimizer"] == {"optimizer": "SGD", "lr": 0.01, "momentum": 0.9, "dampening": 0.0,
                                              "weight_decay": 0.0, "nesterov": False}
     # the stored metrics read back through plain xarray
@@ -136,7 +138,7 @@ def test_stored_batches_carry_each_learners_resolved_configuration(small_mnist1d
 
 def test_a_group_too_large_for_memory_is_split_into_chunks_with_the_same_numbers(small_mnist1d, tmp_path, monkeypatch):
     whole = experiment(small_mnist1d, tmp_path / "whole.zarr")
-    per_learner = whole.plan().bytes_per_learner[("SGD", True, False)]
+    per_learner = next(iter(whole.plan().bytes_per_learner.values()))
     monkeypatch.setattr("serimats_func.planning.memory_budget", lambda device: 4 * per_learner + whole.data_bytes)
     small = experiment(small_mnist1d, tmp_path / "small.zarr")
     assert [len(c.learners) for c in small.plan().chunks] == [4, 4, 1]
@@ -159,6 +161,8 @@ def test_a_run_killed_mid_chunk_resumes_from_its_checkpoint_with_the_same_number
         step = real_make_train_step(*args, **kw)
 
         def counted(*a):
+            if a[1].device.type == "meta":  # the purity check's run on shapes alone
+                return step(*a)
             calls.append(1)
             if len(calls) == 11:
                 raise KeyboardInterrupt("killed")

@@ -1,0 +1,894 @@
+"""Speed benchmark: the same N learners trained three ways -- a serial PyTorch loop, naive torch.func, serimats_func.
+
+For each workload and each N, the three ways train the same N learners for the same S steps on the same device:
+
+- serial: one ``nn.Module`` and one ``torch.optim`` optimizer per learner, the learners one after another; batches
+  are gathered by index from tensors already on the device (no DataLoader). Models and optimizers are built
+  before the clock starts.
+- naive: ``torch.func.stack_module_state`` + ``vmap(grad_and_value(loss of functional_call))`` with the batch
+  shared (``in_dims=None``), and a hand-written in-place update of the same optimizer on the stacked parameters.
+  Serial and naive start each learner from the same seed (``torch.manual_seed(i)``) and see the same batches.
+- ours: ``serimats_func.Experiment(...).run()`` in a fresh temporary store, with
+  ``InitWeights.make_variations(seed=range(N))`` and the whole-dataset evaluation switched off
+  (``Experiment(evaluate=False)`` if the library has it, else ``training.evaluate_dataset`` is replaced by a stub
+  that returns NaN). ``run()`` is timed whole (initial states, steps, store write, read-back); building the
+  ``Experiment`` and a first warm-up ``run()`` (first-call costs) are timed apart.
+
+Workloads:
+
+- ``mlp``: MNIST-1D (4000 train / 1000 test), MLP 40-100-100-10 ReLU, Adam lr=1e-3, batch 100, float32.
+- ``lenet``: LeNet-5 on the first 8,000 images of the MNIST test split read from ``../shared/data/mnist``
+  (relative to the repository root; the remaining 2,000 are the evaluation's test set), SGD lr=0.01
+  momentum=0.9, batch 64, float32. Without that folder: synthetic 1x28x28 data of the same size (said so).
+
+S is chosen per (workload, N) from 3 warm-up steps of each way, so that the slowest way takes about
+``--seconds`` (at least ``--min-steps``). Above ``--max-serial`` learners the serial loop is not run: its time per
+learner-step is extrapolated from the largest N measured (marked ``*``). Printed per cell: microseconds per
+learner-step, learner-steps/s, serial/ours and naive/ours, achieved FLOP/s (one learner's forward+backward
+FLOPs on one batch, counted by ``FlopCounterMode`` -- matmuls and convolutions only -- times learner-steps/s)
+against the device's measured float32 matmul peak, ours' breakdown, the final training losses (last batch),
+the CPU-seconds other processes used (``!`` = contended), then one whole-set evaluation (train and test loss and
+accuracy) of the N learners, serial vs ours. A markdown table for ``benchmarks/README.md`` ends the output.
+
+Usage::
+
+    python benchmarks/speed.py                                      # CPU: N = 1 2 4 ... 128, both workloads
+    python benchmarks/speed.py --workloads mlp --n 1,4 --seconds 0.3
+    python benchmarks/speed.py --device cuda --json gpu.json         # N = 1 8 32 ... 4096; serial up to 128
+    python benchmarks/speed.py --steps 200 --threads 1 --no-eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's package, installed or not
+
+import serimats_func  # noqa: E402
+from serimats_func import Experiment, datasets  # noqa: E402
+from serimats_func import experiments as lib_experiments  # noqa: E402
+from serimats_func import step as lib_step  # noqa: E402
+from serimats_func import training as lib_training  # noqa: E402
+from serimats_func.interventions import InitWeights, Optimizer  # noqa: E402
+from serimats_func.models import MLP, Lenet5  # noqa: E402
+
+CPU_NS = (1, 2, 4, 8, 16, 32, 64, 128)
+CUDA_NS = (1, 8, 32, 128, 512, 1024, 2048, 4096)
+CUDA_MAX_SERIAL = 128
+MAX_STEPS = 100_000
+MNIST_ROOT = REPO / ".." / "shared" / "data" / "mnist"
+LENET_TRAIN, LENET_TOTAL = 8000, 10000
+WAYS = ("serial", "naive", "ours")
+EVALUATE_ARG = "evaluate" in inspect.signature(Experiment).parameters  # Experiment(..., evaluate=False)
+
+
+# ---------------------------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    make_model: Callable[[], nn.Module]
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    optimizer: type
+    hparams: dict
+    batch_size: int
+    note: str = ""
+    classes: int = 10
+
+
+def mlp_workload() -> Workload:
+    train, test = datasets.mnist1d()
+    return Workload("mlp", "MNIST-1D 4000/1000, MLP 40-100-100-10 ReLU, Adam lr=1e-3, batch 100, float32",
+                    lambda: MLP(widths=(100, 100), in_features=40), train.tensors, test.tensors,
+                    torch.optim.Adam, {"lr": 1e-3}, 100)
+
+
+def lenet_workload(root: Path) -> Workload:
+    """MNIST test split: images 0-7999 train, 8000-9999 test; synthetic data of that size without the files."""
+    try:
+        x, y = datasets.mnist(root, train=False).tensors
+        note = f"real MNIST test split from {root.resolve()}"
+    except FileNotFoundError:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(LENET_TOTAL, 1, 28, 28, generator=g), torch.randint(0, 10, (LENET_TOTAL,), generator=g)
+        note = f"SYNTHETIC data (uniform pixels, random labels): no MNIST files in {root.resolve()}"
+    x, y = x[:LENET_TOTAL], y[:LENET_TOTAL]
+    return Workload("lenet", "LeNet-5, MNIST test split 8000 train / 2000 test, SGD lr=0.01 momentum=0.9, "
+                    "batch 64, float32", Lenet5, (x[:LENET_TRAIN], y[:LENET_TRAIN]),
+                    (x[LENET_TRAIN:], y[LENET_TRAIN:]), torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}, 64, note)
+
+
+def load_workload(name: str, mnist_root: Path) -> Workload:
+    if name == "mlp":
+        return mlp_workload()
+    if name == "lenet":
+        return lenet_workload(mnist_root)
+    raise ValueError(f"unknown workload {name!r}; choose from mlp, lenet")
+
+
+def seeded_model(workload: Workload, seed: int, device: torch.device) -> nn.Module:
+    """Learner ``seed``'s model for serial and naive: the same initial weights for both."""
+    torch.manual_seed(seed)
+    return workload.make_model().to(device)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def busy_cpu_seconds() -> tuple[float, float] | None:
+    """(CPU-seconds used by the whole machine, by this process) so far, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    own = os.times()
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+class Clock:
+    """Times a block (device work included) and the CPU-seconds other processes used meanwhile."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.other_cpu_s = device, 0.0, None
+
+    def __enter__(self) -> Clock:
+        sync(self.device)
+        self._cpu = busy_cpu_seconds()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sync(self.device)
+        self.seconds = time.perf_counter() - self._start
+        cpu = busy_cpu_seconds()
+        if cpu and self._cpu:
+            self.other_cpu_s = max(0.0, (cpu[0] - self._cpu[0]) - (cpu[1] - self._cpu[1]))
+
+
+def contended(other_cpu_s: float | None, seconds: float) -> bool:
+    """Other processes took more than 5% of one core (and over 0.05 CPU-seconds) during a measurement."""
+    return other_cpu_s is not None and other_cpu_s > max(0.05, 0.05 * seconds)
+
+
+def min_step_seconds(step: Callable[[int], object], steps: int, device: torch.device) -> float:
+    """Run ``step(0..steps-1)``, each timed alone; the fastest after the first (first-call costs)."""
+    times = []
+    for i in range(steps):
+        with Clock(device) as clock:
+            step(i)
+        times.append(clock.seconds)
+    return min(times[1:] or times)
+
+
+def timed(fn: Callable, device: torch.device, into: dict, key: str) -> Callable:
+    """``fn`` whose calls' wall time (synchronized) is added to ``into[key]``."""
+
+    def wrapper(*args, **kwargs):
+        with Clock(device) as clock:
+            out = fn(*args, **kwargs)
+        into[key] = into.get(key, 0.0) + clock.seconds
+        return out
+
+    return wrapper
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def guarded(fn: Callable, *args) -> tuple[object, str | None]:
+    """``(fn(*args), None)``, or ``(None, "out of memory")`` when the device runs out of memory."""
+    try:
+        return fn(*args), None
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None, "out of memory"
+
+
+# ---------------------------------------------------------------------------------------------- the machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "serimats_func": getattr(serimats_func, "__version__", "?"),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None,
+    }
+
+
+def matmul_peak(device: torch.device, reps: int = 5) -> dict:
+    """Best of ``reps`` float32 square matmuls (4096 on a GPU, 1024 on a CPU), as FLOP/s."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # first call: kernel selection, allocation
+    with Clock(device) as clock:
+        best = min(min_step_seconds(lambda _: a @ b, 2, device) for _ in range(reps))
+    return {"size": n, "seconds": best, "flop_per_s": 2 * n**3 / best, "other_cpu_s": clock.other_cpu_s,
+            "contended": contended(clock.other_cpu_s, clock.seconds)}
+
+
+def flops_per_learner_step(workload: Workload) -> int:
+    """FLOPs (matmuls, convolutions) of one learner's forward+backward on one batch."""
+    model = workload.make_model()
+    x, y = workload.train[0][: workload.batch_size], workload.train[1][: workload.batch_size]
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------- serial and naive
+
+
+class Batches:
+    """The data order of serial and naive: one permutation per epoch, on the device before timing;
+    ``batches(step)`` is a view of it."""
+
+    def __init__(self, n_examples: int, batch_size: int, steps: int, device: torch.device, seed: int = 0):
+        self.batch_size, self.per_epoch = batch_size, math.ceil(n_examples / batch_size)
+        g = torch.Generator().manual_seed(seed)
+        epochs = math.ceil(steps / self.per_epoch)
+        self.orders = torch.stack([torch.randperm(n_examples, generator=g) for _ in range(epochs)]).to(device)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.per_epoch)
+        return self.orders[epoch, position * self.batch_size : (position + 1) * self.batch_size]
+
+
+def serial_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+class Serial:
+    """One nn.Module and one torch.optim optimizer per learner, trained one after another."""
+
+    def __init__(self, workload: Workload, n: int, data: tuple, device: torch.device):
+        self.workload, self.n, self.data, self.device = workload, n, data, device
+
+    def _learner(self, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = seeded_model(self.workload, seed, self.device)
+        return model, self.workload.optimizer(model.parameters(), **self.workload.hparams)
+
+    def warmup(self, steps: int, batches: Batches) -> float:
+        """Seconds of one learner-step, from a throwaway learner."""
+        model, optimizer = self._learner(0)
+        x, y = self.data
+        return min_step_seconds(lambda i: serial_step(model, optimizer, x[batches(i)], y[batches(i)]), steps, self.device)
+
+    def timed(self, steps: int, batches: Batches) -> dict:
+        learners = [self._learner(seed) for seed in range(self.n)]  # built before the clock starts
+        x, y = self.data
+        losses = []
+        with Clock(self.device) as clock:
+            for model, optimizer in learners:
+                for step in range(steps):
+                    loss = serial_step(model, optimizer, x[batches(step)], y[batches(step)])
+                losses.append(loss.detach())
+        return {"seconds": clock.seconds, "other_cpu_s": clock.other_cpu_s, "losses": torch.stack(losses).cpu()}
+
+
+class NaiveAdam:
+    """torch.optim.Adam's single-tensor arithmetic, in place on stacked (N, ...) parameters."""
+
+    def __init__(self, params: dict, lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    @torch.no_grad()
+    def __call__(self, grads: dict) -> None:
+        self.t += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1**self.t)
+        bias_correction2_sqrt = math.sqrt(1 - beta2**self.t)
+        for k, p in self.params.items():
+            g = grads[k]
+            self.exp_avg[k].lerp_(g, 1 - beta1)
+            self.exp_avg_sq[k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (self.exp_avg_sq[k].sqrt() / bias_correction2_sqrt).add_(self.eps)
+            p.addcdiv_(self.exp_avg[k], denom, value=-step_size)
+
+
+class NaiveSGD:
+    """torch.optim.SGD with momentum (no dampening, weight decay or nesterov), in place on stacked parameters."""
+
+    def __init__(self, params: dict, lr: float, momentum: float = 0.0):
+        self.params, self.lr, self.momentum, self.buffers = params, lr, momentum, {}
+
+    @torch.no_grad()
+    def __call__(self, grads: dict) -> None:
+        for k, p in self.params.items():
+            g = grads[k]
+            if self.momentum:
+                if k not in self.buffers:
+                    self.buffers[k] = g.clone()
+                else:
+                    self.buffers[k].mul_(self.momentum).add_(g)
+                g = self.buffers[k]
+            p.add_(g, alpha=-self.lr)
+
+
+def naive_optimizer(workload: Workload, params: dict) -> Callable[[dict], None]:
+    if workload.optimizer is torch.optim.Adam:
+        return NaiveAdam(params, **workload.hparams)
+    if workload.optimizer is torch.optim.SGD:
+        return NaiveSGD(params, **workload.hparams)
+    raise ValueError(f"no hand-written update for {workload.optimizer.__name__}")
+
+
+class Naive:
+    """N learners stacked with stack_module_state; vmap(grad_and_value(...)) over a shared batch."""
+
+    def __init__(self, workload: Workload, n: int, data: tuple, device: torch.device):
+        self.workload, self.n, self.data, self.device = workload, n, data, device
+
+    def _build(self) -> None:
+        models = [seeded_model(self.workload, seed, self.device) for seed in range(self.n)]
+        params, self.buffers = stack_module_state(models)
+        self.params = {k: v.detach() for k, v in params.items()}
+        base = copy.deepcopy(models[0]).to("meta")
+
+        def loss_of(p: dict, b: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
+
+        self.grad_fn = vmap(grad_and_value(loss_of), in_dims=(0, 0, None, None))
+        self.update = naive_optimizer(self.workload, self.params)
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        grads, losses = self.grad_fn(self.params, self.buffers, self.data[0][idx], self.data[1][idx])
+        self.update(grads)
+        return losses
+
+    def warmup(self, steps: int, batches: Batches) -> float:
+        """Seconds of one step of all N learners (the learners are rebuilt for the timed run)."""
+        self._build()
+        return min_step_seconds(lambda i: self.step(batches(i)), steps, self.device)
+
+    def timed(self, steps: int, batches: Batches) -> dict:
+        self._build()
+        with Clock(self.device) as clock:
+            for step in range(steps):
+                losses = self.step(batches(step))
+        del self.params, self.buffers, self.grad_fn, self.update
+        return {"seconds": clock.seconds, "other_cpu_s": clock.other_cpu_s, "losses": losses.cpu()}
+
+
+# ---------------------------------------------------------------------------------------------- ours
+# Everything that reaches into serimats_func's internals is in this section (ADAPTERS), so that it is easy to
+# update when they change: evaluation off, the step probe, the breakdown of run(), the compile-time hook and
+# the whole-set evaluation.
+
+
+def nan_evaluation(evaluate, params, buffers, x, y, batch_size):
+    """Stand-in for ``training.evaluate_dataset`` while the library has no ``evaluate=False``."""
+    leaf = next(iter(params.values()))
+    nan = torch.full((leaf.shape[0],), float("nan"), dtype=torch.float64, device=leaf.device)
+    return nan, nan.clone()
+
+
+class StepProbe:
+    """Wraps ``training.make_train_step``: keeps each chunk's last step output (for the final losses) and,
+    with ``time_steps``, the (synchronized) time at which each step ended."""
+
+    def __init__(self, device: torch.device, time_steps: bool = False):
+        self.device, self.time_steps = device, time_steps
+        self.last: list = []  # per chunk: (params, buffers, opt, loss) of its last step
+        self.step_ends: list[float] = []
+
+    def wrap(self, make_train_step: Callable) -> Callable:
+        def make(*args, **kwargs):
+            step_fn, slot = make_train_step(*args, **kwargs), len(self.last)
+            self.last.append(None)
+
+            def probed(*step_args):
+                self.last[slot] = out = step_fn(*step_args)
+                if self.time_steps:
+                    sync(self.device)
+                    self.step_ends.append(time.perf_counter())
+                return out
+
+            return probed
+
+        return make
+
+    def losses(self, n: int) -> torch.Tensor | None:
+        """The last step's loss of the first ``n`` learners (a lone learner is trained as two copies)."""
+        if not self.last or any(out is None for out in self.last):
+            return None
+        return torch.cat([out[-1].detach().cpu() for out in self.last])[:n]
+
+
+@contextmanager
+def patched(patches: list[tuple[object, str, object]]) -> Iterator[None]:
+    """Set ``setattr(owner, name, value)`` for each patch, and put the originals back afterwards."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(originals):
+            setattr(owner, name, value)
+
+
+def library_patches(probe: StepProbe, times: dict, device: torch.device) -> list[tuple[object, str, object]]:
+    """ADAPTER: evaluation off (if needed), the step probe, and timers around the chunk's training and its
+    initial state; a name the library no longer has is skipped (that part of the breakdown is then missing)."""
+    patches = []
+    if not EVALUATE_ARG and hasattr(lib_training, "evaluate_dataset"):
+        patches.append((lib_training, "evaluate_dataset", nan_evaluation))
+    if hasattr(lib_training, "make_train_step"):
+        patches.append((lib_training, "make_train_step", probe.wrap(lib_training.make_train_step)))
+    if hasattr(lib_training, "initial_state"):
+        patches.append((lib_training, "initial_state", timed(lib_training.initial_state, device, times, "initial_state")))
+    if hasattr(lib_experiments, "train_chunk"):
+        patches.append((lib_experiments, "train_chunk", timed(lib_experiments.train_chunk, device, times, "train_chunk")))
+    return patches
+
+
+def evaluation_switch() -> str:
+    if EVALUATE_ARG:
+        return "Experiment(evaluate=False)"
+    return "monkeypatched serimats_func.training.evaluate_dataset (returns NaN; the library has no evaluate= yet)"
+
+
+def library_compile_seconds(exp: Experiment, ds: object) -> float | None:
+    """>>> COMPILE-TIME HOOK <<< The library reports no compile time today. When it does (an attribute of the
+    Experiment, or a timing in the returned dataset's attrs), read it here: it is printed apart from run()."""
+    for value in (getattr(exp, "compile_seconds", None), getattr(exp, "compile_s", None),
+                  getattr(ds, "attrs", {}).get("compile_seconds"), getattr(ds, "attrs", {}).get("compile_s")):
+        if value is not None:
+            return float(value)
+    return None
+
+
+def make_experiment(workload: Workload, n: int, steps: int, device: torch.device, store: Path) -> Experiment:
+    extra = {"evaluate": False} if EVALUATE_ARG else {}
+    return Experiment(
+        model=workload.make_model(), dataset=workload.train, test_dataset=workload.test,
+        interventions=[InitWeights.make_variations(seed=range(n))],
+        optimizer=Optimizer(workload.optimizer, **workload.hparams),
+        batch_size=workload.batch_size, steps=steps, device=device, store=store, progress=False, **extra,
+    )
+
+
+def run_experiment(workload: Workload, n: int, steps: int, device: torch.device, time_steps: bool = False) -> dict:
+    """Build an Experiment in a fresh temporary store and run it, instrumented; times and the final losses."""
+    times: dict[str, float] = {}
+    probe = StepProbe(device, time_steps)
+    with tempfile.TemporaryDirectory(prefix="serimats-speed-") as tmp:
+        with Clock(device) as build:
+            exp = make_experiment(workload, n, steps, device, Path(tmp) / "speed.zarr")
+        chunks = len(exp.plan().chunks)  # before run(): afterwards every learner is in the store
+        exp.store.write = timed(exp.store.write, device, times, "store_write")
+        exp.store.read = timed(exp.store.read, device, times, "store_read")
+        with patched(library_patches(probe, times, device)), Clock(device) as run:
+            ds = exp.run()
+    result = {"seconds": run.seconds, "other_cpu_s": run.other_cpu_s, "build_s": build.seconds, "chunks": chunks,
+              "breakdown": times, "compile_s": library_compile_seconds(exp, ds), "losses": probe.losses(n)}
+    if time_steps:
+        result["step_s"] = _step_seconds(probe.step_ends) * max(chunks, 1)
+    return result
+
+
+def _step_seconds(step_ends: list[float]) -> float:
+    gaps = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)]
+    return min(gaps) if gaps else math.inf
+
+
+class Ours:
+    """serimats_func.Experiment(...).run(): a warm-up run, then the timed run in a fresh store."""
+
+    def __init__(self, workload: Workload, n: int, data: tuple, device: torch.device):
+        self.workload, self.n, self.device = workload, n, device
+
+    def warmup(self, steps: int, batches: Batches) -> float:
+        """Seconds of one step of all N learners, from a warm-up run() of ``steps`` steps."""
+        self.warm = run_experiment(self.workload, self.n, steps, self.device, time_steps=True)
+        self.warm["steps"] = steps
+        return self.warm["step_s"]
+
+    def timed(self, steps: int, batches: Batches) -> dict:
+        result = run_experiment(self.workload, self.n, steps, self.device)
+        result["warmup_s"], result["warmup_steps"] = self.warm["seconds"], self.warm["steps"]
+        return result
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_module(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(loss sum, correct) over all of (x, y), left on the device."""
+    total = torch.zeros(2, dtype=torch.float64, device=x.device)
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start : start + batch_size])
+        yb = y[start : start + batch_size]
+        total[0] += F.cross_entropy(logits, yb, reduction="sum").double()
+        total[1] += (logits.argmax(-1) == yb).sum()
+    return total
+
+
+def serial_evaluation(workload: Workload, n: int, sets: list, batch_size: int, device: torch.device) -> Clock:
+    """Time one whole-set evaluation (train and test) of N models, one after another."""
+    models = [seeded_model(workload, seed, device).eval() for seed in range(n)]
+    evaluate_module(models[0], sets[0][0][:batch_size], sets[0][1][:batch_size], batch_size)  # warm-up
+    with Clock(device) as clock:
+        results = [evaluate_module(m, x, y, batch_size) for m in models for x, y in sets]
+        torch.stack(results).cpu()
+    return clock
+
+
+def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int | None], object]:
+    """ADAPTER to the library's whole-set evaluation of stacked learners (``training.initial_state``,
+    ``step.make_evaluate`` and ``step.evaluate_dataset`` today), chunk by chunk of the library's plan. Returns
+    ``evaluate(limit)``: train and test loss and accuracy of every learner, on the first ``limit`` examples of
+    each set (all if None)."""
+    states = [lib_training.initial_state(exp.template, chunk.learners, device) for chunk in exp.plan().chunks]
+    evaluate = lib_step.make_evaluate(exp.template, exp.loss)
+    sets = [(exp.x.to(device), exp.y.to(device)), (exp.x_test.to(device), exp.y_test.to(device))]
+
+    def run(limit: int | None = None) -> list:
+        exp.template.eval()
+        try:
+            return [lib_step.evaluate_dataset(evaluate, state["params"], state["buffers"], x[:limit], y[:limit],
+                                              exp.eval_batch_size) for state in states for x, y in sets]
+        finally:
+            exp.template.train()
+
+    return run
+
+
+def ours_evaluation(workload: Workload, n: int, device: torch.device) -> tuple[Clock, int]:
+    """Time one whole-set evaluation of the N learners by the library; also returns its eval batch size."""
+    with tempfile.TemporaryDirectory(prefix="serimats-speed-") as tmp:
+        exp = make_experiment(workload, n, 1, device, Path(tmp) / "eval.zarr")
+        evaluate = library_evaluation(exp, device)
+        evaluate(exp.eval_batch_size)  # warm-up on one batch
+        with Clock(device) as clock:
+            results = evaluate()
+            [t.cpu() for pair in results for t in pair]
+    return clock, exp.eval_batch_size
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+
+
+@dataclass
+class Context:
+    device: torch.device
+    args: argparse.Namespace
+    max_serial: float
+    peak: float
+    serial_reference: dict = field(default_factory=dict)  # workload -> (N, seconds per learner-step)
+    serial_eval_reference: dict = field(default_factory=dict)  # workload -> (N, seconds per learner)
+
+
+def choose_steps(n: int, estimates: dict, args: argparse.Namespace) -> int:
+    """Steps so that the slowest way takes about ``--seconds`` (``estimates``: seconds per step of all N)."""
+    if args.steps:
+        return args.steps
+    finite = [t for t in estimates.values() if t and math.isfinite(t)]
+    if not finite:
+        return args.min_steps
+    return max(args.min_steps, min(MAX_STEPS, round(args.seconds / max(finite))))
+
+
+def make_ways(workload: Workload, n: int, data: tuple, ctx: Context) -> dict:
+    classes = {"serial": Serial, "naive": Naive, "ours": Ours}
+    return {name: cls(workload, n, data, ctx.device) for name, cls in classes.items()
+            if name != "serial" or n <= ctx.max_serial}
+
+
+def warm_up(ways: dict, n: int, workload: Workload, data: tuple, ctx: Context) -> tuple[dict, dict]:
+    """Warm-up steps of each way: estimates of one step of all N learners (seconds), and errors."""
+    batches = Batches(len(data[0]), workload.batch_size, ctx.args.warmup_steps, ctx.device, seed=1)
+    estimates, errors = {}, {}
+    for name, way in ways.items():
+        estimate, errors[name] = guarded(way.warmup, ctx.args.warmup_steps, batches)
+        if estimate is not None:
+            estimates[name] = estimate * (n if name == "serial" else 1)
+    return estimates, errors
+
+
+def per_learner_step(result: dict, n: int, steps: int) -> dict:
+    seconds_per = result["seconds"] / (n * steps)
+    return {"us": seconds_per * 1e6, "per_s": 1 / seconds_per,
+            "contended": contended(result.get("other_cpu_s"), result["seconds"])}
+
+
+def extrapolated_serial(workload: Workload, n: int, ctx: Context) -> dict | None:
+    reference = ctx.serial_reference.get(workload.name)
+    if reference is None:
+        return None
+    ref_n, seconds_per = reference
+    return {"us": seconds_per * 1e6, "per_s": 1 / seconds_per, "extrapolated_from_n": ref_n, "contended": False}
+
+
+def measure_training(workload: Workload, n: int, data: tuple, ctx: Context) -> dict:
+    """Warm up, choose S, time the three ways; per-way results with µs per learner-step."""
+    ways = make_ways(workload, n, data, ctx)
+    estimates, errors = warm_up(ways, n, workload, data, ctx)
+    steps = choose_steps(n, estimates, ctx.args)
+    batches = Batches(len(data[0]), workload.batch_size, steps, ctx.device)
+    results = {}
+    for name, way in ways.items():
+        result, error = (None, errors[name]) if errors[name] else guarded(way.timed, steps, batches)
+        results[name] = {"error": error} if result is None else {**result, **per_learner_step(result, n, steps)}
+    if "serial" in ways and "us" in results["serial"]:
+        ctx.serial_reference[workload.name] = (n, results["serial"]["us"] / 1e6)
+    elif "serial" not in ways:
+        results["serial"] = extrapolated_serial(workload, n, ctx) or {"error": "not run"}
+    return {"steps": steps, "estimates_s": estimates, "ways": {name: results[name] for name in WAYS}}
+
+
+def measure_evaluation(workload: Workload, n: int, sets: list, ctx: Context) -> dict:
+    """One whole-set evaluation of N learners: serial (or extrapolated above --max-serial) vs ours."""
+    ours, error = guarded(ours_evaluation, workload, n, ctx.device)
+    if ours is None:
+        return {"error": error}
+    clock, batch_size = ours
+    out = {"batch_size": batch_size, "ours_s": clock.seconds, "ours_other_cpu_s": clock.other_cpu_s}
+    if n <= ctx.max_serial:
+        serial = serial_evaluation(workload, n, sets, batch_size, ctx.device)
+        out.update(serial_s=serial.seconds, serial_other_cpu_s=serial.other_cpu_s)
+        ctx.serial_eval_reference[workload.name] = (n, serial.seconds / n)
+    elif workload.name in ctx.serial_eval_reference:
+        ref_n, per_learner = ctx.serial_eval_reference[workload.name]
+        out.update(serial_s=per_learner * n, serial_extrapolated_from_n=ref_n)
+    return out
+
+
+def loss_summary(results: dict, classes: int) -> dict:
+    """Mean final (last-batch) loss per way, plausibility, and serial vs naive agreement per learner."""
+    losses = {name: r.get("losses") for name, r in results.items() if r.get("losses") is not None}
+    means = {name: float(v.double().mean()) for name, v in losses.items()}
+    plausible = all(bool(torch.isfinite(v).all()) and float(v.max()) < 2 * math.log(classes) for v in losses.values())
+    out = {"mean": means, "plausible": plausible and len(losses) > 0}
+    if "serial" in losses and "naive" in losses:
+        out["serial_vs_naive_max_abs_diff"] = float((losses["serial"] - losses["naive"]).abs().max())
+    return out
+
+
+def measure_cell(workload: Workload, n: int, data: tuple, sets: list, ctx: Context) -> dict:
+    cell = {"workload": workload.name, "n": n, **measure_training(workload, n, data, ctx)}
+    cell["loss"] = loss_summary(cell["ways"], workload.classes)
+    if not ctx.args.no_eval:
+        cell["evaluation"] = measure_evaluation(workload, n, sets, ctx)
+    return cell
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def ratio(a: dict, b: dict) -> float | None:
+    return a["us"] / b["us"] if "us" in a and "us" in b else None
+
+
+def fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def way_line(name: str, r: dict, flops: int, ctx: Context) -> str:
+    if "us" not in r:
+        return f"  {name:<7} {r.get('error', 'n/a')}"
+    mark = "*" if "extrapolated_from_n" in r else " "
+    achieved = flops * r["per_s"]
+    seconds = f"{r['seconds']:8.2f}" if "seconds" in r else f"{'-':>8}"
+    other = r.get("other_cpu_s")
+    flag = "!" if r["contended"] else " "
+    return (f"  {name:<7} {r['us']:>11.1f}{mark} {r['per_s']:>13.0f} {achieved / 1e9:>9.2f} {100 * achieved / ctx.peak:>7.2f}%"
+            f" {seconds} {fmt(other, '8.2f', '       -')}{flag}")
+
+
+def ours_line(r: dict) -> str:
+    if "seconds" not in r:
+        return "  ours: -"
+    b = r["breakdown"]
+    parts = [f"train_chunk {b['train_chunk']:.3f} s (initial state {b.get('initial_state', 0):.3f} s)"
+             if "train_chunk" in b else None,
+             f"store write {b['store_write']:.3f} s" if "store_write" in b else None,
+             f"read-back {b['store_read']:.3f} s" if "store_read" in b else None]
+    rest = r["seconds"] - sum(b.get(k, 0.0) for k in ("train_chunk", "store_write", "store_read"))
+    compile_s = "not reported by the library" if r["compile_s"] is None else f"{r['compile_s']:.3f} s"
+    return (f"  ours: Experiment() {r['build_s']:.3f} s; warm-up run() {r['warmup_s']:.3f} s; timed run() "
+            f"{r['seconds']:.3f} s = {' + '.join(p for p in parts if p)} + other {rest:.3f} s; "
+            f"{r['chunks']} chunk(s); compile: {compile_s}")
+
+
+def loss_line(loss: dict) -> str:
+    means = ", ".join(f"{k} {v:.4f}" for k, v in loss["mean"].items())
+    agreement = loss.get("serial_vs_naive_max_abs_diff")
+    tail = f"; serial vs naive, max |diff| per learner {agreement:.2e}" if agreement is not None else ""
+    return f"  final training loss (last batch, mean over learners): {means} [{'ok' if loss['plausible'] else 'CHECK'}]{tail}"
+
+
+def eval_line(ev: dict) -> str:
+    if "ours_s" not in ev:
+        return f"  evaluation: ours {ev.get('error')}"
+    serial = ev.get("serial_s")
+    mark = f"* (extrapolated from N={ev['serial_extrapolated_from_n']})" if "serial_extrapolated_from_n" in ev else ""
+    speedup = f" (serial/ours {serial / ev['ours_s']:.2f}x)" if serial else ""
+    flag = "!" if contended(ev.get("ours_other_cpu_s"), ev["ours_s"]) or contended(
+        ev.get("serial_other_cpu_s"), ev.get("serial_s") or 0) else ""
+    return (f"  evaluation, train+test loss and accuracy (eval batch {ev['batch_size']}): serial "
+            f"{fmt(serial, '.3f')} s{mark}, ours {ev['ours_s']:.3f} s{speedup}{flag}")
+
+
+def print_cell(cell: dict, flops: int, ctx: Context) -> None:
+    print(f"\n{cell['workload']} N={cell['n']}: {cell['steps']} steps each"
+          + ("  (ours trains a lone learner as 2 copies)" if cell["n"] == 1 else ""))
+    print(f"  {'way':<7} {'µs/l-step':>12} {'l-steps/s':>13} {'GFLOP/s':>9} {'%peak':>8} {'seconds':>8} {'other CPU-s':>9}")
+    ways = cell["ways"]
+    for name in WAYS:
+        print(way_line(name, ways.get(name, {"error": "n/a"}), flops, ctx))
+    print(f"  serial/ours {fmt(ratio(ways['serial'], ways['ours']), '.2f')}x   "
+          f"naive/ours {fmt(ratio(ways['naive'], ways['ours']), '.2f')}x")
+    print(ours_line(ways["ours"]))
+    print(loss_line(cell["loss"]))
+    if "evaluation" in cell:
+        print(eval_line(cell["evaluation"]))
+
+
+def print_header(env: dict, peak: dict, ctx: Context) -> None:
+    print(f"device: {env['device']} ({env['device_name']}); CPU {env['cpu']}, {env['cores']} cores "
+          f"({env['cores_usable']} usable); torch {env['torch']}, Python {env['python']}, serimats_func "
+          f"{env['serimats_func']}; {env['threads']} threads ({env['interop_threads']} inter-op); {env['date']}")
+    print(f"float32 matmul peak: {peak['flop_per_s'] / 1e9:.1f} GFLOP/s ({peak['size']}x{peak['size']}, best of 5)"
+          + (" ! (contended: the % of peak below is off)" if peak["contended"] else "")
+          + (f"; TF32 matmul {'on' if env['tf32_matmul'] else 'off'}" if env["tf32_matmul"] is not None else ""))
+    print(f"ours: evaluation off by {evaluation_switch()}")
+    serial_note = "all N" if math.isinf(ctx.max_serial) else f"N <= {ctx.max_serial:g}, extrapolated above (*)"
+    print(f"serial loop: {serial_note}; '!' = other processes used > 5% of a core during that measurement")
+
+
+def markdown_table(cells: list[dict], ctx: Context) -> str:
+    rows = ["| workload | N | serial µs | naive µs | ours µs | serial/ours | naive/ours | ours learner-steps/s | "
+            "ours % of matmul peak |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for cell in cells:
+        w = cell["ways"]
+        serial = fmt(w["serial"].get("us"), ".1f") + ("*" if "extrapolated_from_n" in w["serial"] else "")
+        ours = w["ours"]
+        peak = fmt(100 * cell["flops"] * ours["per_s"] / ctx.peak if "per_s" in ours else None, ".2f")
+        rows.append(f"| {cell['workload']} | {cell['n']} | {serial} | {fmt(w['naive'].get('us'), '.1f')} | "
+                    f"{fmt(ours.get('us'), '.1f')} | {fmt(ratio(w['serial'], ours), '.2f')} | "
+                    f"{fmt(ratio(w['naive'], ours), '.2f')} | {fmt(ours.get('per_s'), '.0f')} | {peak} |")
+    return "\n".join(rows)
+
+
+def jsonable(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workloads", default="mlp,lenet", help="comma-separated: mlp, lenet")
+    p.add_argument("--n", help="comma-separated learner counts (default: 1..128 on a CPU, 1..4096 on CUDA)")
+    p.add_argument("--steps", type=int, help="fixed steps per cell (default: chosen from --seconds)")
+    p.add_argument("--seconds", type=float, default=2.0, help="target seconds of the slowest way per cell")
+    p.add_argument("--min-steps", type=int, default=5)
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--max-serial", type=int, help=f"largest N the serial loop runs (default: all on a CPU, "
+                                                   f"{CUDA_MAX_SERIAL} on CUDA); extrapolated above")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--no-eval", action="store_true", help="skip the whole-set evaluation timing")
+    p.add_argument("--mnist-root", type=Path, default=MNIST_ROOT)
+    p.add_argument("--json", type=Path, help="also write everything to this JSON file")
+    args = p.parse_args(argv)
+    if min(args.steps or 1, args.min_steps, args.warmup_steps) < 1 or args.seconds <= 0:
+        p.error("--steps, --min-steps, --warmup-steps and --seconds must be positive")
+    return args
+
+
+def learner_counts(args: argparse.Namespace, device: torch.device) -> list[int]:
+    if args.n:
+        return sorted({int(v) for v in args.n.split(",")})
+    return list(CUDA_NS if device.type == "cuda" else CPU_NS)
+
+
+def run_workload(name: str, ns: list[int], ctx: Context) -> list[dict]:
+    workload = load_workload(name, ctx.args.mnist_root)
+    flops = flops_per_learner_step(workload)
+    print(f"\n== {workload.name}: {workload.description}; one learner-step = {flops / 1e6:.2f} MFLOP "
+          f"(forward+backward, matmuls and convolutions)" + (f"\n   data: {workload.note}" if workload.note else ""))
+    data = tuple(t.to(ctx.device) for t in workload.train)
+    sets = [data, tuple(t.to(ctx.device) for t in workload.test)]
+    cells = []
+    for n in ns:
+        cell = {**measure_cell(workload, n, data, sets, ctx), "flops": flops}
+        print_cell(cell, flops, ctx)
+        cells.append(cell)
+    return cells
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default_max = CUDA_MAX_SERIAL if device.type == "cuda" else math.inf
+    max_serial = args.max_serial if args.max_serial is not None else default_max
+    env, peak = environment(device), matmul_peak(device)
+    ctx = Context(device, args, max_serial, peak["flop_per_s"])
+    print_header(env, peak, ctx)
+    cells = [c for name in args.workloads.split(",") for c in run_workload(name.strip(), learner_counts(args, device), ctx)]
+    table = markdown_table(cells, ctx)
+    print("\n" + table)
+    result = {"environment": env, "matmul_peak": peak, "evaluation_off_by": evaluation_switch(),
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "cells": cells,
+              "markdown": table}
+    if args.json:
+        args.json.write_text(json.dumps(jsonable(result), indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""The intervention protocol: axes, variations, and pure functions at named points of a step.
+
+An ``Intervention`` subclass declares its **axes** (names and default values) and implements one or
+more **hooks**, pure functions that the library composes into the training step:
+
+=====================  =====================================================  ===========================
+hook                   called with                                            returns
+=====================  =====================================================  ===========================
+``on_init``            ``state`` = {"params", "buffers"} of the new learner   the new ``state``
+``on_batch``           ``(x, y)`` of this step                                ``(x, y)``
+``on_activations``     the output of the submodule named by axis ``module``   the new output
+``on_gradients``       ``grads`` (name -> tensor) before the optimizer        the new ``grads``
+``on_hyperparameters`` ``h`` (name -> float64 scalar) for this step           the new ``h``
+``on_params``          ``params`` after the optimizer's update                the new ``params``
+=====================  =====================================================  ===========================
+
+Every hook also receives ``n``, the learner's own numbers (its axis values as tensors: ``n.scale``),
+and ``ctx``, with ``ctx.step`` (updates done before this step, an int64 tensor), ``ctx.key`` (this
+class's random key for this learner) and ``ctx.normal(shape, dtype, stream)`` for noise. Hooks are
+written for one learner and vmapped over all learners of a group: no Python branch on a tensor's
+value, no ``.item()``. A class that keeps its own per-learner state defines
+``init_state(params, n) -> pytree``; its hooks then read ``ctx.state`` and return
+``(value, new_state)``.
+
+Every class with a step hook (all but ``on_init``) gets a ``when=`` axis: step windows
+``(start, end)``, start inclusive, end exclusive, in which it acts; outside them the hook's result is
+discarded with ``torch.where``, so the value is bitwise the one it would have without the class.
+The default (``None``) is every step. A variation at all its defaults must change nothing: it names
+no intervention and is left out of learner ids.
+
+>>> import torch
+>>> class ClipGradients(Intervention):
+...     axes = {"max_norm": float("inf")}
+...     def on_gradients(self, grads, n, ctx):
+...         norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+...         scale = torch.clamp(n.max_norm / (norm + 1e-6), max=1.0)
+...         return {k: g * scale for k, g in grads.items()}
+>>> vs = ClipGradients.make_variations(max_norm=(1.0, 10.0), when=((0, 100), (500, 600)))
+>>> len(vs), vs[1].values
+(4, {'max_norm': 1.0, 'when': ((500, 600),)})
+>>> vs[1].label("when")
+'500-600'
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+STEP_HOOKS = ("on_batch", "on_activations", "on_gradients", "on_hyperparameters", "on_params")
+HOOKS = ("on_init",) + STEP_HOOKS
+FOREVER = 2**62  # the end of an open window
+
+
+class Numbers(dict):
+    """A learner's numbers, with attribute access: ``n.epsilon`` is ``n["epsilon"]``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"this intervention has no number {name!r}; it has: {', '.join(self)}") from None
+
+
+class Derived:
+    """An axis given as a function of the learner's base value, e.g. the seed's
+    ``momentum=lambda m: (m * (1 + e) for e in (0.001, -0.001))``: one variation per value it yields."""
+
+    def __init__(self, fn: Callable, axis: str, tuple_valued: bool = False):
+        self.fn, self.axis, self.tuple_valued = fn, axis, tuple_valued
+
+    def values(self, base: Any, owner: str) -> list:
+        try:
+            out = self.fn(base)
+            single = isinstance(out, str) or not isinstance(out, Iterable) or (
+                self.tuple_valued and isinstance(out, tuple) and not any(isinstance(v, (tuple, list)) for v in out))
+            values = [_plain(v) for v in ([out] if single else out)]
+        except Exception as error:
+            raise ValueError(f"{owner}: the function given for {self.axis!r} failed on the base value {base!r}: "
+                             f"{type(error).__name__}: {error}") from error
+        if not values:
+            raise ValueError(f"{owner}: the function given for {self.axis!r} yielded no value for base {base!r}.")
+        return values
+
+    def __repr__(self) -> str:
+        return f"<function of the base {self.axis}>"
+
+
+class Variations(list):
+    """The variations made by one ``make_variations`` call (a list of interventions)."""
+
+    def __init__(self, cls: type[Intervention], items: Iterable[Intervention], given: tuple[str, ...]):
+        super().__init__(items)
+        self.cls = cls
+        self.given = given
+
+
+class Intervention:
+    """Base class of every intervention; see the module docstring for the protocol.
+
+    Class attributes a subclass may set:
+        axes: ``{axis: default}``; the defaults must change nothing.
+        prefix: coordinate prefix when two classes share an axis name (``init_seed``).
+        structural: axes whose values change the step's structure (their learners form groups).
+        streams: ``{stream: axis}``: library random streams this class seeds ("init", "data").
+        derived_axes: axes that may be a function of the learner's base value.
+        order: hooks at one point run by (order, class name).
+    """
+
+    axes: ClassVar[dict[str, Any]] = {}
+    prefix: ClassVar[str] = ""
+    structural: ClassVar[frozenset[str]] = frozenset()
+    tuple_axes: ClassVar[frozenset[str]] = frozenset()  # axes whose single value is a tuple
+    aliases: ClassVar[dict[str, str]] = {}
+    streams: ClassVar[dict[str, str]] = {}
+    derived_axes: ClassVar[frozenset[str]] = frozenset()
+    order: ClassVar[int] = 0
+    windowed: ClassVar[bool] = False  # set for classes with step hooks: they take when=
+    builtin: ClassVar[bool] = False  # library classes: named by class name in ids, not by code
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "defaults" in vars(cls) and "axes" not in vars(cls):
+            cls.axes = dict(vars(cls)["defaults"])  # the older name
+        cls.builtin = vars(cls).get("builtin", False)
+        step_hooks = [h for h in STEP_HOOKS if callable(getattr(cls, h, None))]
+        if "windowed" not in vars(cls):
+            cls.windowed = bool(step_hooks)
+        if cls.windowed and "when" not in cls.axes:
+            cls.axes = {**cls.axes, "when": None}
+            cls.tuple_axes = cls.tuple_axes | {"when"}
+
+    # -- making variations -------------------------------------------------------------------------------
+
+    def __init__(self, control: bool = False, **values: Any):
+        self._check_implements_something()
+        values = {self.aliases.get(k, k): v for k, v in values.items()}
+        unknown = [k for k in values if k not in self.axes]
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no axis {unknown[0]!r}; its axes are: {', '.join(self.axes)}.")
+        self.given = tuple(values)
+        self.control = bool(control)
+        checked = {}
+        for k, v in values.items():
+            v = v if isinstance(v, Derived) else _plain(v)
+            if isinstance(v, Derived) or (callable(v) and k in self.derived_axes and not isinstance(v, type)):
+                checked[k] = v if isinstance(v, Derived) else Derived(v, k, k in self.tuple_axes)
+            elif k == "when":
+                checked[k] = _windows(v, type(self).__name__)
+            else:
+                checked[k] = self._check(k, v)
+        self.values = {**self.axes, **checked}
+        self.derived: dict[str, tuple[int, Any, Any]] = {}  # axis -> (index, base value, value) once resolved
+
+    @classmethod
+    def _check_implements_something(cls) -> None:
+        if not any(callable(getattr(cls, h, None)) for h in HOOKS + ("on_setup",)) and not cls.streams:
+            raise TypeError(
+                f"{cls.__name__} implements no hook, so it would multiply the grid without changing any learner. "
+                f"Define at least one of {', '.join(HOOKS)} (e.g. `def on_gradients(self, grads, n, ctx): ...`); "
+                "see serimats_func.interventions.Intervention."
+            )
+
+    def _check(self, axis: str, value: Any) -> Any:
+        """Validate one axis value (subclasses refuse bad values here, with a message)."""
+        return value
+
+    @classmethod
+    def make_variations(cls, control: bool = False, **axes: Any) -> Variations:
+        """The product of the given axes: one variation per combination of their values."""
+        cls._check_implements_something()
+        axes = {cls.aliases.get(k, k): v for k, v in axes.items()}
+        names = tuple(axes)
+        value_lists = [cls._values_of(name, value) for name, value in axes.items()]
+        items = [cls(control=control, **dict(zip(names, combo, strict=True))) for combo in itertools.product(*value_lists)]
+        return Variations(cls, items, names)
+
+    @classmethod
+    def _values_of(cls, name: str, value: Any) -> list:
+        if name in cls.derived_axes and callable(value) and not isinstance(value, type):
+            return [Derived(value, name, name in cls.tuple_axes)]
+        if isinstance(value, (np.ndarray, torch.Tensor)):
+            value = _plain(value) if value.ndim == 0 else list(value)
+        if name == "when":
+            single = value is None or _is_window(value)
+        else:
+            single = isinstance(value, (str, bytes, type, numbers.Number)) or value is None or (
+                name in cls.tuple_axes and isinstance(value, tuple) and not any(isinstance(v, (tuple, list)) for v in value)
+            )
+        values = [value] if single else list(value) if isinstance(value, Iterable) else [value]
+        if not values:
+            raise ValueError(f"{cls.__name__}.make_variations: axis {name!r} is empty; give it at least one value.")
+        plain = [_plain(v) for v in values]
+        seen = [v for i, v in enumerate(plain) if any(_same(v, w) for w in plain[:i])]
+        if seen:
+            raise ValueError(f"{cls.__name__}.make_variations: axis {name!r} repeats the value {seen[0]!r}; "
+                             "give each value once.")
+        return values
+
+    # -- resolving against the learner's setup -------------------------------------------------------------
+
+    def base_value(self, axis: str, setup: Any) -> Any:
+        """The learner's base value of a derived axis (e.g. its optimizer's momentum)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot derive {axis!r} from a base value.")
+
+    def resolve(self, setup: Any) -> list[Intervention]:
+        """Concrete variations for one learner: a derived axis becomes one variation per value."""
+        derived = [a for a, v in self.values.items() if isinstance(v, Derived)]
+        if not derived:
+            return [self._checked_against(setup)]
+        bases = {a: self.base_value(a, setup) for a in derived}
+        options = [list(enumerate(self.values[a].values(bases[a], type(self).__name__))) for a in derived]
+        out = []
+        for combo in itertools.product(*options):
+            v = copy.copy(self)
+            v.values = dict(self.values)
+            v.derived = {}
+            for axis, (i, value) in zip(derived, combo, strict=True):
+                v.values[axis] = v._check(axis, value)
+                v.derived[axis] = (i, bases[axis], v.values[axis])
+            out.append(v._checked_against(setup))
+        return out
+
+    def _checked_against(self, setup: Any) -> Intervention:
+        self.check(setup)
+        return self
+
+    def check(self, setup: Any) -> None:
+        """Refuse values that make no sense for this learner's setup (dtype, optimizer...)."""
+
+    # -- what the step sees ----------------------------------------------------------------------------------
+
+    def numbers(self, setup: Any) -> dict[str, Any]:
+        """This learner's numbers for the hooks: numeric axes (and tuples of numbers); structural axes,
+        seeds of streams and ``when`` are left out (the library passes windows itself)."""
+        skip = self.structural | set(self.streams.values()) | {"when"}
+        return {k: v for k, v in self.values.items() if k not in skip and _numeric(v)}
+
+    def windows(self) -> tuple[tuple[int, int], ...]:
+        """The step windows in which the step hooks act."""
+        when = self.values.get("when")
+        return ((0, FOREVER),) if when is None else tuple((s, FOREVER if e is None else e) for s, e in when)
+
+    def is_default(self) -> bool:
+        """Whether this variation changes nothing: every axis at its default, not counting ``when``
+        and structural axes (a window of no change is no change)."""
+        skip = self.structural | {"when"}
+        return all(_same(self.values[k], d) for k, d in self.axes.items() if k not in skip)
+
+    def active_in_step(self) -> bool:
+        """Whether the step hooks can change anything for this learner (else a chunk whose learners are
+        all inactive leaves them out of its step)."""
+        return not self.is_default()
+
+    def identity(self) -> dict[str, Any] | None:
+        """The values that name this variation in a learner's id, or None when it changes nothing."""
+        if self.is_default():
+            return None
+        return {k: _json(v) for k, v in self.values.items()}
+
+    def structure(self) -> tuple:
+        """What learners must share to train in one vmapped step."""
+        return tuple((k, _json_key(self.values[k])) for k in sorted(self.structural))
+
+    def label(self, axis: str) -> Any:
+        """The coordinate label of ``axis`` in results."""
+        value = self.values[axis]
+        if axis == "when":
+            return "always" if value is None else "+".join(f"{s}-{'' if e is None else e}" for s, e in value)
+        if axis in self.derived:
+            return self.derived[axis][0]
+        if isinstance(value, type):
+            return value.__name__
+        return str(value) if isinstance(value, (tuple, list)) else value
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.values.items() if not _same(v, self.axes.get(k)) or k in self.given)
+        return f"{type(self).__name__}({args}{', control=True' if self.control else ''})"
+
+
+def _numeric(value: Any) -> bool:
+    if isinstance(value, (bool, numbers.Real)):
+        return True
+    return isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, (bool, numbers.Real)) for v in value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values (1 == 1.0, NaN == NaN), but True is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, numbers.Real) and isinstance(b, numbers.Real):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_json(v) for v in value]
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int)):
+        return float(value)
+    return value
+
+
+def _json_key(value: Any) -> Any:
+    v = _json(value)
+    return tuple(_json_key(x) for x in v) if isinstance(v, list) else v
+
+
+def _plain(value: Any) -> Any:
+    """NumPy and 0-d torch numbers as Python numbers (float32 ones by their shortest repr, so that
+    ``np.float32(0.001)`` labels as 0.001); lists as tuples."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        value = value.numpy()[()] if value.dtype != torch.bfloat16 else value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, np.floating):
+        return float(np.format_float_positional(value, unique=True, trim="-"))
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, list):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _is_window(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], numbers.Integral) and (
+        value[1] is None or isinstance(value[1], numbers.Integral))
+
+
+def _windows(value: Any, owner: str) -> tuple[tuple[int, int | None], ...] | None:
+    """``None``, one window ``(start, end)`` or several ``((s1, e1), (s2, e2))`` as a sorted tuple of windows."""
+    if value is None:
+        return None
+    def flat(v: Any) -> list:
+        if _is_window(v) or not isinstance(v, (tuple, list)):
+            return [v]
+        return [w for item in v for w in flat(item)]
+
+    windows = flat(value)
+    out = []
+    for w in windows:
+        w = _plain(w)
+        if not _is_window(w) or isinstance(w[0], bool) or w[0] < 0 or (w[1] is not None and w[1] <= w[0]):
+            raise ValueError(f"{owner} when= takes step windows (start, end) with 0 <= start < end (end exclusive, "
+                             f"None for open), or a tuple of them; got {value!r}.")
+        out.append((int(w[0]), None if w[1] is None else int(w[1])))
+    return tuple(sorted(out, key=lambda w: (w[0], FOREVER if w[1] is None else w[1])))

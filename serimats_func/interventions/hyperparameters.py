@@ -1,0 +1,117 @@
+"""Hyperparameters that change during training: a value in step windows.
+
+A value is absolute (``lr=0.05``) or a function of the learner's base value, as in the seed:
+``momentum=lambda m: (m * (1 + eps) for eps in (0.001, -0.001))`` makes one variation per value,
+labelled by its relative change (coordinate ``momentum_change``).
+
+>>> vs = PerturbMomentum.make_variations(momentum=lambda m: (m * 1.1, m * 0.9), when=((0, 100), (500, 600)))
+>>> len(vs), vs[0].label("when")
+(2, '0-100')
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from .. import optimizers as twins
+from .base import Derived, Intervention
+
+PERTURBABLE = ("lr", "momentum", "dampening", "weight_decay", "betas", "eps")
+
+
+class PerturbHyperparameter(Intervention):
+    """Set ``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``betas`` or ``eps`` to another value in
+    the steps of ``when`` (default: every step), exactly as changing ``optimizer.param_groups`` in a
+    torch.optim loop would. The optimizer's own value holds outside the windows."""
+
+    axes = dict.fromkeys(PERTURBABLE)
+    prefix = "perturb"
+    tuple_axes = frozenset({"betas"})
+    derived_axes = frozenset(PERTURBABLE)
+    order = 0
+    builtin = True
+
+    def _check(self, axis: str, value: Any) -> Any:
+        if value is None or isinstance(value, Derived):
+            return value
+        name = type(self).__name__
+        if axis == "betas":
+            if not (isinstance(value, tuple) and len(value) == 2 and all(_finite(b) for b in value)):
+                raise ValueError(f"{name} betas must be a pair of finite numbers; got {value!r}.")
+            return tuple(float(b) for b in value)
+        if not _finite(value):
+            raise ValueError(f"{name} {axis} must be a finite number; got {value!r}.")
+        return float(value)
+
+    def changes(self) -> dict[str, Any]:
+        return {k: v for k, v in self.values.items() if k in PERTURBABLE and v is not None}
+
+    def base_value(self, axis: str, setup: Any) -> Any:
+        self._has(axis, setup)
+        return setup.optimizer_values[axis]
+
+    def _has(self, axis: str, setup: Any) -> None:
+        if axis not in setup.optimizer_values:
+            cls = setup.optimizer_class.__name__
+            raise ValueError(f"{type(self).__name__} changes {axis}, which torch.optim.{cls} does not have; "
+                             f"it has: {', '.join(k for k in setup.optimizer_values if k in PERTURBABLE)}.")
+
+    def check(self, setup: Any) -> None:
+        changes = self.changes()
+        for axis in changes:
+            self._has(axis, setup)
+        twins.resolve(setup.optimizer_class, {**setup.optimizer_values, **changes})  # torch.optim's own checks
+        setup.varied_hyperparameters |= set(changes)
+
+    def is_default(self) -> bool:
+        return not self.changes()
+
+    def identity(self) -> dict[str, Any] | None:
+        base = getattr(self, "_base", None)
+        changes = {k: v for k, v in self.changes().items() if base is None or base.get(k) != v}
+        if not changes:
+            return None  # a value equal to the optimizer's own changes nothing
+        when = self.values.get("when")
+        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
+                "when": None if when is None else [list(w) for w in when]}
+
+    def resolve(self, setup: Any) -> list[Intervention]:
+        out = super().resolve(setup)
+        for v in out:
+            v._base = dict(setup.optimizer_values)
+        return out
+
+    def numbers(self, setup: Any) -> dict[str, float]:
+        """Every numeric hyperparameter of the learner's optimizer: the value in the window, NaN to keep."""
+        new = twins.numeric_hparams(setup.optimizer_class, {**setup.optimizer_values, **self.changes()})
+        keep = twins.numeric_hparams(setup.optimizer_class, setup.optimizer_values)
+        changed = {k for k in new if new[k] != keep[k] or _names(k) & set(self.changes())}
+        return {k: (new[k] if k in changed else math.nan) for k in new}
+
+    def on_hyperparameters(self, h: dict, n: Any, ctx: Any) -> dict:
+        return {k: torch.where(torch.isnan(n[k]), v, n[k]) if k in n else v for k, v in h.items()}
+
+
+class PerturbMomentum(PerturbHyperparameter):
+    """Change momentum in step windows (the seed's ``PerturbMomentumIntervention``).
+
+    >>> PerturbMomentum(momentum=0.95, when=(100, 200)).values
+    {'momentum': 0.95, 'when': ((100, 200),)}
+    """
+
+    axes = {"momentum": None}
+    derived_axes = frozenset({"momentum"})
+    builtin = True
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _names(numeric: str) -> set[str]:
+    """The hyperparameter a numeric name comes from (beta1 -> betas)."""
+    return {"betas"} if numeric in ("beta1", "beta2") else {numeric}
