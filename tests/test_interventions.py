@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from serimats_func.grid import class_name
 from serimats_func.interventions import (
@@ -282,3 +283,51 @@ def test_custom_classes_name_learners_by_their_code(experiment):
     ClipGradients2.__name__ = ClipGradients2.__qualname__ = "ClipGradients"
     b = experiment([ClipGradients2.make_variations(max_norm=(1.0,))]).grid.learners[0].id
     assert a != b
+
+
+class FrozenFirstLayer(nn.Module):
+    def __init__(self, frozen: bool = True):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(40, 16), nn.Linear(16, 10)
+        self.fc1.weight.requires_grad_(not frozen)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_frozen_parameters_stay_frozen_and_which_parameters_train_is_part_of_the_id(experiment):
+    from serimats_func.loggers import Logger, register_metric
+
+    class Norms(Logger):
+        @register_metric
+        def fc1_weight_norm(self, learner):
+            return learner.model.fc1.weight.norm()
+
+        @register_metric
+        def fc1_bias_norm(self, learner):
+            return learner.model.fc1.bias.norm()
+
+    grid = [InitWeights.make_variations(seed=(0, 1)), Optimizer.make_variations(weight_decay=(0.0, 0.1))]
+    frozen = experiment(grid, model=FrozenFirstLayer(), logger=Norms(), log_every=4)
+    ds = frozen.run()
+    assert (ds.fc1_weight_norm == ds.fc1_weight_norm.isel(step=0)).all()  # weight decay and momentum leave it too
+    assert (ds.fc1_bias_norm.isel(step=-1) != ds.fc1_bias_norm.isel(step=0)).all()
+    trained = experiment(grid, model=FrozenFirstLayer(frozen=False))
+    assert {s.id for s in frozen.grid.learners}.isdisjoint({s.id for s in trained.grid.learners})
+
+
+def test_a_dataset_intervention_trains_each_learner_on_its_own_data(experiment, small_mnist1d):
+    from serimats_func.interventions import Dataset
+
+    train, test = small_mnist1d
+    x, y = train.tensors
+    noisy = (x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)), y)
+    exp = experiment([Dataset.make_variations(dataset={"clean": train, "noisy": noisy}),
+                      InitWeights.make_variations(seed=(0, 1))])
+    ds = exp.run()
+    assert ds.dataset.values.tolist() == ["clean", "noisy"]
+    assert len(exp.plan().chunks) == 0 and len({s.structure for s in exp.grid.learners}) == 2
+    clean_alone = experiment([InitWeights(seed=1)], data=(train, test)).run()
+    np.testing.assert_array_equal(ds.train_loss.sel(dataset="clean", seed=1).values, clean_alone.train_loss.values)
+    assert (ds.train_loss.sel(dataset="noisy") != ds.train_loss.sel(dataset="clean")).all()
+    assert ds.test_loss.sel(dataset="noisy").notnull().all()  # the experiment's test set, for every dataset
