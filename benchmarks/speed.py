@@ -517,7 +517,7 @@ def run_experiment(workload: Workload, n: int, steps: int, device: torch.device,
             exp = make_experiment(workload, n, steps, device, Path(tmp) / "speed.zarr")
         chunks = len(exp.plan().chunks)  # before run(): afterwards every learner is in the store
         exp.store.write = timed(exp.store.write, device, times, "store_write")
-        exp.store.read = timed(exp.store.read, device, times, "store_read")
+        exp.store.read_found = timed(exp.store.read_found, device, times, "store_read")
         with patched(library_patches(probe, times, device)), Clock(device) as run:
             ds = exp.run()
     result = {"seconds": run.seconds, "other_cpu_s": run.other_cpu_s, "build_s": build.seconds, "chunks": chunks,
@@ -577,18 +577,20 @@ def serial_evaluation(workload: Workload, n: int, sets: list, batch_size: int, d
 
 def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int | None], object]:
     """ADAPTER to the library's whole-set evaluation of stacked learners (``training.initial_state``,
-    ``step.make_evaluate`` and ``step.evaluate_dataset`` today), chunk by chunk of the library's plan. Returns
+    ``step.make_logits`` and ``step.evaluate_dataset`` today), chunk by chunk of the library's plan. Returns
     ``evaluate(limit)``: train and test loss and accuracy of every learner, on the first ``limit`` examples of
     each set (all if None)."""
-    states = [lib_training.initial_state(exp.template, chunk.learners, device) for chunk in exp.plan().chunks]
-    evaluate = lib_step.make_evaluate(exp.template, exp.loss)
-    sets = [(exp.x.to(device), exp.y.to(device)), (exp.x_test.to(device), exp.y_test.to(device))]
+    chunks = exp.plan().chunks
+    states = [lib_training.initial_state(c.learners, lib_training.chunk_hooks(c.learners), device) for c in chunks]
+    data = exp._training_data(exp.base)
+    logits_fn = lib_step.make_logits(exp.template)
+    sets = [(data.x, data.y), (data.x_test, data.y_test)]
 
     def run(limit: int | None = None) -> list:
         exp.template.eval()
         try:
-            return [lib_step.evaluate_dataset(evaluate, state["params"], state["buffers"], x[:limit], y[:limit],
-                                              exp.eval_batch_size) for state in states for x, y in sets]
+            return [lib_step.evaluate_dataset(logits_fn, exp.loss, state["params"], state["buffers"], x[:limit],
+                                              y[:limit], exp.eval_batch_size) for state in states for x, y in sets]
         finally:
             exp.template.train()
 

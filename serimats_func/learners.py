@@ -15,7 +15,7 @@ True
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -74,7 +74,7 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
 
 def _check_vmappable(template: nn.Module, example_x: torch.Tensor) -> None:
     """Run two learners through one vmapped train-mode step, as training will."""
-    stacked = pytrees.stack([initial_model_state(template, init_key=k, dropout_key=k) for k in (0, 1)])
+    stacked = initial_model_states(template, init_keys=(0, 1), dropout_keys=(0, 1))
     params, buffers = stacked["params"], stacked["buffers"]
 
     def loss(p, b, x):
@@ -124,17 +124,36 @@ def initial_model_state(template: nn.Module, init_key: int, dropout_key: int) ->
     (``reset_parameters`` of every module, PyTorch's defaults for built-in layers), drawn with
     the CPU RNG set from all 63 bits of ``init_key``; each dropout layer gets a key derived from
     ``dropout_key``. Buffers that no ``reset_parameters`` sets keep the template's values."""
+    return pytrees.index(initial_model_states(template, [init_key], [dropout_key]), 0)
+
+
+def initial_model_states(template: nn.Module, init_keys: Sequence[int], dropout_keys: Sequence[int]) -> ModelState:
+    """``initial_model_state`` of N learners, stacked (N, ...): one working copy of the template is reset
+    with each learner's key in turn and written into the stacked tensors (no copy of the module per learner).
+
+    >>> from serimats_func.models import MLP
+    >>> template = prepare_template(MLP(widths=(8,)), torch.zeros(2, 40))
+    >>> stacked = initial_model_states(template, [1, 2], [0, 0])
+    >>> torch.equal(stacked["params"]["1.weight"][1], initial_model_state(template, 2, 0)["params"]["1.weight"])
+    True
+    """
+    n = len(init_keys)
     module = copy.deepcopy(template)  # the template itself is never changed
-    with seeded_cpu_rng(init_key), torch.no_grad():
-        for m in module.modules():
-            if hasattr(m, "reset_parameters"):
+    resets = [m for m in module.modules() if hasattr(m, "reset_parameters")]
+    params = {name: torch.empty((n, *p.shape), dtype=p.dtype) for name, p in module.named_parameters()}
+    buffers = {name: b.detach().clone().expand(n, *b.shape).clone() for name, b in module.named_buffers()}
+    for i, key in enumerate(init_keys):
+        with seeded_cpu_rng(key), torch.no_grad():
+            for m in resets:
                 m.reset_parameters()
-        params = {n: p.detach().clone() for n, p in module.named_parameters()}
-        buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+            for name, p in module.named_parameters():
+                params[name][i] = p
+            for name, b in module.named_buffers():
+                buffers[name][i] = b
     for name, m in module.named_modules():
         if isinstance(m, KeyedDropout):
-            buffers[f"{name}.key"] = torch.tensor(derive_key(dropout_key, name), dtype=torch.int64)
-            buffers[f"{name}.calls"] = torch.tensor(0, dtype=torch.int64)
+            buffers[f"{name}.key"] = torch.tensor([derive_key(k, name) for k in dropout_keys], dtype=torch.int64)
+            buffers[f"{name}.calls"] = torch.zeros(n, dtype=torch.int64)
     return {"params": params, "buffers": buffers}
 
 

@@ -55,6 +55,19 @@ def _zeros_like(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
 
 
+def _per_dtype(make: Callable[[torch.dtype], dict]) -> Callable[[torch.dtype], dict]:
+    """``make(dtype)``, computed once per dtype: the hyperparameters (float64) each parameter's arithmetic needs,
+    converted once per update rather than once per parameter."""
+    cache: dict[torch.dtype, dict] = {}
+
+    def get(dtype: torch.dtype) -> dict:
+        if dtype not in cache:
+            cache[dtype] = make(dtype)
+        return cache[dtype]
+
+    return get
+
+
 def sgd(momentum_buffer: bool = False, nesterov: bool = False) -> FunctionalOptimizer:
     """SGD with momentum, dampening, nesterov and (L2) weight decay, as ``torch.optim.SGD``.
 
@@ -75,18 +88,20 @@ def sgd(momentum_buffer: bool = False, nesterov: bool = False) -> FunctionalOpti
         if momentum_buffer:
             uses_momentum = h["momentum"] != 0
             fresh = ~state["has_buffer"]
+        scalars = _per_dtype(lambda dt: {"wd": h["weight_decay"].to(dt), "m": h["momentum"].to(dt),
+                                         "keep": (1 - h["dampening"]).to(dt), "step": (-h["lr"]).to(dt)})
         for name, p in params.items():
-            dt = p.dtype
-            d_p = grads[name] + p * h["weight_decay"].to(dt)
+            c = scalars(p.dtype)
+            d_p = grads[name] + p * c["wd"]
             if momentum_buffer:
-                m = h["momentum"].to(dt)
+                m = c["m"]
                 old = state["momentum_buffer"][name]
-                later = old * m + d_p * (1 - h["dampening"]).to(dt)
+                later = old * m + d_p * c["keep"]
                 buf = torch.where(fresh, d_p, later)  # torch starts the buffer at d_p
                 new_buffers[name] = torch.where(uses_momentum, buf, old)
                 with_momentum = d_p + buf * m if nesterov else buf
                 d_p = torch.where(uses_momentum, with_momentum, d_p)
-            new_params[name] = p + (-h["lr"]).to(dt) * d_p
+            new_params[name] = p + c["step"] * d_p
         new_state: OptState = {"step": state["step"] + 1}
         if momentum_buffer:
             new_state["momentum_buffer"] = new_buffers
@@ -119,20 +134,25 @@ def adam(amsgrad: bool = False, decoupled_weight_decay: bool = False) -> Functio
         new_state: OptState = {"step": step, "exp_avg": {}, "exp_avg_sq": {}}
         if amsgrad:
             new_state["max_exp_avg_sq"] = {}
+        scalars = _per_dtype(lambda dt: {"decay" if decoupled_weight_decay else "wd":
+                                         ((1 - lr * wd) if decoupled_weight_decay else wd).to(dt),
+                                         "w1": (1 - beta1).to(dt), "beta2": beta2.to(dt), "w2": (1 - beta2).to(dt),
+                                         "bc2": bias_correction2_sqrt.to(dt), "eps": h["eps"].to(dt),
+                                         "step": (-step_size).to(dt)})
         for name, p in params.items():
-            dt, g = p.dtype, grads[name]
+            c, g = scalars(p.dtype), grads[name]
             if decoupled_weight_decay:
-                p = p * (1 - lr * wd).to(dt)
+                p = p * c["decay"]
             else:
-                g = g + p * wd.to(dt)
-            exp_avg = torch.lerp(state["exp_avg"][name], g, (1 - beta1).to(dt))
-            exp_avg_sq = state["exp_avg_sq"][name] * beta2.to(dt) + (1 - beta2).to(dt) * g * g
+                g = g + p * c["wd"]
+            exp_avg = torch.lerp(state["exp_avg"][name], g, c["w1"])
+            exp_avg_sq = state["exp_avg_sq"][name] * c["beta2"] + c["w2"] * g * g
             second = exp_avg_sq
             if amsgrad:
                 second = torch.maximum(state["max_exp_avg_sq"][name], exp_avg_sq)
                 new_state["max_exp_avg_sq"][name] = second
-            denom = second.sqrt() / bias_correction2_sqrt.to(dt) + h["eps"].to(dt)
-            new_params[name] = p + (-step_size).to(dt) * exp_avg / denom
+            denom = second.sqrt() / c["bc2"] + c["eps"]
+            new_params[name] = p + c["step"] * exp_avg / denom
             new_state["exp_avg"][name] = exp_avg
             new_state["exp_avg_sq"][name] = exp_avg_sq
         return new_params, new_state

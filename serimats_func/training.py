@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.func import vmap
 
 from . import pytrees
 from .checkpoints import Checkpoints
 from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec, class_name
 from .interventions.base import STEP_HOOKS, Intervention, Numbers
-from .learners import initial_model_state
+from .learners import initial_model_states
 from .metrics import DEFAULT_METRICS, MetricFn, vmapped_metrics
 from .optimizers import functional_twin
 from .step import Hook, Hooks, LossFn, check_pure, evaluate_dataset, initial_hooks, make_logits, make_train_step
@@ -147,17 +148,27 @@ def initial_state(specs: Sequence[LearnerSpec], hooks: Hooks, device: torch.devi
     """Stacked initial state of the chunk's learners, built on the CPU (so it is the same on any device),
     then moved: params, buffers (N, ...), interventions' data, optimizer state and hyperparameters."""
     setup = specs[0].setup
-    template = setup.template
-    model = pytrees.stack([initial_model_state(template, s.init_key, s.dropout_key) for s in specs])
+    model = initial_model_states(setup.template, [s.init_key for s in specs], [s.dropout_key for s in specs])
     state = {"params": model["params"], "buffers": model["buffers"], "interventions": intervention_data(specs, hooks)}
     state = initial_hooks(hooks, state)
     twin = chunk_optimizer(specs)
-    trainable = setup.trainable_names
-    n = len(specs)
-    state["opt"] = pytrees.stack([twin.init({k: pytrees.index(state["params"], i)[k] for k in trainable}) for i in range(n)])
-    state["hparams"] = pytrees.stack([twin.hparams(**s.setup.optimizer_values) for s in specs])
-    state["diverged_at"] = torch.full((n,), -1, dtype=torch.int64)
+    state["opt"] = vmap(twin.init)({k: state["params"][k] for k in setup.trainable_names})
+    state["hparams"] = _hyperparameters(twin, specs)
+    state["diverged_at"] = torch.full((len(specs),), -1, dtype=torch.int64)
     return pytrees.to(state, device)
+
+
+def _hyperparameters(twin, specs: Sequence[LearnerSpec]) -> dict[str, torch.Tensor]:
+    """Each learner's numeric hyperparameters, stacked (N,) float64; resolved once per distinct setting."""
+    resolved: dict[str, dict[str, torch.Tensor]] = {}
+    rows = []
+    for s in specs:
+        values = s.setup.optimizer_values
+        key = repr(sorted(values.items()))
+        if key not in resolved:
+            resolved[key] = twin.hparams(**values)
+        rows.append(resolved[key])
+    return {k: torch.stack([row[k] for row in rows]) for k in twin.numeric}
 
 
 def chunk_optimizer(specs: Sequence[LearnerSpec]):
