@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import inspect
 import json
@@ -67,9 +68,12 @@ sys.path.insert(0, str(REPO))  # the checkout's package, installed or not
 
 import serimats_func  # noqa: E402
 from serimats_func import Experiment, datasets  # noqa: E402
+from serimats_func import acceleration as lib_acceleration  # noqa: E402
+from serimats_func import convolutions as lib_convolutions  # noqa: E402
 from serimats_func import experiments as lib_experiments  # noqa: E402
 from serimats_func import step as lib_step  # noqa: E402
 from serimats_func import training as lib_training  # noqa: E402
+from serimats_func.convolutions import convolutions_of  # noqa: E402
 from serimats_func.interventions import InitWeights, Optimizer  # noqa: E402
 from serimats_func.models import MLP, Lenet5  # noqa: E402
 
@@ -79,7 +83,8 @@ CUDA_MAX_SERIAL = 128
 MAX_STEPS = 100_000
 MNIST_ROOT = REPO / ".." / "shared" / "data" / "mnist"
 LENET_TRAIN, LENET_TOTAL = 8000, 10000
-WAYS = ("serial", "naive", "ours")
+WAYS = ("serial", "naive", "ours", "compiled")
+COMPILED_NS = {"mlp": (8, 16, 32, 64, 128), "lenet": (32,)}  # where "compiled" runs by default (--compiled-n)
 EVALUATE_ARG = "evaluate" in inspect.signature(Experiment).parameters  # Experiment(..., evaluate=False)
 
 
@@ -424,28 +429,42 @@ def nan_evaluation(evaluate, params, buffers, x, y, batch_size):
 
 class StepProbe:
     """Wraps ``training.make_train_step``: keeps each chunk's last step output (for the final losses) and,
-    with ``time_steps``, the (synchronized) time at which each step ended."""
+    with ``time_steps``, the (synchronized) time at which each step ended. A chunk may build several steps (the
+    library checks one on meta tensors, may measure candidates): the last real output of the chunk counts."""
 
     def __init__(self, device: torch.device, time_steps: bool = False):
         self.device, self.time_steps = device, time_steps
-        self.last: list = []  # per chunk: (params, buffers, opt, loss) of its last step
+        self.last: list = []  # per chunk: (state, loss) of its last step
         self.step_ends: list[float] = []
+
+    def new_chunk(self) -> None:
+        self.last.append(None)
 
     def wrap(self, make_train_step: Callable) -> Callable:
         def make(*args, **kwargs):
-            step_fn, slot = make_train_step(*args, **kwargs), len(self.last)
-            self.last.append(None)
+            step_fn = make_train_step(*args, **kwargs)
 
             def probed(*step_args):
-                self.last[slot] = out = step_fn(*step_args)
-                if self.time_steps:
-                    sync(self.device)
-                    self.step_ends.append(time.perf_counter())
+                out = step_fn(*step_args)
+                if out[-1].device.type != "meta":
+                    if not self.last:
+                        self.new_chunk()
+                    self.last[-1] = out
+                    if self.time_steps:
+                        sync(self.device)
+                        self.step_ends.append(time.perf_counter())
                 return out
 
             return probed
 
         return make
+
+    def chunks(self, train_chunk: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            self.new_chunk()
+            return train_chunk(*args, **kwargs)
+
+        return wrapper
 
     def losses(self, n: int) -> torch.Tensor | None:
         """The last step's loss of the first ``n`` learners (a lone learner is trained as two copies)."""
@@ -478,7 +497,8 @@ def library_patches(probe: StepProbe, times: dict, device: torch.device) -> list
     if hasattr(lib_training, "initial_state"):
         patches.append((lib_training, "initial_state", timed(lib_training.initial_state, device, times, "initial_state")))
     if hasattr(lib_experiments, "train_chunk"):
-        patches.append((lib_experiments, "train_chunk", timed(lib_experiments.train_chunk, device, times, "train_chunk")))
+        patches.append((lib_experiments, "train_chunk",
+                        timed(probe.chunks(lib_experiments.train_chunk), device, times, "train_chunk")))
     return patches
 
 
@@ -488,18 +508,17 @@ def evaluation_switch() -> str:
     return "monkeypatched serimats_func.training.evaluate_dataset (returns NaN; the library has no evaluate= yet)"
 
 
-def library_compile_seconds(exp: Experiment, ds: object) -> float | None:
-    """>>> COMPILE-TIME HOOK <<< The library reports no compile time today. When it does (an attribute of the
-    Experiment, or a timing in the returned dataset's attrs), read it here: it is printed apart from run()."""
-    for value in (getattr(exp, "compile_seconds", None), getattr(exp, "compile_s", None),
-                  getattr(ds, "attrs", {}).get("compile_seconds"), getattr(ds, "attrs", {}).get("compile_s")):
-        if value is not None:
-            return float(value)
-    return None
+def library_speed_report(exp: Experiment) -> list[dict]:
+    """ADAPTER: what the library chose for each chunk of the last run() (plan, compiled or not) and what choosing
+    and compiling cost (``Experiment.speed_report``); empty if the library has no such report."""
+    return [dataclasses.asdict(r) for r in getattr(exp, "speed_report", [])]
 
 
-def make_experiment(workload: Workload, n: int, steps: int, device: torch.device, store: Path) -> Experiment:
+def make_experiment(workload: Workload, n: int, steps: int, device: torch.device, store: Path,
+                    compile: bool | str = "auto") -> Experiment:
     extra = {"evaluate": False} if EVALUATE_ARG else {}
+    if compile != "auto":
+        extra["compile"] = compile
     return Experiment(
         model=workload.make_model(), dataset=workload.train, test_dataset=workload.test,
         interventions=[InitWeights.make_variations(seed=range(n))],
@@ -508,22 +527,34 @@ def make_experiment(workload: Workload, n: int, steps: int, device: torch.device
     )
 
 
-def run_experiment(workload: Workload, n: int, steps: int, device: torch.device, time_steps: bool = False) -> dict:
-    """Build an Experiment in a fresh temporary store and run it, instrumented; times and the final losses."""
+def run_experiment(workload: Workload, n: int, steps: int, device: torch.device, time_steps: bool = False,
+                   compile: bool | str = "auto") -> dict:
+    """Build an Experiment in a fresh temporary store and run it, instrumented; times and the final losses. With
+    ``compile=True`` the step probe stays out (torch.compile would trace it), and ``seconds`` leaves out what the
+    library reports as compiling and measuring (``run_s`` has it all)."""
     times: dict[str, float] = {}
-    probe = StepProbe(device, time_steps)
+    probe = StepProbe(device, time_steps and compile is not True)
     with tempfile.TemporaryDirectory(prefix="serimats-speed-") as tmp:
         with Clock(device) as build:
-            exp = make_experiment(workload, n, steps, device, Path(tmp) / "speed.zarr")
+            exp = make_experiment(workload, n, steps, device, Path(tmp) / "speed.zarr", compile)
         chunks = len(exp.plan().chunks)  # before run(): afterwards every learner is in the store
         exp.store.write = timed(exp.store.write, device, times, "store_write")
         exp.store.read_found = timed(exp.store.read_found, device, times, "store_read")
-        with patched(library_patches(probe, times, device)), Clock(device) as run:
-            ds = exp.run()
-    result = {"seconds": run.seconds, "other_cpu_s": run.other_cpu_s, "build_s": build.seconds, "chunks": chunks,
-              "breakdown": times, "compile_s": library_compile_seconds(exp, ds), "losses": probe.losses(n)}
+        patches = library_patches(probe, times, device)
+        if compile is True:
+            patches = [p for p in patches if p[1] != "make_train_step"]
+        with patched(patches), Clock(device) as run:
+            exp.run()
+    report = library_speed_report(exp)
+    compile_s = sum(r["compile_s"] for r in report) if report else None
+    measure_s = sum(r["measure_s"] for r in report)
+    seconds = run.seconds - (compile_s or 0.0) - measure_s if compile is True else run.seconds
+    result = {"seconds": seconds, "run_s": run.seconds, "other_cpu_s": run.other_cpu_s, "build_s": build.seconds,
+              "chunks": chunks, "breakdown": times, "compile_s": compile_s, "measure_s": measure_s, "speed": report,
+              "losses": probe.losses(n)}
     if time_steps:
-        result["step_s"] = _step_seconds(probe.step_ends) * max(chunks, 1)
+        result["step_s"] = (_step_seconds(probe.step_ends) * max(chunks, 1) if compile is not True
+                            else seconds / steps)
     return result
 
 
@@ -533,21 +564,33 @@ def _step_seconds(step_ends: list[float]) -> float:
 
 
 class Ours:
-    """serimats_func.Experiment(...).run(): a warm-up run, then the timed run in a fresh store."""
+    """serimats_func.Experiment(...).run() as a user gets it (``compile="auto"``: eager for runs this short): a
+    warm-up run, then the timed run in a fresh store."""
+
+    compile: bool | str = "auto"
 
     def __init__(self, workload: Workload, n: int, data: tuple, device: torch.device):
         self.workload, self.n, self.device = workload, n, device
 
     def warmup(self, steps: int, batches: Batches) -> float:
         """Seconds of one step of all N learners, from a warm-up run() of ``steps`` steps."""
-        self.warm = run_experiment(self.workload, self.n, steps, self.device, time_steps=True)
+        self.warm = run_experiment(self.workload, self.n, steps, self.device, time_steps=True, compile=self.compile)
         self.warm["steps"] = steps
         return self.warm["step_s"]
 
     def timed(self, steps: int, batches: Batches) -> dict:
-        result = run_experiment(self.workload, self.n, steps, self.device)
+        result = run_experiment(self.workload, self.n, steps, self.device, compile=self.compile)
         result["warmup_s"], result["warmup_steps"] = self.warm["seconds"], self.warm["steps"]
+        result["warmup_compile_s"] = self.warm["compile_s"]
         return result
+
+
+class Compiled(Ours):
+    """``Experiment(compile=True)``: the whole step under torch.compile. The warm-up run pays the compilation (a
+    cold inductor cache: minutes on a small CPU); the timed run, a new Experiment, traces again and finds the
+    kernels in inductor's cache: both are reported apart and left out of its time."""
+
+    compile = True
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -583,7 +626,11 @@ def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int |
     chunks = exp.plan().chunks
     states = [lib_training.initial_state(c.learners, lib_training.chunk_hooks(c.learners), device) for c in chunks]
     data = exp._training_data(exp.base)
-    logits_fn = lib_step.make_logits(exp.template)
+    layers = {}
+    if convolutions_of(exp.template):  # the default plan, as a short run() takes it
+        plan = lib_acceleration.default_plan(device, max(2, len(chunks[0].learners)))
+        layers = lib_convolutions.plan_for(exp.template, plan) if plan in lib_convolutions.PLANS else {}
+    logits_fn = lib_step.make_logits(exp.template, layers)
     sets = [(data.x, data.y), (data.x_test, data.y_test)]
 
     def run(limit: int | None = None) -> list:
@@ -633,9 +680,15 @@ def choose_steps(n: int, estimates: dict, args: argparse.Namespace) -> int:
 
 
 def make_ways(workload: Workload, n: int, data: tuple, ctx: Context) -> dict:
-    classes = {"serial": Serial, "naive": Naive, "ours": Ours}
-    return {name: cls(workload, n, data, ctx.device) for name, cls in classes.items()
-            if name != "serial" or n <= ctx.max_serial}
+    classes = {"serial": Serial, "naive": Naive, "ours": Ours, "compiled": Compiled}
+    run = {"serial": n <= ctx.max_serial, "compiled": n in compiled_counts(workload.name, ctx.args)}
+    return {name: cls(workload, n, data, ctx.device) for name, cls in classes.items() if run.get(name, True)}
+
+
+def compiled_counts(workload: str, args: argparse.Namespace) -> tuple[int, ...]:
+    if args.compiled_n is None:
+        return COMPILED_NS.get(workload, ()) if args.device == "cpu" else (32, 128, 512, 1024)
+    return tuple(int(v) for v in args.compiled_n.split(",") if v)
 
 
 def warm_up(ways: dict, n: int, workload: Workload, data: tuple, ctx: Context) -> tuple[dict, dict]:
@@ -677,7 +730,8 @@ def measure_training(workload: Workload, n: int, data: tuple, ctx: Context) -> d
         ctx.serial_reference[workload.name] = (n, results["serial"]["us"] / 1e6)
     elif "serial" not in ways:
         results["serial"] = extrapolated_serial(workload, n, ctx) or {"error": "not run"}
-    return {"steps": steps, "estimates_s": estimates, "ways": {name: results[name] for name in WAYS}}
+    return {"steps": steps, "estimates_s": estimates,
+            "ways": {name: results.get(name, {"error": "not run"}) for name in WAYS}}
 
 
 def measure_evaluation(workload: Workload, n: int, sets: list, ctx: Context) -> dict:
@@ -729,29 +783,34 @@ def fmt(value: float | None, spec: str, missing: str = "-") -> str:
 
 def way_line(name: str, r: dict, flops: int, ctx: Context) -> str:
     if "us" not in r:
-        return f"  {name:<7} {r.get('error', 'n/a')}"
+        return f"  {name:<8} {r.get('error', 'n/a')}"
     mark = "*" if "extrapolated_from_n" in r else " "
     achieved = flops * r["per_s"]
     seconds = f"{r['seconds']:8.2f}" if "seconds" in r else f"{'-':>8}"
     other = r.get("other_cpu_s")
     flag = "!" if r["contended"] else " "
-    return (f"  {name:<7} {r['us']:>11.1f}{mark} {r['per_s']:>13.0f} {achieved / 1e9:>9.2f} {100 * achieved / ctx.peak:>7.2f}%"
+    return (f"  {name:<8} {r['us']:>11.1f}{mark} {r['per_s']:>13.0f} {achieved / 1e9:>9.2f} {100 * achieved / ctx.peak:>7.2f}%"
             f" {seconds} {fmt(other, '8.2f', '       -')}{flag}")
 
 
-def ours_line(r: dict) -> str:
+def ours_line(name: str, r: dict) -> str:
     if "seconds" not in r:
-        return "  ours: -"
+        return f"  {name}: -"
     b = r["breakdown"]
     parts = [f"train_chunk {b['train_chunk']:.3f} s (initial state {b.get('initial_state', 0):.3f} s)"
              if "train_chunk" in b else None,
              f"store write {b['store_write']:.3f} s" if "store_write" in b else None,
              f"read-back {b['store_read']:.3f} s" if "store_read" in b else None]
-    rest = r["seconds"] - sum(b.get(k, 0.0) for k in ("train_chunk", "store_write", "store_read"))
-    compile_s = "not reported by the library" if r["compile_s"] is None else f"{r['compile_s']:.3f} s"
-    return (f"  ours: Experiment() {r['build_s']:.3f} s; warm-up run() {r['warmup_s']:.3f} s; timed run() "
-            f"{r['seconds']:.3f} s = {' + '.join(p for p in parts if p)} + other {rest:.3f} s; "
-            f"{r['chunks']} chunk(s); compile: {compile_s}")
+    rest = r["run_s"] - sum(b.get(k, 0.0) for k in ("train_chunk", "store_write", "store_read"))
+    chosen = "; ".join(f"plan {c['plan']} {c['layers'] or ''}{' compiled' if c['compiled'] else ''}"
+                       + (f" ({c['reason']})" if c["reason"] else "") for c in r["speed"])
+    compiled = ""
+    if r["compile_s"]:
+        compiled = (f"; compile {r['compile_s']:.2f} s (warm-up run's: {r.get('warmup_compile_s') or 0:.2f} s) and "
+                    f"measuring {r['measure_s']:.2f} s, left out of its time")
+    return (f"  {name}: Experiment() {r['build_s']:.3f} s; warm-up run() {r['warmup_s']:.3f} s; timed run() "
+            f"{r['run_s']:.3f} s = {' + '.join(p for p in parts if p)} + other {rest:.3f} s; "
+            f"{r['chunks']} chunk(s); {chosen or 'no speed report'}{compiled}")
 
 
 def loss_line(loss: dict) -> str:
@@ -776,13 +835,16 @@ def eval_line(ev: dict) -> str:
 def print_cell(cell: dict, flops: int, ctx: Context) -> None:
     print(f"\n{cell['workload']} N={cell['n']}: {cell['steps']} steps each"
           + ("  (ours trains a lone learner as 2 copies)" if cell["n"] == 1 else ""))
-    print(f"  {'way':<7} {'µs/l-step':>12} {'l-steps/s':>13} {'GFLOP/s':>9} {'%peak':>8} {'seconds':>8} {'other CPU-s':>9}")
+    print(f"  {'way':<8} {'µs/l-step':>12} {'l-steps/s':>13} {'GFLOP/s':>9} {'%peak':>8} {'seconds':>8} {'other CPU-s':>9}")
     ways = cell["ways"]
     for name in WAYS:
         print(way_line(name, ways.get(name, {"error": "n/a"}), flops, ctx))
     print(f"  serial/ours {fmt(ratio(ways['serial'], ways['ours']), '.2f')}x   "
-          f"naive/ours {fmt(ratio(ways['naive'], ways['ours']), '.2f')}x")
-    print(ours_line(ways["ours"]))
+          f"naive/ours {fmt(ratio(ways['naive'], ways['ours']), '.2f')}x   "
+          f"serial/compiled {fmt(ratio(ways['serial'], ways['compiled']), '.2f')}x")
+    print(ours_line("ours", ways["ours"]))
+    if "seconds" in ways["compiled"]:
+        print(ours_line("compiled", ways["compiled"]))
     print(loss_line(cell["loss"]))
     if "evaluation" in cell:
         print(eval_line(cell["evaluation"]))
@@ -801,16 +863,23 @@ def print_header(env: dict, peak: dict, ctx: Context) -> None:
 
 
 def markdown_table(cells: list[dict], ctx: Context) -> str:
-    rows = ["| workload | N | serial µs | naive µs | ours µs | serial/ours | naive/ours | ours learner-steps/s | "
-            "ours % of matmul peak |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| workload | N | serial µs | naive µs | ours µs | compiled µs | serial/ours | serial/compiled | naive/ours | "
+            "ours learner-steps/s | best % of matmul peak | evaluation: serial s / ours s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cell in cells:
         w = cell["ways"]
         serial = fmt(w["serial"].get("us"), ".1f") + ("*" if "extrapolated_from_n" in w["serial"] else "")
-        ours = w["ours"]
-        peak = fmt(100 * cell["flops"] * ours["per_s"] / ctx.peak if "per_s" in ours else None, ".2f")
+        ours, compiled = w["ours"], w["compiled"]
+        best = max((r["per_s"] for r in (ours, compiled) if "per_s" in r), default=None)
+        peak = fmt(100 * cell["flops"] * best / ctx.peak if best else None, ".2f")
+        flag = "!" if any(r.get("contended") for r in w.values()) else ""
+        ev = cell.get("evaluation", {})
+        evaluation = (f"{fmt(ev.get('serial_s'), '.2f')}{'*' if 'serial_extrapolated_from_n' in ev else ''} / "
+                      f"{fmt(ev.get('ours_s'), '.2f')}" if ev else "-")
         rows.append(f"| {cell['workload']} | {cell['n']} | {serial} | {fmt(w['naive'].get('us'), '.1f')} | "
-                    f"{fmt(ours.get('us'), '.1f')} | {fmt(ratio(w['serial'], ours), '.2f')} | "
-                    f"{fmt(ratio(w['naive'], ours), '.2f')} | {fmt(ours.get('per_s'), '.0f')} | {peak} |")
+                    f"{fmt(ours.get('us'), '.1f')}{flag} | {fmt(compiled.get('us'), '.1f')} | "
+                    f"{fmt(ratio(w['serial'], ours), '.2f')} | {fmt(ratio(w['serial'], compiled), '.2f')} | "
+                    f"{fmt(ratio(w['naive'], ours), '.2f')} | {fmt(ours.get('per_s'), '.0f')} | {peak} | {evaluation} |")
     return "\n".join(rows)
 
 
@@ -842,6 +911,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                    f"{CUDA_MAX_SERIAL} on CUDA); extrapolated above")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--no-eval", action="store_true", help="skip the whole-set evaluation timing")
+    p.add_argument("--compiled-n", help="learner counts at which Experiment(compile=True) is timed too (default: "
+                                        "mlp 8,16,32,64,128 and lenet 32 on a CPU; '' for none)")
     p.add_argument("--mnist-root", type=Path, default=MNIST_ROOT)
     p.add_argument("--json", type=Path, help="also write everything to this JSON file")
     args = p.parse_args(argv)

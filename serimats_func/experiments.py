@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import pytrees
+from .acceleration import ChunkSpeed, Speed
 from .checkpoints import Checkpoints
 from .data import as_tensors, steps_per_epoch
 from .grid import Grid, LearnerSpec, build_grid
@@ -69,6 +70,12 @@ class Experiment:
         logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too.
         checkpoint_every: save the chunk in training every this many steps (default: every 10
             minutes), so that a crash loses at most the work since; ``run()`` resumes from it.
+        compile: ``torch.compile`` the whole training step: ``"auto"`` (default: when a chunk would
+            train long enough to repay it), True or False. See ``acceleration``.
+        convolutions: how convolutions of many learners run: ``"auto"`` (measured per chunk) or a plan
+            of ``convolutions.PLANS`` (``"vmap"``: torch.func's own).
+        precision: ``"float32"`` (default), ``"tf32"`` or ``"bf16"``; the last two change results beyond
+            float32 rounding, so their results are stored apart from float32 ones.
     """
 
     def __init__(
@@ -95,6 +102,9 @@ class Experiment:
         logger: Logger | None = None,
         checkpoint_every: int | None = None,
         progress: bool = True,
+        compile: bool | str = "auto",
+        convolutions: str = "auto",
+        precision: str = "float32",
     ):
         _positive_int("batch_size", batch_size)
         if eval_batch_size is not None:
@@ -118,6 +128,8 @@ class Experiment:
                              f"got {dtype!r}.")
         self.default_optimizer = DEFAULT_OPTIMIZER if optimizer is None else as_optimizer(optimizer)
         self.device = _device(device)
+        self.speed = Speed(compile=compile, convolutions=convolutions, precision=precision)
+        self.speed_report: list[ChunkSpeed] = []  # per chunk trained by the last run(): choices and their cost
 
         default_test = None
         if test_dataset is not None:
@@ -177,6 +189,8 @@ class Experiment:
             keys.update({f"train_{m}": digest([loss, setup.data.fingerprint, m]) for m in ("loss", "acc")})
             keys.update({f"test_{m}": digest([loss, setup.data.test_fingerprint, m]) for m in ("loss", "acc")})
         keys.update({n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()})
+        if self.speed.precision != "float32":  # results of another precision are not float32 results
+            keys = {k: digest([v, self.speed.precision]) for k, v in keys.items()}
         return keys
 
     def _done(self, spec: LearnerSpec) -> bool:
@@ -195,6 +209,7 @@ class Experiment:
         plan = make_plan(self.grid, self._done, self.eval_batch_size, self.device, self.max_learners_per_chunk,
                          data_bytes=self.data_bytes)
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
+        plan.speed = self.speed.describe()
         return plan
 
     def run(self, plot: bool = False) -> xr.Dataset:
@@ -219,6 +234,7 @@ class Experiment:
 
     def _train(self, plan: Plan) -> None:
         self.store.create()
+        self.speed_report = []
         total = sum(len(c.learners) * self.schedule_of(c.learners[0].setup).total_steps for c in plan.chunks)
         data_cache: dict[tuple[int, int], TrainingData] = {}
         with tqdm(total=total, unit=" learner-steps", disable=not self.progress, desc=self.name) as bar:
@@ -231,7 +247,9 @@ class Experiment:
                 ids = [s.id for s in chunk.learners]
                 checkpoints = Checkpoints(self.store.path / "checkpoints", ids, self.checkpoint_every)
                 metrics = train_chunk(chunk.learners, data, schedule, self.loss, self.device, on_step=bar.update,
-                                      metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate)
+                                      metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate,
+                                      speed=self.speed, report=self.speed_report,
+                                      evaluation_learners=plan.evaluation_learners.get(chunk.structure))
                 diverged = metrics.pop("diverged_at")
                 self.store.write(ids, [s.config for s in chunk.learners], schedule.log_steps, metrics,
                                  per_learner={"diverged_at": diverged}, metric_keys=self.metric_keys(setup),

@@ -74,6 +74,7 @@ def derive_key(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+@torch.compiler.assume_constant_result  # a pure function of a constant string: torch.compile calls it while tracing
 def string_key(name: str) -> int:
     """A stable 63-bit integer for a string (e.g. a parameter name), to ``fold_in`` to a key.
 

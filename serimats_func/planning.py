@@ -41,10 +41,12 @@ class Plan:
     in_store: int
     chunks: list[Chunk] = field(default_factory=list)
     bytes_per_learner: dict[tuple, int] = field(default_factory=dict)
+    evaluation_learners: dict[tuple, int | None] = field(default_factory=dict)  # learners per evaluation pass
     memory_budget: int = 0
     device: str = "cpu"
     total_steps: int = 0
     store: str = ""
+    speed: str = ""
 
     @property
     def to_train(self) -> int:
@@ -61,11 +63,15 @@ class Plan:
         for structure, chunks in groups.items():
             n = sum(len(c.learners) for c in chunks)
             mib = self.bytes_per_learner[structure] / 2**20
+            evaluation = self.evaluation_learners.get(structure)
             lines.append(
                 f"  group {chunks[0].description}: {n} learners in {len(chunks)} chunk(s) of up to "
                 f"{max(len(c.learners) for c in chunks)}, about {mib:.1f} MiB per learner"
+                + (f", evaluated {evaluation} at a time" if evaluation else "")
             )
         lines.append(f"  memory budget: {self.memory_budget / 2**30:.1f} GiB")
+        if self.speed:
+            lines.append(f"  speed: {self.speed}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -106,36 +112,109 @@ def memory_budget(device: torch.device) -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) // 2
 
 
-def activation_bytes_per_example(template: nn.Module, example_x: torch.Tensor) -> int:
-    """Bytes of every module's outputs for one example (measured on a small batch)."""
-    total = 0
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Bytes one example's forward pass leaves, measured on the template."""
+
+    outputs: int  # every module's outputs: kept for the backward pass (inputs of the next module)
+    saved: int  # what autograd keeps for the backward pass (outputs, max-pool indices, masks...)
+    largest: int  # the largest single module output
+
+
+def activation_bytes(template: nn.Module, example_x: torch.Tensor) -> ActivationBytes:
+    """Per example, measured on a small batch in training mode, with autograd recording (nothing changes:
+    a copy of the template is used, in float32 as given)."""
+    outputs, largest, saved = 0, 0, {}
 
     def hook(_module, _inputs, output):
-        nonlocal total
+        nonlocal outputs, largest
         for t in pytrees.leaves(output):
             if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
+                outputs += t.numel() * t.element_size()
+                largest = max(largest, t.numel() * t.element_size())
 
-    probe = copy.deepcopy(template).eval()  # measuring changes nothing: no BatchNorm statistics, no dropout counter
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    probe = copy.deepcopy(template).train()  # measuring changes nothing in the template
     for m in probe.modules():
         m.register_forward_hook(hook)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        probe(example_x)
-    return max(1, total // len(example_x))
+    x = example_x.detach()
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        probe(x).sum()
+    for t in (x, *probe.parameters(), *probe.buffers()):  # the batch and the state are counted elsewhere
+        saved.pop(t.untyped_storage().data_ptr(), None)
+    n = len(x)
+    return ActivationBytes(max(1, outputs // n), max(1, sum(saved.values()) // n), max(1, largest // n))
 
 
-def bytes_per_learner(spec: LearnerSpec, batch_size: int, eval_batch_size: int) -> int:
-    """Estimated peak bytes of one learner in a vmapped step or evaluation."""
+def activation_bytes_per_example(template: nn.Module, example_x: torch.Tensor) -> int:
+    """Bytes of every module's outputs for one example (measured on a small batch)."""
+    return activation_bytes(template, example_x).outputs
+
+
+VMAP_ACTIVATIONS = 1.5  # vmapped activations take more than one learner's: layout copies (measured: LeNet-5, CPU)
+
+
+@dataclass(frozen=True)
+class LearnerMemory:
+    """Estimated bytes of one learner of a vmapped chunk.
+
+    - ``state``: params, buffers and optimizer state, on the device for the whole chunk;
+    - ``step``: what one training step adds at its peak: the new state and the gradients, the update's
+      temporaries (two parameter-sized tensors), and the batch's activations (what autograd saves, plus two of
+      the largest layer output for the gradients flowing back);
+    - ``evaluation``: one evaluation pass: two of the largest layer output per example of an evaluation batch,
+      and the logits of the largest set, twice (the whole-set loss needs them all: the batches' and their
+      concatenation).
+
+    Activations are counted ``VMAP_ACTIVATIONS`` times: vmapped layers copy them to move the learner axis.
+    """
+
+    state: int
+    step: int
+    evaluation: int
+
+    @property
+    def training(self) -> int:
+        return self.state + self.step
+
+
+def learner_memory(spec: LearnerSpec, batch_size: int, eval_batch_size: int) -> LearnerMemory:
+    """``LearnerMemory`` of a learner of ``spec``'s setup (all learners of a group are alike)."""
     setup = spec.setup
     template, example_x = setup.template, setup.template_info.example_x
     params = dict(template.named_parameters())
     param_bytes = pytrees.nbytes(params)
     twin = functional_twin(setup.optimizer_class, frozenset(setup.varied_hyperparameters), **setup.optimizer_values)
     opt_bytes = pytrees.nbytes(twin.init({k: params[k] for k in setup.trainable_names}))
-    per_example = activation_bytes_per_example(template, example_x)
-    train = 4 * param_bytes + opt_bytes + 3 * per_example * batch_size  # params, grads, new, temp
-    evaluation = 2 * param_bytes + opt_bytes + per_example * eval_batch_size
-    return max(train, evaluation)
+    buffer_bytes = pytrees.nbytes(dict(template.named_buffers()))
+    acts = activation_bytes(template, example_x)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        classes = copy.deepcopy(template).eval()(example_x).shape[-1]
+    largest_set = max(len(t) for t in (setup.data.x, setup.data.x_test) if t is not None)
+    state = param_bytes + buffer_bytes + opt_bytes
+    step = (state + 3 * param_bytes + 2 * param_bytes  # new state, gradients and more, update temporaries
+            + int(VMAP_ACTIVATIONS * batch_size * (acts.saved + 2 * acts.largest)))
+    logits = largest_set * classes * example_x.element_size()  # the batches' logits and their concatenation
+    evaluation = int(VMAP_ACTIVATIONS * eval_batch_size * 2 * acts.largest) + 2 * logits
+    return LearnerMemory(state, step, evaluation)
+
+
+def bytes_per_learner(spec: LearnerSpec, batch_size: int, eval_batch_size: int) -> int:
+    """Estimated peak bytes of one learner in a vmapped training step (the chunk size follows from it;
+    evaluation passes are sized apart, ``evaluation_learners``)."""
+    return learner_memory(spec, batch_size, eval_batch_size).training
+
+
+def evaluation_learners(memory: LearnerMemory, learners: int, budget: int) -> int | None:
+    """How many of a chunk's ``learners`` one evaluation pass may take within ``budget`` bytes, next to the
+    chunk's state; None when all fit (at least 2: evaluation passes take learners in pairs or more)."""
+    room = budget - learners * memory.state
+    fit = max(2, room // max(1, memory.evaluation))
+    return None if fit >= learners else fit
 
 
 def make_plan(
@@ -156,11 +235,12 @@ def make_plan(
     plan = Plan(grid_cells=len(grid.cells), learners=len(learners), in_store=len(learners) - len(missing),
                 memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device))
     for structure, specs in groups.items():
-        each = bytes_per_learner(specs[0], specs[0].setup.batch_size, eval_batch_size)
-        plan.bytes_per_learner[structure] = each
-        size = max(1, plan.memory_budget // each)
+        memory = learner_memory(specs[0], specs[0].setup.batch_size, eval_batch_size)
+        plan.bytes_per_learner[structure] = memory.training
+        size = max(1, plan.memory_budget // memory.training)
         if max_learners_per_chunk:
             size = min(size, max_learners_per_chunk)
+        plan.evaluation_learners[structure] = evaluation_learners(memory, min(size, len(specs)), plan.memory_budget)
         for start in range(0, len(specs), size):
             plan.chunks.append(Chunk(structure, specs[start : start + size]))
     return plan

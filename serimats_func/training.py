@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from torch.func import vmap
 
-from . import pytrees
+from . import acceleration, convolutions, pytrees
+from .acceleration import ChunkSpeed, Speed
 from .checkpoints import Checkpoints
 from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec, class_name
@@ -155,7 +157,7 @@ def initial_state(specs: Sequence[LearnerSpec], hooks: Hooks, device: torch.devi
     state["opt"] = vmap(twin.init)({k: state["params"][k] for k in setup.trainable_names})
     state["hparams"] = _hyperparameters(twin, specs)
     state["diverged_at"] = torch.full((len(specs),), -1, dtype=torch.int64)
-    return pytrees.to(state, device)
+    return pytrees.tree_map(lambda t: t.to(device).contiguous(), state)  # no expanded (stride 0) leaves
 
 
 def _hyperparameters(twin, specs: Sequence[LearnerSpec]) -> dict[str, torch.Tensor]:
@@ -169,6 +171,25 @@ def _hyperparameters(twin, specs: Sequence[LearnerSpec]) -> dict[str, torch.Tens
             resolved[key] = twin.hparams(**values)
         rows.append(resolved[key])
     return {k: torch.stack([row[k] for row in rows]) for k in twin.numeric}
+
+
+def _orders(data_keys: Sequence[int], epoch: int, n: int, device: torch.device) -> torch.Tensor:
+    """An epoch's data orders (K, n) on ``device``; drawn on the CPU, copied without waiting on CUDA."""
+    orders = epoch_orders(data_keys, epoch, n, torch.device("cpu"))
+    if device.type == "cuda":
+        return orders.pin_memory().to(device, non_blocking=True)
+    return orders.to(device)
+
+
+def _structure_key(specs: Sequence[LearnerSpec], hooks: Hooks, twin, shared: bool, loss_fn: LossFn, speed: Speed) -> tuple:
+    """What a chunk's step is made of, for the caches of convolution plans and compiled steps: chunks with equal
+    keys run the same code on the same shapes."""
+    setup = specs[0].setup
+    points = tuple((point, tuple((h.name, h.module) for h in getattr(hooks, point)))
+                   for point in ("batch", "activations", "gradients", "hyperparameters", "params"))
+    return (id(setup.template), tuple(setup.data.x.shape[1:]), setup.batch_size, setup.dtype,
+            tuple(setup.trainable_names), twin.name, setup.optimizer_structure(), points, shared, id(loss_fn),
+            speed.precision)
 
 
 def chunk_optimizer(specs: Sequence[LearnerSpec]):
@@ -187,9 +208,15 @@ def train_chunk(
     metrics: Mapping[str, MetricFn] | None = None,
     checkpoints: Checkpoints | None = None,
     evaluate: bool = True,
+    speed: Speed | None = None,
+    report: list[ChunkSpeed] | None = None,
+    evaluation_learners: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Train one chunk of learners of one structure; returns each metric as (N, len(log_steps)), and
     ``diverged_at`` (N,). With ``checkpoints``, resume from the last one and save new ones when due.
+    ``speed`` says how the step may be accelerated (default ``Speed()``); what was chosen, and what choosing
+    and compiling cost, is appended to ``report``. ``evaluation_learners`` caps the learners of one evaluation
+    pass (memory: ``planning.evaluation_learners``).
 
     A lone learner is trained as two identical copies: with a learner axis of 1, torch turns batched
     matmuls into plain ones whose rounding differs, and a learner must give the same numbers whether it
@@ -206,12 +233,28 @@ def train_chunk(
     data_keys = list(dict.fromkeys(s.data_key for s in specs))
     shared = len(data_keys) == 1
     which_order = torch.tensor([data_keys.index(s.data_key) for s in specs], device=device)  # (N,)
-    step_fn = make_train_step(template, twin, loss_fn, hooks, shared_batch=shared, trainable=setup.trainable_names)
-    logits_fn = make_logits(template)
-    first = batch_indices(epoch_orders(data_keys[:1], 0, len(data.x), device), 0, data.batch_size)[0]
+    speed = speed or Speed()
+    autocast = partial(acceleration.autocast, speed.precision, device)
+
+    def build(plan: str) -> tuple[Callable, Callable]:
+        layers = convolutions.plan_for(template, plan) if plan in convolutions.PLANS else {}
+        return (make_train_step(template, twin, loss_fn, hooks, shared_batch=shared, trainable=setup.trainable_names,
+                                layers=layers, autocast=autocast, per_learner=plan == "serial"),
+                make_logits(template, layers))
+
+    first = batch_indices(_orders(data_keys[:1], 0, len(data.x), device), 0, data.batch_size)[0]
     xb, yb = data.x[first], data.y[first]
-    check_pure(step_fn, state, xb if shared else xb.expand(len(specs), *xb.shape), yb if shared else
-               yb.expand(len(specs), *yb.shape), hooks)
+    if not shared:
+        xb, yb = xb.expand(len(specs), *xb.shape), yb.expand(len(specs), *yb.shape)
+    check_pure(build("vmap")[0], state, xb, yb, hooks)
+    structure = _structure_key(specs, hooks, twin, shared, loss_fn, speed)
+    long_run = schedule.total_steps - start >= acceleration.MEASURE_MIN_STEPS
+    with acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
+        step_fn = acceleration.prepare_step(build, template, structure, (state, xb, yb, torch.tensor(start, device=device)),
+                                            schedule.total_steps - start, len(specs), device, speed)
+    if report is not None:
+        report.append(step_fn.report)
+    logits_fn = step_fn.logits
 
     custom = vmapped_metrics(template, metrics) if metrics else None
     records = records or {m: [] for m in (DEFAULT_METRICS if evaluate else ())}
@@ -227,8 +270,11 @@ def train_chunk(
                     nan = torch.full((len(specs),), float("nan"), dtype=torch.float64, device=device)
                     loss, acc = nan, nan
                 else:
+                    group = acceleration.evaluation_group(logits_fn, state["params"], state["buffers"], x,
+                                                          data.eval_batch_size, (structure, len(specs), tuple(x.shape)),
+                                                          device, measure=long_run, cap=evaluation_learners)
                     loss, acc = evaluate_dataset(logits_fn, loss_fn, state["params"], state["buffers"], x, y,
-                                                 data.eval_batch_size)
+                                                 data.eval_batch_size, learners_per_pass=group)
                 values[f"{name}_loss"], values[f"{name}_acc"] = loss, acc
         if custom is not None:
             values.update({k: v.to(torch.float64) for k, v in custom(state["params"], state["buffers"]).items()})
@@ -237,7 +283,8 @@ def train_chunk(
         template.train()
 
     template.train()
-    with torch.no_grad():
+    step_numbers = torch.arange(schedule.total_steps + 1, device=device)  # on the device: no copy per step
+    with torch.no_grad(), acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
         if start == 0 and 0 in log_steps:
             record()
         on_step(start * n_learners)
@@ -245,14 +292,14 @@ def train_chunk(
         for step in range(start, schedule.total_steps):
             epoch, position = divmod(step, schedule.steps_per_epoch)
             if position == 0 or orders is None:
-                orders = epoch_orders(data_keys, epoch, len(data.x), device)  # (K, n)
+                orders = _orders(data_keys, epoch, len(data.x), device)  # (K, n)
             idx = batch_indices(orders, position, data.batch_size)  # (K, B)
             if shared:
                 xb, yb = data.x[idx[0]], data.y[idx[0]]  # (B, ...)
             else:
                 idx = idx[which_order]  # (N, B)
                 xb, yb = data.x[idx], data.y[idx]  # (N, B, ...)
-            state, _ = step_fn(state, xb, yb, torch.tensor(step, device=device))
+            state, _ = step_fn(state, xb, yb, step_numbers[step])
             if step + 1 in log_steps:
                 record()
             on_step(n_learners)

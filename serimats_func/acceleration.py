@@ -1,0 +1,318 @@
+"""How a chunk's step runs fast: the convolution plan, ``torch.compile``, precision and CPU memory.
+
+``Speed`` holds the choices an ``Experiment`` takes (``compile=``, ``convolutions=``, ``precision=``);
+``prepare_step`` turns them into the step and evaluation functions of one chunk, measuring what it must,
+and says what it chose and what that cost in a ``ChunkSpeed`` report.
+
+- **Convolutions** (``convolutions.py``): ``"auto"`` measures the candidate plans on the chunk's own learners
+  when the chunk trains long enough (``MEASURE_MIN_STEPS``), else takes the device's default; a plan name
+  forces it; ``"vmap"`` is torch.func's own batching rule.
+- **Compilation**: the whole step (hooks, forward, backward, optimizer) under ``torch.compile(fullgraph=True)``,
+  vmap inside, on CUDA with CUDA graphs (``mode="reduce-overhead"``). ``"auto"`` compiles when the measured
+  eager step times the steps left exceeds ``AUTO_COMPILE_SECONDS`` of the device (compiling costs seconds
+  to minutes; inductor caches the kernels on disk, so later runs pay less), and keeps the compiled step only
+  if it is faster than the eager one; ``True``/``False`` force it. A compiled step is built once per process
+  for each structure and reused by every chunk of that structure.
+- **Precision**: ``"float32"`` (default), ``"tf32"`` (TensorFloat-32 matmuls and convolutions on CUDA, oneDNN's
+  reduced-precision float32 on CPUs that have it) or ``"bf16"`` (forward and backward under bfloat16
+  autocast; parameters, optimizer state and metrics stay float32). Only when asked: both change results
+  beyond float32 rounding, and a stored result is reused only by a run of the same precision.
+- **CPU memory**: on Linux with glibc, training keeps freed memory in the process instead of returning
+  large blocks to the system (``keep_freed_memory``): the stacked activations of many learners are tens
+  of MiB, and mapping fresh pages for each took as long as the arithmetic.
+
+>>> Speed(compile=False, convolutions="vmap").plain
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import convolutions
+
+# compile when the eager chunk would take longer: compiling costs minutes when inductor's cache is cold (5 min for
+# a small convolutional step on a 2-core CPU), seconds when it is warm
+AUTO_COMPILE_SECONDS = {"cpu": 1800.0, "cuda": 300.0}
+COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager": the same graphs without generating kernels
+MEASURE_MIN_STEPS = 200  # measure (convolution plans, eager step time) only for chunks at least this long
+PRECISIONS = ("float32", "tf32", "bf16")
+PLANS = (*convolutions.PLANS, "serial")  # "serial": each learner's forward and backward in turn, without vmap
+SERIAL_MAX_LEARNERS = {"cpu": 4}
+RECOMPILE_LIMIT = 256  # the default plan of a convolutional model with at most this many learners
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What the library may do to train faster. ``Speed(compile=False, convolutions="vmap")`` is the plain
+    path: torch.func's own vmap of the step, the reference for every other."""
+
+    compile: bool | str = "auto"
+    convolutions: str = "auto"
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"compile= takes True, False or 'auto'; got {self.compile!r}.")
+        if self.convolutions != "auto" and self.convolutions not in PLANS:
+            raise ValueError(f"convolutions= takes 'auto' or one of {', '.join(PLANS)}; "
+                             f"got {self.convolutions!r}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision= takes one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
+
+    @property
+    def plain(self) -> bool:
+        return self.compile is False and self.convolutions == "vmap" and self.precision == "float32"
+
+    def describe(self) -> str:
+        """In words, for ``Experiment.plan()``."""
+        compile_words = {True: "compiled step", False: "eager step",
+                         "auto": f"eager step, compiled when a chunk would train longer than "
+                                 f"{AUTO_COMPILE_SECONDS['cpu']:.0f} s (CPU) / {AUTO_COMPILE_SECONDS['cuda']:.0f} s (CUDA)"}
+        conv = "convolutions measured per chunk" if self.convolutions == "auto" else f"convolutions '{self.convolutions}'"
+        return f"{compile_words[self.compile]}; {conv}; {self.precision}"
+
+
+@dataclass
+class ChunkSpeed:
+    """What ``prepare_step`` chose for one chunk, and what choosing and compiling cost (seconds)."""
+
+    learners: int
+    plan: str = "vmap"
+    layers: dict[str, str] = field(default_factory=dict)
+    plan_measured: bool = False
+    compiled: bool = False
+    compile_s: float = 0.0
+    measure_s: float = 0.0
+    eager_step_s: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class PreparedStep:
+    step: Callable  # step(state, x, y, t) -> (state, loss)
+    logits: Callable  # logits(params, buffers, x) -> (N, B, classes), template in eval mode
+    report: ChunkSpeed
+    cuda_graphs: bool = False
+
+    def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        return self.step(state, x, y, t)
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: torch.nn.Module, key: tuple,
+                 run_args: tuple, steps_left: int, n: int, device: torch.device, speed: Speed) -> PreparedStep:
+    """The step of a chunk of ``n`` learners. ``build(plan)`` makes its eager step and logits functions for a
+    plan of ``PLANS``; ``run_args`` (state, x, y, t) are what one step takes, for measuring (the step is pure:
+    nothing is changed); ``key`` names the chunk's structure (for the caches of plans and compiled steps)."""
+    report = ChunkSpeed(learners=n)
+    worth_measuring = steps_left >= MEASURE_MIN_STEPS
+    built_steps: dict[str, tuple[Callable, Callable]] = {}
+
+    def built(plan: str) -> tuple[Callable, Callable]:
+        if plan not in built_steps:
+            built_steps[plan] = build(plan)
+        return built_steps[plan]
+
+    def run(plan: str) -> None:
+        with torch.no_grad():
+            built(plan)[0](*run_args)
+
+    start = time.perf_counter()
+    has_convolutions = bool(convolutions.convolutions_of(template))
+    if speed.precision == "bf16" or (speed.convolutions == "auto" and not has_convolutions):
+        report.plan = "vmap"  # bf16: autocast casts inside torch's own kernels, which the custom layers bypass
+    elif speed.convolutions == "auto":
+        plan_key = (key, n, str(device), tuple(run_args[1].shape))
+        report.plan_measured = worth_measuring and plan_key not in _CHOSEN
+        report.plan = choose_plan(run, plan_key, device, n, measure=worth_measuring)
+    else:
+        report.plan = speed.convolutions
+    report.layers = convolutions.plan_for(template, report.plan) if report.plan in convolutions.PLANS else {}
+    step, logits = built(report.plan)
+
+    compile_now = speed.compile is True
+    if speed.compile == "auto" and worth_measuring:
+        report.eager_step_s = _seconds(lambda: run(report.plan), device, repeats=2)
+        estimate = report.eager_step_s * steps_left
+        compile_now = estimate > AUTO_COMPILE_SECONDS.get(device.type, AUTO_COMPILE_SECONDS["cuda"])
+        report.reason = f"eager estimate {estimate:.0f} s for {steps_left} steps"
+    elif speed.compile == "auto":
+        report.reason = f"{steps_left} steps: too short to measure, eager"
+    report.measure_s = time.perf_counter() - start
+
+    prepared = PreparedStep(step, logits, report)
+    if not compile_now:
+        return prepared
+    compiled_key = (key, report.plan, str(device))
+    if compiled_key not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[compiled_key] = torch.compile(step, fullgraph=True, mode=mode if COMPILE_BACKEND == "inductor" else None,
+                                                backend=COMPILE_BACKEND)
+        # Each experiment's step is a new closure of the same code, which dynamo compiles anew; past its default
+        # limit of 8 per code object it would silently run the step eagerly.
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    compiled = PreparedStep(_COMPILED[compiled_key], logits, report, cuda_graphs=device.type == "cuda")
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled(*run_args)  # compiles now (or finds it in the caches), apart from the training time
+    _synchronize(device)
+    report.compile_s = time.perf_counter() - start
+    if speed.compile == "auto":  # keep it only if it is faster than the eager step
+        def run_compiled() -> None:
+            with torch.no_grad():
+                compiled(*run_args)
+
+        compiled_s = _seconds(run_compiled, device, repeats=2)
+        if compiled_s >= 0.95 * report.eager_step_s:
+            report.reason += f"; compiled step {compiled_s:.3g} s not faster than eager {report.eager_step_s:.3g} s"
+            return prepared
+        report.reason += f"; compiled step {compiled_s:.3g} s vs eager {report.eager_step_s:.3g} s"
+    report.compiled = True
+    return compiled
+
+
+_CHOSEN: dict[tuple, str] = {}
+
+
+def default_plan(device: torch.device, n: int) -> str:
+    """The plan of a convolutional model when there is no measurement: on a CPU, the learners one after another
+    up to ``SERIAL_MAX_LEARNERS``, else one matrix product for the first layer and channels-last grouped
+    convolutions; on CUDA, grouped convolutions (cuDNN's)."""
+    if device.type == "cpu":
+        return "serial" if n <= SERIAL_MAX_LEARNERS["cpu"] else "gemm"
+    return "grouped"
+
+
+def choose_plan(run: Callable[[str], None], key: tuple, device: torch.device, n: int, measure: bool,
+                candidates: tuple[str, ...] = PLANS) -> str:
+    """The plan of a convolutional model's step: with ``measure``, each candidate runs one step to warm up and two
+    timed (``run(plan)``), and the fastest wins, cached under ``key`` (structure, learners, device, batch shape);
+    otherwise the cached choice or ``default_plan``."""
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    if not measure:
+        return default_plan(device, n)
+    timings = {plan: _seconds(lambda plan=plan: run(plan), device, repeats=2) for plan in candidates}
+    _CHOSEN[key] = min(timings, key=timings.get)
+    return _CHOSEN[key]
+
+
+_EVAL_GROUPS: dict[tuple, int] = {}
+EVAL_GROUP_CANDIDATES = (None, 32, 8)  # learners per evaluation pass (None: all)
+
+
+def evaluation_group(logits: Callable, params: dict, buffers: dict, x: torch.Tensor, batch_size: int,
+                     key: tuple, device: torch.device, measure: bool, cap: int | None = None) -> int | None:
+    """How many learners to evaluate per pass (``step.evaluate_dataset``'s ``learners_per_pass``, None: all), at
+    most ``cap`` (what memory allows, ``planning.evaluation_learners``): the fastest per learner on one evaluation
+    batch, measured once per ``key`` when ``measure``. Every choice gives the same numbers."""
+    if key in _EVAL_GROUPS:
+        return _EVAL_GROUPS[key]
+    n = len(next(iter(params.values())))
+    candidates = [k for k in EVAL_GROUP_CANDIDATES if (k is None and cap is None) or (k is not None and 2 <= k < n)]
+    if cap is not None:
+        candidates = sorted({min(k, cap) for k in candidates} | {cap}, reverse=True)
+    if not measure or len(candidates) <= 1:
+        return cap
+    batch = x[:batch_size]
+    timings = {}
+    for k in candidates:
+        size = n if k is None else k
+
+        def run(size: int = size) -> None:
+            with torch.no_grad():
+                logits({name: p[:size] for name, p in params.items()},
+                       {name: b[:size] for name, b in buffers.items()}, batch)
+
+        timings[k] = _seconds(run, device, repeats=2) / size
+    choice = min(timings, key=timings.get)
+    _EVAL_GROUPS[key] = choice
+    return choice
+
+
+def _seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    fn()  # first call: allocation, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def precision(mode: str, device: torch.device) -> Iterator[None]:
+    """Float32 matmuls and convolutions at ``mode`` inside the block (``"tf32"``: TensorFloat-32 on CUDA,
+    ``torch.set_float32_matmul_precision("high")`` elsewhere); ``"float32"`` and ``"bf16"`` change nothing here
+    (bf16 is autocast inside the step, ``autocast``)."""
+    if mode != "tf32":
+        yield
+        return
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1], before[2]
+
+
+def autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for the forward pass when ``mode`` is ``"bf16"``, else nothing."""
+    if mode == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def keep_freed_memory(device: torch.device) -> Iterator[None]:
+    """While training on the CPU with glibc: serve every allocation from the heap and keep freed memory
+    (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``), so that a step's large tensors
+    reuse pages instead of mapping fresh ones; glibc's defaults come back afterwards. Elsewhere: nothing."""
+    libc = _libc() if device.type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(param, value)
