@@ -386,7 +386,7 @@ def _poolings(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if type(m) is nn.MaxPool2d and not m.return_indices]
 
 
-def accelerate(model: nn.Module, plan: Mapping[str, str]) -> nn.Module:
+def accelerate(model: nn.Module, plan: Mapping[str, str], pooling: bool = True) -> nn.Module:
     """A copy of ``model`` in which each convolution named in ``plan`` runs its strategy (``"vmap"``: left as
     it is) and, when any does, each ``nn.MaxPool2d`` folds the learners into its channels. Parameter and
     buffer names are unchanged; the copy shares nothing with ``model``."""
@@ -396,7 +396,7 @@ def accelerate(model: nn.Module, plan: Mapping[str, str]) -> nn.Module:
         if strategy not in STRATEGIES:
             raise ValueError(f"Unknown convolution strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.")
         _replace(model, name, VmapConv(model.get_submodule(name), strategy))
-    if active:
+    if active and pooling:
         for name in _poolings(model):
             _replace(model, name, VmapMaxPool2d(model.get_submodule(name)))
     return model

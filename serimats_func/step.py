@@ -188,7 +188,7 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
         model.train()  # a copy for this step: always in training mode
     names = list(dict(template.named_parameters())) if trainable is None else list(trainable)
 
-    def gradients(state, x, y, t):  # one learner
+    def gradients(state, x, y, t, differentiate=grad_and_value):  # one learner
         inter = state["interventions"]
         (x, y), inter = _run(hooks.batch, (x, y), inter, t)
         params = state["params"]
@@ -204,7 +204,7 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
                 hooked = points.end(inter)
             return loss_fn(logits.float() if logits.dtype == torch.bfloat16 else logits, y), (b, hooked)
 
-        grads, (loss, (buffers, inter)) = grad_and_value(loss_of, has_aux=True)(train)
+        grads, (loss, (buffers, inter)) = differentiate(loss_of, has_aux=True)(train)
         grads, inter = _run(hooks.gradients, grads, inter, t)
         hparams, inter = _run(hooks.hyperparameters, state["hparams"], inter, t)
         return grads, loss, buffers, inter, hparams
@@ -215,10 +215,10 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
     data_dim = None if shared_batch else 0
     vmapped_gradients = vmap(gradients, in_dims=(0, data_dim, data_dim, None))
 
-    def looped_gradients(state, x, y, t):  # the learners one after another
+    def looped_gradients(state, x, y, t):  # the learners one after another, with torch.autograd
         n = len(state["diverged_at"])
-        outs = [gradients(pytrees.index(state, i), x if shared_batch else x[i], y if shared_batch else y[i], t)
-                for i in range(n)]
+        outs = [gradients(pytrees.index(state, i), x if shared_batch else x[i], y if shared_batch else y[i], t,
+                          differentiate=autograd_grad_and_value) for i in range(n)]
         return pytrees.stack(outs)
 
     if per_learner:
@@ -239,6 +239,21 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
         return new_state, loss
 
     return step
+
+
+def autograd_grad_and_value(fn: Callable, has_aux: bool = True) -> Callable:
+    """``torch.func.grad_and_value(fn, has_aux=True)`` computed with ``torch.autograd.grad`` outside any torch.func
+    transform: the same backward formulas, without functorch's wrapper around every tensor (cheaper for one
+    learner at a time). Parameters that do not reach the loss get zero gradients, as with torch.func."""
+    def run(params: dict) -> tuple[dict, tuple]:
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            loss, aux = fn(leaves)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads, strict=True)}
+        return grads, (loss.detach(), pytrees.tree_map(lambda t: t.detach(), aux))
+
+    return run
 
 
 def stacked_update(twin: FunctionalOptimizer, grads: dict, opt: dict, params: dict, hparams: dict) -> tuple[dict, dict]:
