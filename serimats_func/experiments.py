@@ -25,7 +25,7 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import pytrees
+from . import pytrees, trial
 from .checkpoints import Checkpoints
 from .data import as_tensors, steps_per_epoch
 from .grid import Grid, LearnerSpec, build_grid
@@ -69,6 +69,10 @@ class Experiment:
         logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too.
         checkpoint_every: save the chunk in training every this many steps (default: every 10
             minutes), so that a crash loses at most the work since; ``run()`` resumes from it.
+
+    Building an Experiment checks everything it can before anything is written: settings, data, model,
+    interventions, metrics, and one trial training step of a few learners of each group on the CPU (see
+    ``serimats_func.trial``). A mistake raises ``ValueError`` (or ``TypeError``) naming the problem and the fix.
     """
 
     def __init__(
@@ -149,6 +153,10 @@ class Experiment:
         for setup in {id(s.setup.template): s.setup for s in self.grid.learners}.values():
             probe = pytrees.stack([initial_model_state(setup.template, init_key=0, dropout_key=0)])
             self.logger.check(setup.template, probe["params"], probe["buffers"])
+        for group in trial.groups(self.grid.learners):  # what only shows in training fails now, not in run()
+            setup = group[0].setup
+            smallest = trial.smallest_batch(len(setup.data.x), setup.batch_size, self.schedule_of(setup).total_steps)
+            trial.trial_step(group, self.loss, smallest)
         self.store = Store(store if store is not None else Path("runs") / f"{self.name}.zarr")
         self.store.check()
 

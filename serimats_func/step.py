@@ -257,14 +257,21 @@ def check_pure(step: Callable, state: dict, x: torch.Tensor, y: torch.Tensor, ho
     try:
         step(pytrees.tree_map(meta, state), meta(x), meta(y), torch.zeros((), dtype=torch.int64, device="meta"))
     except Exception as error:
-        if not any(sign in str(error) for sign in HOST_SYNC_SIGNS):
-            return
-        names = sorted({h.name for point in (hooks.batch, hooks.activations, hooks.gradients, hooks.hyperparameters,
-                                             hooks.params) for h in point})
-        where = f" (interventions in this step: {', '.join(names)})" if names else ""
-        raise ValueError(
-            f"The training step reads a tensor's value in Python or copies it to the host{where}: "
-            f"{type(error).__name__}: {error}. One step serves every learner of a group at once, so hooks, models "
-            "and losses must not branch on a tensor's value (`if step > 100:`), call .item(), float(tensor), .cpu() "
-            "or .numpy(): use torch.where on tensors instead (e.g. torch.where(ctx.step >= 100, new, old))."
-        ) from error
+        refusal = host_sync_error(error, hooks)
+        if refusal is not None:
+            raise refusal from error
+
+
+def host_sync_error(error: Exception, hooks: Hooks) -> ValueError | None:
+    """The refusal of a step that failed because it reads a tensor's value in Python (None for other errors)."""
+    if not any(sign in str(error) for sign in HOST_SYNC_SIGNS):
+        return None
+    names = sorted({h.name for point in (hooks.batch, hooks.activations, hooks.gradients, hooks.hyperparameters,
+                                         hooks.params) for h in point})
+    where = f" (interventions in this step: {', '.join(names)})" if names else ""
+    return ValueError(
+        f"The training step reads a tensor's value in Python or copies it to the host{where}: "
+        f"{type(error).__name__}: {error}. One step serves every learner of a group at once, so hooks, models "
+        "and losses must not branch on a tensor's value (`if step > 100:`), call .item(), float(tensor), .cpu() "
+        "or .numpy(): use torch.where on tensors instead (e.g. torch.where(ctx.step >= 100, new, old))."
+    )
