@@ -68,9 +68,61 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--epochs", type=int, default=20)
     d.add_argument("--store", default="runs/demo.zarr", help="Zarr store to write (reused when it exists)")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_submit_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.epochs, args.store, progress=not args.no_progress)
+    if args.command == "submit":
+        return submit(args)
+    return 0
+
+
+def add_submit_parser(commands: argparse._SubParsersAction) -> None:
+    s = commands.add_parser("submit", help="train a script's experiment as shards of cluster jobs (submitit)",
+                            description="Runs SCRIPT (not as __main__), takes the Experiment it defines, and trains "
+                            "the learners missing from its store as --shards jobs: on Slurm when submitit finds "
+                            "it, as local processes otherwise (--cluster local forces them).")
+    s.add_argument("script", help="a Python file that defines one Experiment at module level")
+    s.add_argument("--experiment", help="the variable name of the Experiment, if the script defines several")
+    s.add_argument("--shards", type=int, default=1)
+    s.add_argument("--folder", default=None, help="submitit's folder for job files and logs (default: runs/<name>_jobs)")
+    s.add_argument("--cluster", choices=("auto", "slurm", "local"), default="auto")
+    s.add_argument("--slurm-partition")
+    s.add_argument("--gpus-per-node", type=int)
+    s.add_argument("--cpus-per-task", type=int)
+    s.add_argument("--mem-gb", type=float)
+    s.add_argument("--timeout-min", type=int, default=60)
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def submit(args: argparse.Namespace) -> int:
+    """``serimats-func submit``: the script's experiment, trained as shards of submitit jobs."""
+    try:
+        import submitit
+    except ImportError:
+        print("serimats-func submit needs submitit: pip install -e \".[cluster]\" (or pip install submitit)",
+              file=sys.stderr)
+        return 2
+    from .cluster import ScriptSource, ShardError, run_sharded
+
+    source = ScriptSource(str(Path(args.script).resolve()), args.experiment)
+    exp = source.load()
+    exp.progress = not args.no_progress
+    folder = args.folder or str(exp.store.path.with_name(exp.store.path.stem + "_jobs"))
+    executor = submitit.AutoExecutor(folder, cluster=None if args.cluster == "auto" else args.cluster)
+    options = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_node, "cpus_per_task": args.cpus_per_task,
+               "mem_gb": args.mem_gb, "slurm_partition": args.slurm_partition, "name": f"serimats-{exp.name}"}
+    executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
+    plan = exp.plan()
+    print(f"{plan.to_train} learners to train as {args.shards} shard(s) on {executor.cluster}; {plan.in_store} already "
+          f"in {exp.store.path}; job files and logs in {folder}")
+    try:
+        ds = run_sharded(exp, executor, args.shards, source=source)
+    except ShardError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"done: {sum(1 for _, s in exp.grid.cells if s.id)} cells of {exp.name} in {exp.store.path} "
+          f"({', '.join(f'{k}={v}' for k, v in ds.sizes.items())})")
     return 0
 
 

@@ -18,7 +18,9 @@ import numbers
 import platform
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import xarray as xr
@@ -121,6 +123,7 @@ class Experiment:
             raise ValueError(f"dtype must be a floating point torch.dtype such as torch.float32 or torch.float64; "
                              f"got {dtype!r}.")
         self.default_optimizer = DEFAULT_OPTIMIZER if optimizer is None else as_optimizer(optimizer)
+        self.requested_device = None if device is None else str(device)  # a shard on another node decides again
         self.device = _device(device)
 
         default_test = None
@@ -205,16 +208,39 @@ class Experiment:
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
         return plan
 
-    def run(self, plot: bool = False) -> xr.Dataset:
+    def run(self, plot: bool = False, executor: Any = None, shards: int | None = None) -> xr.Dataset:
         """Train the learners missing from the store, then return the whole grid's results.
-        With ``plot=True``, also save one PNG per metric next to the store."""
-        plan = self.plan()
-        if plan.chunks:
-            self._train(plan)
-        ds = self.results()
+        With ``plot=True``, also save one PNG per metric next to the store. With a submitit ``executor``
+        (``submitit.AutoExecutor(folder)``: Slurm on a cluster, local processes elsewhere), train them as
+        ``shards`` jobs (default 1) and wait for them (see ``serimats_func.cluster``)."""
+        if executor is not None:
+            from .cluster import run_sharded
+
+            ds = run_sharded(self, executor, 1 if shards is None else shards)
+        else:
+            if shards is not None:
+                raise ValueError("shards= needs an executor=, e.g. submitit.AutoExecutor('runs/jobs').")
+            plan = self.plan()
+            if plan.chunks:
+                self._train(plan)
+            ds = self.results()
         if plot:
             Plotter(ds).save_all(self.store.path.with_name(self.store.path.stem + "_plots"))
         return ds
+
+    def learners_to_train(self) -> list[LearnerSpec]:
+        """The grid's learners that ``run()`` would train."""
+        return [spec for chunk in self.plan().chunks for spec in chunk.learners]
+
+    def train_only(self, ids: Sequence[str]) -> int:
+        """Train those of the learners ``ids`` that are still missing (a shard's work); returns how many."""
+        wanted = set(ids)
+        plan = self.plan()
+        plan.chunks = [c for c in ((replace(c, learners=[s for s in c.learners if s.id in wanted])) for c in plan.chunks)
+                       if c.learners]
+        if plan.chunks:
+            self._train(plan)
+        return plan.to_train
 
     def _training_data(self, setup: Setup) -> TrainingData:
         d = setup.data
