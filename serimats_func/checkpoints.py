@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,8 @@ class Checkpoints:
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self._last = time.monotonic()
         self.saved: str | None = None
+        self.current: tuple[int, Any] | None = None  # (updates done, the chunk's state then)
+        self._snapshot: Callable[[], tuple[Sequence[int], Mapping[str, np.ndarray]]] | None = None
 
     def due(self, step: int) -> bool:
         """Whether to save after ``step`` updates: every ``every_steps`` if set, else on time."""
@@ -109,6 +111,32 @@ class Checkpoints:
     @property
     def path(self) -> str:
         return str(self.store.path / "checkpoints" / (self.saved or ""))
+
+    def follow(self, step: int, state: Any, snapshot: Callable[[], tuple[Sequence[int], Mapping[str, np.ndarray]]]) -> None:
+        """Follow a chunk from ``step``: ``snapshot()`` gives its logged steps recorded in full so far and their
+        metrics; ``track`` gives its state as it goes."""
+        self._start, self._snapshot = step, snapshot
+        self.track(step, state)
+
+    def track(self, step: int, state: Any) -> None:
+        self.current = (step, state)  # one assignment: a Ctrl-C never sees a step without its state
+
+    def interrupted(self, total: int) -> KeyboardInterrupt:
+        """After a Ctrl-C: save the chunk where it got (if it got anywhere), and say how to resume."""
+        start = getattr(self, "_start", 0)
+        done, state = self.current or (start, None)
+        if state is None or self._snapshot is None or done <= start:
+            return KeyboardInterrupt(f"Interrupted at step {done} of {total}, with nothing new to save: run the "
+                                     f"experiment again (exp.run()) to resume from step {start}.")
+        steps, metrics = self._snapshot()
+        keep = [i for i, s in enumerate(steps) if s <= done]
+        try:
+            self.save(done, state, [steps[i] for i in keep], {m: v[:, keep] for m, v in metrics.items()})
+        except Exception as error:  # a full disk, say: the last checkpoint is still there
+            return KeyboardInterrupt(f"Interrupted at step {done} of {total}; the checkpoint could not be saved "
+                                     f"({error}). Run the experiment again (exp.run()) to resume from the last one.")
+        return KeyboardInterrupt(f"Interrupted at step {done} of {total}: the chunk is saved in {self.path}. Run the "
+                                 f"same experiment again (exp.run()) to resume from step {done}.")
 
 
 # -- one learner back as plain PyTorch ---------------------------------------------------------------------

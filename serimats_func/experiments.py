@@ -42,7 +42,7 @@ from .results import assemble
 from .resume import Need, Start, start_of
 from .setup import Setup, SetupContext
 from .store import Store
-from .training import ChunkStart, Schedule, TrainingData, interrupted, train_chunk
+from .training import ChunkStart, Schedule, TrainingData, train_chunk
 
 DEFAULT_OPTIMIZER = Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
 
@@ -73,8 +73,9 @@ class Experiment:
         checkpoint_every: save the chunk in training every this many steps (default: every 10
             minutes), so that a crash loses at most the work since; ``run()`` resumes from it.
         keep_states, keep_every: also keep every learner's full state (params, buffers, optimizer state) in the
-            store at these steps, or every this many steps (from 0); ``load_learner`` gives one back. The final
-            state is always kept, so that asking for more steps later continues from it.
+            store at these steps, or every this many steps; ``load_learner`` gives one back. The final state is
+            always kept, so that asking for more steps later continues from it. Asking for a state the store
+            lacks trains the learner again from the latest state it holds before that step.
     """
 
     def __init__(
@@ -121,7 +122,7 @@ class Experiment:
             _positive_int("checkpoint_every", checkpoint_every)
         if keep_every is not None:
             _positive_int("keep_every", keep_every)
-        if isinstance(keep_states, (str, bytes)) or not isinstance(keep_states, Sequence | range | set | frozenset) or any(
+        if isinstance(keep_states, (str, bytes)) or not isinstance(keep_states, (Sequence, set, frozenset)) or any(
                 isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 for k in keep_states):
             raise ValueError(f"keep_states must be a list of steps (integers >= 0); got {keep_states!r}.")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -200,7 +201,7 @@ class Experiment:
 
     def keep_steps(self, schedule: Schedule) -> tuple[int, ...]:
         """The steps at which full states are kept (``keep_states``, ``keep_every``), up to the last."""
-        every = range(0, schedule.total_steps + 1, self.keep_every) if self.keep_every else ()
+        every = range(self.keep_every, schedule.total_steps + 1, self.keep_every) if self.keep_every else ()
         return tuple(sorted({k for k in (*self.keep_states, *every) if k <= schedule.total_steps}))
 
     def need(self, spec: LearnerSpec) -> Need:
@@ -287,16 +288,17 @@ class Experiment:
         ids, configs, keys = [s.id for s in specs], [s.config for s in specs], self.metric_keys(setup)
         environment = _environment(self.device)
         checkpoints = Checkpoints(self.store, ids, configs, keys, environment, self.checkpoint_every)
-        result = train_chunk(specs, data, schedule, self.loss, self.device, on_step=bar.update,
-                             metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate,
-                             start=self._chunk_start(chunk, schedule, keys), keep=self.keep_steps(schedule))
         last = schedule.total_steps
         try:
+            result = train_chunk(specs, data, schedule, self.loss, self.device, on_step=bar.update,
+                                 metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate,
+                                 start=self._chunk_start(chunk, schedule, keys), keep=self.keep_steps(schedule))
+            checkpoints.follow(chunk.start, None, lambda: (result.steps, result.metrics))
+            checkpoints.track(last, result.states[last])
             self.store.write(ids, configs, result.steps, result.metrics, per_learner={"diverged_at": result.diverged_at},
                              metric_keys=keys, attrs=environment, states=result.states)
         except KeyboardInterrupt:
-            raise interrupted(checkpoints, last, chunk.start, last, lambda: checkpoints.save(
-                last, result.states[last], result.steps, result.metrics)) from None
+            raise checkpoints.interrupted(last) from None
         self.store.prune_checkpoints(claims)
         unserved = [s.id for s in specs if self._start(s) is not None]
         if unserved:

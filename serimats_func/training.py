@@ -206,7 +206,7 @@ def train_chunk(
     """Train one chunk of learners of one structure from ``start`` (default: their initial states) to the end
     of ``schedule``, recording metrics at its logged steps from ``start.step`` on and keeping full states at the
     ``keep`` steps. With ``checkpoints``, save the chunk when they are due, and when interrupted (Ctrl-C) before
-    re-raising.
+    re-raising (see ``Checkpoints.interrupted``).
 
     A lone learner is trained as two identical copies: with a learner axis of 1, torch turns batched
     matmuls into plain ones whose rounding differs, and a learner must give the same numbers whether it
@@ -265,54 +265,38 @@ def train_chunk(
                                 np.zeros((n_learners, 0)) for m, v in records.items()}
 
     kept: dict[int, FlatState] = {}
-    done = start.step  # updates done, always in step with `state`
+    if checkpoints is not None:
+        checkpoints.follow(start.step, state, snapshot)
     template.train()
-    try:
-        with torch.no_grad():
-            if start.step in log_steps:
+    with torch.no_grad():
+        if start.step in log_steps:
+            record()
+            recorded.append(start.step)
+        if start.step in keep:
+            kept[start.step] = flatten(state, n_learners)
+        on_step(start.step * n_learners)
+        orders = None
+        for step in range(start.step, schedule.total_steps):
+            epoch, position = divmod(step, schedule.steps_per_epoch)
+            if position == 0 or orders is None:
+                orders = epoch_orders(data_keys, epoch, len(data.x), device)  # (K, n)
+            idx = batch_indices(orders, position, data.batch_size)  # (K, B)
+            if shared:
+                xb, yb = data.x[idx[0]], data.y[idx[0]]  # (B, ...)
+            else:
+                idx = idx[which_order]  # (N, B)
+                xb, yb = data.x[idx], data.y[idx]  # (N, B, ...)
+            state, _ = step_fn(state, xb, yb, torch.tensor(step, device=device))
+            if checkpoints is not None:
+                checkpoints.track(step + 1, state)  # what a Ctrl-C saves
+            if step + 1 in log_steps:
                 record()
-                recorded.append(start.step)
-            if start.step in keep:
-                kept[start.step] = flatten(state, n_learners)
-            on_step(start.step * n_learners)
-            orders = None
-            for step in range(start.step, schedule.total_steps):
-                epoch, position = divmod(step, schedule.steps_per_epoch)
-                if position == 0 or orders is None:
-                    orders = epoch_orders(data_keys, epoch, len(data.x), device)  # (K, n)
-                idx = batch_indices(orders, position, data.batch_size)  # (K, B)
-                if shared:
-                    xb, yb = data.x[idx[0]], data.y[idx[0]]  # (B, ...)
-                else:
-                    idx = idx[which_order]  # (N, B)
-                    xb, yb = data.x[idx], data.y[idx]  # (N, B, ...)
-                new_state, _ = step_fn(state, xb, yb, torch.tensor(step, device=device))
-                state, done = new_state, step + 1
-                if step + 1 in log_steps:
-                    record()
-                    recorded.append(step + 1)
-                if step + 1 in keep:
-                    kept[step + 1] = flatten(state, n_learners)
-                on_step(n_learners)
-                if checkpoints is not None and step + 1 < schedule.total_steps and checkpoints.due(step + 1):
-                    checkpoints.save(step + 1, state, *snapshot())
-    except KeyboardInterrupt:
-        raise interrupted(checkpoints, done, start.step, schedule.total_steps, lambda: checkpoints.save(
-            done, state, *snapshot())) from None
+                recorded.append(step + 1)
+            if step + 1 in keep:
+                kept[step + 1] = flatten(state, n_learners)
+            on_step(n_learners)
+            if checkpoints is not None and step + 1 < schedule.total_steps and checkpoints.due(step + 1):
+                checkpoints.save(step + 1, state, *snapshot())
     steps, out = snapshot()
     kept[schedule.total_steps] = flatten(state, n_learners)
     return ChunkResult(tuple(steps), out, state["diverged_at"][:n_learners].cpu().numpy(), kept)  # (N,)
-
-
-def interrupted(checkpoints: Checkpoints | None, done: int, start: int, total: int, save: Callable[[], str]) -> KeyboardInterrupt:
-    """Save the chunk after a Ctrl-C (when it got anywhere) and say how to resume."""
-    if checkpoints is None or done <= start:
-        return KeyboardInterrupt(f"Interrupted at step {done} of {total}, with nothing new to save: run the experiment "
-                                 f"again (exp.run()) to resume from step {start}.")
-    try:
-        save()
-    except Exception as error:  # a full disk, say: the last checkpoint is still there
-        return KeyboardInterrupt(f"Interrupted at step {done} of {total}; the checkpoint could not be saved "
-                                 f"({error}). Run the experiment again (exp.run()) to resume from the last one.")
-    return KeyboardInterrupt(f"Interrupted at step {done} of {total}: the chunk is saved in {checkpoints.path}. Run the "
-                             f"same experiment again (exp.run()) to resume from step {done}.")

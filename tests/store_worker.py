@@ -29,7 +29,7 @@ def experiment(store: str, seeds: list[int], chunk: int):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(256, 40, generator=g), torch.randint(0, 10, (256,), generator=g)
     return Experiment(MLP(widths=(16,), in_features=40), (x, y), [InitWeights.make_variations(seed=seeds)],
-                      test_dataset=(x[:64], y[:64]), steps=12, batch_size=32, log_every=4, checkpoint_every=4,
+                      test_dataset=(x[:64], y[:64]), steps=12, batch_size=32, log_every=4, checkpoint_every=6,
                       max_learners_per_chunk=chunk, store=store, progress=False)
 
 
@@ -57,7 +57,7 @@ def slow_store_writes(pause: float) -> None:
 def child(run: dict) -> None:
     """In a forked process: train the grid, exit 0 (or 1 with the traceback on stderr)."""
     try:
-        slow_store_writes(run.get("pause", 0.004))
+        slow_store_writes(run.get("pause", 0.002))
         experiment(run["store"], run["seeds"], run["chunk"]).run()
         os._exit(0)
     except BaseException:

@@ -22,6 +22,7 @@ from serimats_func.store import Store, StoreWriteError
 
 GRID = [PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
         PerturbWeights.make_variations(epsilon=(0.01, 0.1), seed=range(4))]
+FOUR = [PerturbWeights.make_variations(epsilon=(0.01, 0.1), seed=range(2))]
 
 
 def assert_same_metrics(ds: xr.Dataset, reference: xr.Dataset) -> None:
@@ -86,27 +87,27 @@ def test_50_steps_then_100_continues_from_the_final_states_bitwise_equal_to_100_
 
 def test_logging_more_often_continues_from_the_kept_state_before_the_first_missing_step(experiment, tmp_path):
     store = tmp_path / "s.zarr"
-    experiment(GRID, steps=32, keep_every=8, store=store).run()
-    denser = experiment(GRID, steps=32, log_every=12, store=store)  # needs step 12, which is not stored
+    experiment(FOUR, steps=32, keep_every=8, store=store).run()
+    denser = experiment(FOUR, steps=32, log_every=12, store=store)  # needs step 12, which is not stored
     plan = denser.plan()
-    assert (plan.to_train, plan.continuing) == (9, {"from step 8 (kept state)": 9})
-    assert_same_metrics(denser.run(), experiment(GRID, steps=32, log_every=12, store=tmp_path / "ref.zarr").run())
+    assert (plan.to_train, plan.continuing) == (4, {"from step 8 (kept state)": 4})
+    assert_same_metrics(denser.run(), experiment(FOUR, steps=32, log_every=12, store=tmp_path / "ref.zarr").run())
 
 
 def test_a_checkpoint_survives_a_change_of_chunking(experiment, tmp_path, monkeypatch):
-    reference = experiment(GRID, checkpoint_every=4, store=tmp_path / "ref.zarr").run()
+    reference = experiment(FOUR, checkpoint_every=4, store=tmp_path / "ref.zarr").run()
     store = tmp_path / "s.zarr"
     calls = counting_steps(monkeypatch, fail_at=11)
     with pytest.raises(RuntimeError, match="went down"):
-        experiment(GRID, checkpoint_every=4, store=store).run()  # one chunk of 9: a checkpoint at step 8
+        experiment(FOUR, checkpoint_every=4, store=store).run()  # one chunk of 4: a checkpoint at step 8
     assert len(checkpoints_in(store)) == 1
 
     calls.clear()
-    rechunked = experiment(GRID, checkpoint_every=4, max_learners_per_chunk=4, store=store)
+    rechunked = experiment(FOUR, checkpoint_every=4, max_learners_per_chunk=3, store=store)
     plan = rechunked.plan()
-    assert [len(c.learners) for c in plan.chunks] == [4, 4, 1] and plan.continuing == {"from step 8 (checkpoint)": 9}
+    assert [len(c.learners) for c in plan.chunks] == [3, 1] and plan.continuing == {"from step 8 (checkpoint)": 4}
     ds = rechunked.run()
-    assert len(calls) == 3 * (16 - 8)  # each new chunk went on from the old chunk's checkpoint
+    assert len(calls) == 2 * (16 - 8)  # each new chunk went on from the old chunk's checkpoint
     assert_same_metrics(ds, reference)
     assert checkpoints_in(store) == []
 
@@ -234,7 +235,7 @@ def test_a_fault_while_writing_ends_with_a_clear_message_and_a_store_that_holds_
         experiment, tmp_path, monkeypatch, fault):
     import zarr.storage._local as local
 
-    reference = experiment(GRID, max_learners_per_chunk=4, store=tmp_path / "ref.zarr").run()
+    reference = experiment(FOUR, max_learners_per_chunk=2, steps=8, store=tmp_path / "ref.zarr").run()
     store = tmp_path / "s.zarr"
     real_put, real_write = local._put, Store.write
     written = []
@@ -252,15 +253,15 @@ def test_a_fault_while_writing_ends_with_a_clear_message_and_a_store_that_holds_
     monkeypatch.setattr(local, "_put", put)
     monkeypatch.setattr(Store, "write", write)
     with pytest.raises(StoreWriteError) as raised:
-        experiment(GRID, max_learners_per_chunk=4, store=store).run()
+        experiment(FOUR, max_learners_per_chunk=2, steps=8, store=store).run()
     message = str(raised.value)
     assert fault.strerror in message and str(store) in message and "still holds everything written before" in message
     assert raised.value.errno == fault.errno
     monkeypatch.undo()
 
-    assert open_store(store).sizes["learner"] == 4  # the first batch, nothing half-written
+    assert open_store(store).sizes["learner"] == 2  # the first batch, nothing half-written
     assert sorted(p.name for p in (store / ".pending").iterdir()) == ["zarr.json"]
-    assert_same_metrics(experiment(GRID, max_learners_per_chunk=4, store=store).run(), reference)
+    assert_same_metrics(experiment(FOUR, max_learners_per_chunk=2, steps=8, store=store).run(), reference)
 
 
 def test_learners_another_live_process_claimed_are_waited_for_and_trained_here_if_it_dies(experiment, tmp_path):
@@ -283,3 +284,13 @@ def test_learners_another_live_process_claimed_are_waited_for_and_trained_here_i
     runner.join(60)
     assert_same_metrics(result["ds"], reference)
     assert all(len(where) == 1 for where in exp.store.index().values())
+
+
+@pytest.mark.parametrize("settings, message", [({"keep_states": "10"}, "keep_states must be a list of steps"),
+                                               ({"keep_states": [5, -1]}, "keep_states must be a list of steps"),
+                                               ({"keep_states": [2.5]}, "keep_states must be a list of steps"),
+                                               ({"keep_every": 0}, "keep_every must be a positive integer")])
+def test_bad_kept_state_settings_are_refused_before_anything_is_written(experiment, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        experiment(GRID, store=tmp_path / "never.zarr", **settings)
+    assert not (tmp_path / "never.zarr").exists()
