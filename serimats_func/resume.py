@@ -29,9 +29,11 @@ class Need:
     total: int  # steps to train
 
     def first_missing(self, metrics: Mapping[str, set[int]], states: set[int]) -> int | None:
-        """The first step with a metric value or a state that ``metrics`` {name: steps} and ``states`` lack."""
+        """The first step with a metric value or a state that ``metrics`` {name: steps} and ``states`` lack. A
+        learner that records no metric needs its final state (else nothing would say it was trained)."""
         gaps = [s for s in self.steps if any(s not in metrics.get(m, ()) for m in self.metric_keys)]
-        gaps += [s for s in self.states if s not in states]
+        wanted = self.states if self.metric_keys else (*self.states, self.total)
+        gaps += [s for s in wanted if s not in states]
         return min(gaps, default=None)
 
 

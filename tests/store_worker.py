@@ -33,18 +33,44 @@ def experiment(store: str, seeds: list[int], chunk: int):
                       max_learners_per_chunk=chunk, store=store, progress=False)
 
 
-def slow_store_writes(pause: float) -> None:
-    """Pause around every rename and file write of the store: wider windows for a kill to land in."""
+PHASES = ["building the experiment"]  # the phase a child is in, innermost last
+
+
+def slow_store_writes(pause: float, events: str) -> None:
+    """Pause around every rename and file write of the store: wider windows for a kill to land in. Note in
+    ``events`` when each phase begins (store creation, checkpoint, batch, removal, rename; training otherwise)."""
     import zarr.storage._local as local
 
     from serimats_func import locks
+    from serimats_func.store import Store
 
+    log = open(events, "a", buffering=1)
     real_rename, real_put = os.rename, local._put
 
+    stack = PHASES
+
+    def note(phase: str) -> None:
+        log.write(f"{time.time():.6f} {phase}\n")
+
+    def phase(name: str, method):
+        def wrapped(self, *args, **kw):
+            if name == "store creation" and self.path.exists():
+                return method(self, *args, **kw)
+            stack.append(name)
+            note(name)
+            try:
+                return method(self, *args, **kw)
+            finally:
+                stack.pop()
+                note(stack[-1])
+        return wrapped
+
     def rename(*args, **kw):
+        note(f"rename ({stack[-1]})")
         time.sleep(pause)
         real_rename(*args, **kw)
         time.sleep(pause)
+        note(stack[-1])
 
     def put(*args, **kw):
         time.sleep(pause / 4)
@@ -52,13 +78,28 @@ def slow_store_writes(pause: float) -> None:
 
     os.rename, local._put = rename, put
     locks.os.rename = rename
+    Store.create = phase("store creation", Store.create)
+    Store.write = phase("batch write", Store.write)
+    Store.write_checkpoint = phase("checkpoint write", Store.write_checkpoint)
+    Store.remove_checkpoint = phase("checkpoint removal", Store.remove_checkpoint)
+    note(stack[-1])
 
 
 def child(run: dict) -> None:
     """In a forked process: train the grid, exit 0 (or 1 with the traceback on stderr)."""
     try:
-        slow_store_writes(run.get("pause", 0.002))
-        experiment(run["store"], run["seeds"], run["chunk"]).run()
+        slow_store_writes(run.get("pause", 0.002), run["store"] + ".events")
+        exp = experiment(run["store"], run["seeds"], run["chunk"])
+        real_train = exp._train_chunk
+
+        def train_chunk(*args, **kw):
+            PHASES[0] = "training"
+            with open(run["store"] + ".events", "a") as log:
+                log.write(f"{time.time():.6f} training\n")
+            return real_train(*args, **kw)
+
+        exp._train_chunk = train_chunk
+        exp.run()
         os._exit(0)
     except BaseException:
         traceback.print_exc()
@@ -91,16 +132,22 @@ def timed_run(run: dict) -> tuple[int, float]:
     return rc, time.monotonic() - began
 
 
-def kill_at(run: dict, moment: float) -> bool:
-    """Start ``run`` and SIGKILL it ``moment`` seconds later; whether it was still running then."""
+def kill_at(run: dict, moment: float) -> str | None:
+    """Start ``run`` and SIGKILL it ``moment`` seconds later; the phase it was in then, None if it had ended."""
+    events = run["store"] + ".events"
+    if os.path.exists(events):
+        os.remove(events)
     pid = start(run)
     time.sleep(moment)
     done, _ = os.waitpid(pid, os.WNOHANG)
     if done:
-        return False
+        return None
     os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
     os.waitpid(pid, 0)
-    return True
+    phases = [line.split(" ", 1) for line in open(events).read().splitlines()] if os.path.exists(events) else []
+    before = [p for t, p in phases if float(t) <= killed_at]
+    return before[-1] if before else "building the experiment"
 
 
 def kills(plan: dict) -> dict:
@@ -113,40 +160,44 @@ def kills(plan: dict) -> dict:
     for i in range(n):
         store = plan["store"].format(i)
         moment = seconds * (i + rng.random()) / n  # spread evenly over the whole run
-        killed = kill_at({**run, "store": store}, moment)
-        while not killed and moment > 0.01:  # it finished first: kill an earlier moment
+        phase = kill_at({**run, "store": store}, moment)
+        while phase is None and moment > 0.01:  # it finished first: kill an earlier moment
             moment /= 2
-            killed = kill_at({**run, "store": store}, moment)
+            phase = kill_at({**run, "store": store}, moment)
         rerun_rc, rerun_seconds = timed_run({**run, "store": store})
-        out["attempts"].append({"store": store, "moment": moment, "killed": killed, "rc": rerun_rc,
-                                "rerun_seconds": rerun_seconds})
+        out["attempts"].append({"store": store, "moment": moment, "killed": phase is not None, "phase": phase,
+                                "rc": rerun_rc, "rerun_seconds": rerun_seconds})
     return out
 
 
 def concurrent(plan: dict) -> dict:
-    """Two processes on overlapping grids in one store, started together; in round ``kill_first``, the first is
-    SIGKILLed midway and the second must finish its whole grid, then the first is rerun."""
+    """Two processes on overlapping grids in one store, started together. In a round with ``kill_first_at``
+    (a fraction of the first round's time), the first is SIGKILLed then, midway: the second must finish its
+    whole grid, the learners the first had claimed included; then the first is rerun."""
     out = {"rounds": []}
     for r, spec in enumerate(plan["rounds"]):
-        store = plan["store"].format(r)
-        runs = [{"store": store, "seeds": seeds, "chunk": plan["chunk"]} for seeds in plan["grids"]]
-        began = time.monotonic()
-        pids = [start(run) for run in runs]
-        killed = False
-        if spec.get("kill_first_after"):
-            time.sleep(spec["kill_first_after"])
+        moment = spec["kill_first_at"] * out["rounds"][0]["seconds"] if "kill_first_at" in spec else None
+        for attempt in range(6):
+            store = plan["store"].format(f"{r}-{attempt}")
+            runs = [{"store": store, "seeds": seeds, "chunk": plan["chunk"]} for seeds in plan["grids"]]
+            began = time.monotonic()
+            pids = [start(run) for run in runs]
+            if moment is None:
+                out["rounds"].append({"store": store, "rcs": [wait(pid) for pid in pids],
+                                      "seconds": time.monotonic() - began})
+                break
+            time.sleep(moment)
             done, status = os.waitpid(pids[0], os.WNOHANG)
             if not done:
                 os.kill(pids[0], signal.SIGKILL)
                 os.waitpid(pids[0], 0)
-                killed = True
-            rcs = [0 if killed else os.waitstatus_to_exitcode(status), wait(pids[1])]
-            rerun = wait(start(runs[0]))
-        else:
-            rcs = [wait(pid) for pid in pids]
-            rerun = None
-        out["rounds"].append({"store": store, "rcs": rcs, "killed": killed, "rerun": rerun,
-                              "seconds": time.monotonic() - began})
+            second = wait(pids[1])
+            if done:  # the first had finished: try again, killing it sooner
+                moment /= 2
+                continue
+            out["rounds"].append({"store": store, "killed_at": moment, "rcs": [None, second],
+                                  "rerun": wait(start(runs[0])), "seconds": time.monotonic() - began})
+            break
     rc, _ = timed_run({"store": plan["reference"], "seeds": sorted(set(sum(plan["grids"], []))), "chunk": plan["chunk"]})
     out["reference_rc"] = rc
     return out

@@ -294,3 +294,12 @@ def test_bad_kept_state_settings_are_refused_before_anything_is_written(experime
     with pytest.raises(ValueError, match=message):
         experiment(GRID, store=tmp_path / "never.zarr", **settings)
     assert not (tmp_path / "never.zarr").exists()
+
+
+def test_learners_that_record_no_metric_are_trained_once_and_then_served(experiment):
+    exp = experiment(FOUR, evaluate=False)
+    assert exp.plan().to_train == 4
+    exp.run()
+    again = experiment(FOUR, evaluate=False, store=exp.store.path)
+    assert again.plan().to_train == 0
+    assert open_store(exp.store.path).has_state.sel(step=16).values.all()
