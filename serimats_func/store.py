@@ -293,7 +293,7 @@ class Store:
         with self.writing(f"the {attrs['kind']} {name}", pending), locks.aside(target, pending):
             group = zarr.create_group(pending, zarr_format=3, attributes=attrs)
             for key, (dims, values) in arrays.items():
-                group.create_array(key, data=values, chunks=values.shape or None, dimension_names=list(dims),
+                group.create_array(key, data=values, chunks=tuple(max(1, d) for d in values.shape), dimension_names=list(dims),
                                    chunk_key_encoding=FLAT_CHUNK_KEYS,
                                    fill_value=np.nan if values.dtype.kind == "f" else None)
             for step, state in states.items():
