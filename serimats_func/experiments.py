@@ -17,8 +17,8 @@ from __future__ import annotations
 import numbers
 import platform
 import re
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +28,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import pytrees, trial
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, load_learner, select_learner
 from .data import as_tensors, steps_per_epoch
 from .grid import Grid, LearnerSpec, build_grid
 from .identity import describe_callable, digest
 from .interventions.optimizer import Optimizer, as_optimizer
 from .learners import initial_model_state
+from .locks import Claims
 from .loggers import Logger
 from .metrics import DEFAULT_METRICS
-from .planning import Plan, make_plan
+from .planning import Chunk, Plan, make_plan
 from .plotter import Plotter
 from .results import assemble
+from .resume import Need, Start, start_of
 from .setup import Setup, SetupContext
 from .store import Store
-from .training import Schedule, TrainingData, train_chunk
+from .training import ChunkStart, Schedule, TrainingData, train_chunk
 
 DEFAULT_OPTIMIZER = Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
 
@@ -71,6 +73,10 @@ class Experiment:
         logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too.
         checkpoint_every: save the chunk in training every this many steps (default: every 10
             minutes), so that a crash loses at most the work since; ``run()`` resumes from it.
+        keep_states, keep_every: also keep every learner's full state (params, buffers, optimizer state) in the
+            store at these steps, or every this many steps; ``load_learner`` gives one back. The final state is
+            always kept, so that asking for more steps later continues from it. Asking for a state the store
+            lacks trains the learner again from the latest state it holds before that step.
 
     Building an Experiment checks everything it can before anything is written: settings, data, model,
     interventions, metrics, and one trial training step of a few learners of each group on the CPU (see
@@ -100,6 +106,8 @@ class Experiment:
         max_learners_per_chunk: int | None = None,
         logger: Logger | None = None,
         checkpoint_every: int | None = None,
+        keep_states: Sequence[int] = (),
+        keep_every: int | None = None,
         progress: bool = True,
     ):
         _positive_int("batch_size", batch_size)
@@ -117,6 +125,11 @@ class Experiment:
             _positive_int("max_learners_per_chunk", max_learners_per_chunk)
         if checkpoint_every is not None:
             _positive_int("checkpoint_every", checkpoint_every)
+        if keep_every is not None:
+            _positive_int("keep_every", keep_every)
+        if isinstance(keep_states, (str, bytes)) or not isinstance(keep_states, (Sequence, set, frozenset)) or any(
+                isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 for k in keep_states):
+            raise ValueError(f"keep_states must be a list of steps (integers >= 0); got {keep_states!r}.")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -143,6 +156,9 @@ class Experiment:
         self.evaluate = evaluate
         self.max_learners_per_chunk, self.progress = max_learners_per_chunk, progress
         self.checkpoint_every = checkpoint_every
+        self.keep_states, self.keep_every = sorted({int(k) for k in keep_states}), keep_every
+        self.poll_seconds = 0.5  # how often to look for learners that another process trains
+        self._metric_keys: dict[tuple, dict[str, str]] = {}
 
         if isinstance(logger, type):
             raise ValueError(f"logger= takes a Logger instance; got the class {logger.__name__}: use logger={logger.__name__}().")
@@ -182,16 +198,29 @@ class Experiment:
 
     def metric_keys(self, setup: Setup) -> dict[str, str]:
         """Each recorded metric and a digest of what decides its values (code, loss, evaluation data)."""
-        keys = {}
-        if self.evaluate:
-            loss = digest(self.context.loss_description())
-            keys.update({f"train_{m}": digest([loss, setup.data.fingerprint, m]) for m in ("loss", "acc")})
-            keys.update({f"test_{m}": digest([loss, setup.data.test_fingerprint, m]) for m in ("loss", "acc")})
-        keys.update({n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()})
-        return keys
+        cache_key = (setup.data.fingerprint, setup.data.test_fingerprint)
+        if cache_key not in self._metric_keys:
+            keys = {}
+            if self.evaluate:
+                loss = digest(self.context.loss_description())
+                keys.update({f"train_{m}": digest([loss, setup.data.fingerprint, m]) for m in ("loss", "acc")})
+                keys.update({f"test_{m}": digest([loss, setup.data.test_fingerprint, m]) for m in ("loss", "acc")})
+            keys.update({n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()})
+            self._metric_keys[cache_key] = keys
+        return dict(self._metric_keys[cache_key])
 
-    def _done(self, spec: LearnerSpec) -> bool:
-        return self.store.find(spec.id, self.schedule_of(spec.setup).log_steps, self.metric_keys(spec.setup)) is not None
+    def keep_steps(self, schedule: Schedule) -> tuple[int, ...]:
+        """The steps at which full states are kept (``keep_states``, ``keep_every``), up to the last."""
+        every = range(self.keep_every, schedule.total_steps + 1, self.keep_every) if self.keep_every else ()
+        return tuple(sorted({k for k in (*self.keep_states, *every) if k <= schedule.total_steps}))
+
+    def need(self, spec: LearnerSpec) -> Need:
+        """What this experiment needs of a learner: metrics at its logged steps, kept states."""
+        schedule = self.schedule_of(spec.setup)
+        return Need(schedule.log_steps, self.metric_keys(spec.setup), self.keep_steps(schedule), schedule.total_steps)
+
+    def _start(self, spec: LearnerSpec) -> Start | None:
+        return start_of(self.store, spec.id, self.need(spec))
 
     @property
     def data_bytes(self) -> int:
@@ -201,10 +230,11 @@ class Experiment:
 
     # -- planning, training, results ----------------------------------------------------------------------
 
-    def plan(self) -> Plan:
-        """What ``run()`` would do: learners in the store vs. to train, groups, chunks, memory. Changes nothing."""
-        plan = make_plan(self.grid, self._done, self.eval_batch_size, self.device, self.max_learners_per_chunk,
-                         data_bytes=self.data_bytes)
+    def plan(self, learners: list[LearnerSpec] | None = None) -> Plan:
+        """What ``run()`` would do: learners in the store vs. to train (from scratch, or continuing from stored
+        states), groups, chunks, memory. Changes nothing."""
+        plan = make_plan(self.grid, self._start, self.eval_batch_size, self.device, self.max_learners_per_chunk,
+                         data_bytes=self.data_bytes, learners=learners)
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
         return plan
 
@@ -223,6 +253,8 @@ class Experiment:
             plan = self.plan()
             if plan.chunks:
                 self._train(plan)
+            else:
+                self.store.clean()
             ds = self.results()
         if plot:
             Plotter(ds).save_all(self.store.path.with_name(self.store.path.stem + "_plots"))
@@ -235,11 +267,10 @@ class Experiment:
     def train_only(self, ids: Sequence[str]) -> int:
         """Train those of the learners ``ids`` that are still missing (a shard's work); returns how many."""
         wanted = set(ids)
-        plan = self.plan()
-        plan.chunks = [c for c in ((replace(c, learners=[s for s in c.learners if s.id in wanted])) for c in plan.chunks)
-                       if c.learners]
+        learners = [s for s in self.grid.learners if s.id in wanted]
+        plan = self.plan(learners)
         if plan.chunks:
-            self._train(plan)
+            self._train(plan, learners)
         return plan.to_train
 
     def _training_data(self, setup: Setup) -> TrainingData:
@@ -251,39 +282,84 @@ class Experiment:
             batch_size=setup.batch_size, eval_batch_size=self.eval_batch_size,
         )
 
-    def _train(self, plan: Plan) -> None:
+    def _train(self, plan: Plan, learners: list[LearnerSpec] | None = None) -> None:
+        """Train the plan's chunks (a plan of ``learners``, default the whole grid). Each learner is claimed first (a lock in the store that dies with this
+        process): learners another live process trains are skipped, then waited for, and trained here if that
+        process dies first. A learner is never trained by two processes at once, nor stored twice."""
         self.store.create()
         total = sum(len(c.learners) * self.schedule_of(c.learners[0].setup).total_steps for c in plan.chunks)
         data_cache: dict[tuple[int, int], TrainingData] = {}
-        with tqdm(total=total, unit=" learner-steps", disable=not self.progress, desc=self.name) as bar:
-            for i, chunk in enumerate(plan.chunks):
-                bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(chunk.learners)} learners")
-                setup = chunk.learners[0].setup
-                schedule = self.schedule_of(setup)
-                data = data_cache.get((id(setup.data), setup.batch_size)) or self._training_data(setup)
-                data_cache[(id(setup.data), setup.batch_size)] = data
-                ids = [s.id for s in chunk.learners]
-                checkpoints = Checkpoints(self.store.path / "checkpoints", ids, self.checkpoint_every)
-                metrics = train_chunk(chunk.learners, data, schedule, self.loss, self.device, on_step=bar.update,
-                                      metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate)
-                diverged = metrics.pop("diverged_at")
-                self.store.write(ids, [s.config for s in chunk.learners], schedule.log_steps, metrics,
-                                 per_learner={"diverged_at": diverged}, metric_keys=self.metric_keys(setup),
-                                 attrs=_environment(self.device))
-                checkpoints.remove()
+        with self.store.claims() as claims, tqdm(total=total, unit=" learner-steps", disable=not self.progress,
+                                                 desc=self.name) as bar:
+            self.store.clean(claims)
+            while plan.chunks:
+                trained = False
+                for i, chunk in enumerate(plan.chunks):
+                    with self.store.writing("claims on learners", claims.folder):
+                        mine = set(claims.claim(s.id for s in chunk.learners))
+                    if not mine:
+                        continue
+                    try:  # the store may have changed before the claims: plan these learners again
+                        for part in self.plan([s for s in chunk.learners if s.id in mine]).chunks:
+                            bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(part.learners)} learners")
+                            self._train_chunk(part, claims, bar, data_cache)
+                            trained = True
+                    finally:
+                        claims.release(mine)
+                plan = self.plan(learners)  # what is left: learners that other processes train
+                if plan.chunks and not trained:
+                    bar.set_postfix_str(f"waiting for {plan.to_train} learners that another process trains")
+                    time.sleep(self.poll_seconds)
+
+    def _train_chunk(self, chunk: Chunk, claims: Claims, bar: tqdm, data_cache: dict) -> None:
+        specs = chunk.learners
+        setup = specs[0].setup
+        schedule = self.schedule_of(setup)
+        data = data_cache.get((id(setup.data), setup.batch_size)) or self._training_data(setup)
+        data_cache[(id(setup.data), setup.batch_size)] = data
+        ids, configs, keys = [s.id for s in specs], [s.config for s in specs], self.metric_keys(setup)
+        environment = _environment(self.device)
+        checkpoints = Checkpoints(self.store, ids, configs, keys, environment, self.checkpoint_every)
+        last = schedule.total_steps
+        try:
+            result = train_chunk(specs, data, schedule, self.loss, self.device, on_step=bar.update,
+                                 metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate,
+                                 start=self._chunk_start(chunk, schedule, keys), keep=self.keep_steps(schedule))
+            checkpoints.follow(chunk.start, None, lambda: (result.steps, result.metrics))
+            checkpoints.track(last, result.states[last])
+            self.store.write(ids, configs, result.steps, result.metrics, per_learner={"diverged_at": result.diverged_at},
+                             metric_keys=keys, attrs=environment, states=result.states)
+        except KeyboardInterrupt:
+            raise checkpoints.interrupted(last) from None
+        self.store.prune_checkpoints(claims)
+        unserved = [s.id for s in specs if self._start(s) is not None]
+        if unserved:
+            raise RuntimeError(f"Learners {unserved[:3]} were trained but the store does not serve them: a bug, please "
+                               "report it with the experiment's settings.")
+
+    def _chunk_start(self, chunk: Chunk, schedule: Schedule, keys: dict[str, str]) -> ChunkStart:
+        """The chunk's stored states and the metric values of earlier steps that its batch carries: those at
+        logged steps before its start that no batch holds for some of its learners (they are in checkpoints)."""
+        first = min(s.first_unstored for s in chunk.starts)
+        prefix = tuple(t for t in schedule.log_steps if first <= t < chunk.start)
+        records = {}
+        if prefix:
+            held = self.store.read([(s.id, prefix, keys) for s in chunk.learners], list(keys), checkpoints=True)
+            records = {m: held[m].values for m in keys}  # (N, len(prefix))
+        states = None
+        if chunk.start > 0:
+            states = self.store.read_states([(s.source, s.position, s.step) for s in chunk.starts])
+        return ChunkStart(chunk.start, states, prefix, records)
 
     def results(self) -> xr.Dataset:
         """The grid's results as stored (NaN for learners not trained yet)."""
-        parts, present = [], set()
+        requests, present = [], set()
         for spec in self.grid.learners:
-            if spec.id in present:
-                continue
-            setup = spec.setup
-            found = self.store.find(spec.id, self.schedule_of(setup).log_steps, self.metric_keys(setup))
-            if found is not None:
+            need = self.need(spec)
+            if start_of(self.store, spec.id, need) is None:
                 present.add(spec.id)
-                parts.append((spec, found, self.schedule_of(setup).log_steps))
-        stored = self.store.read_found(parts, list(self.metric_keys(self.base)))
+                requests.append((spec.id, need.steps, need.metric_keys))
+        stored = self.store.read(requests, list(self.metric_keys(self.base)))
         grid = self.grid
         if len(present) < len(grid.learners):
             grid = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in present])
@@ -292,6 +368,14 @@ class Experiment:
                  "steps": self.schedule.total_steps, "batch_size": self.batch_size}
         order = (list(DEFAULT_METRICS) if self.evaluate else []) + self.logger.metric_names()
         return assemble(grid, stored, steps, attrs, order=order, controls=self.grid.has_controls)
+
+    def load_learner(self, step: int | None = None, **coords) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """A learner of this grid, chosen by its coordinates (``epsilon=0.01, seed=3``), as a plain ``nn.Module``
+        with its weights and buffers at ``step`` (default: the latest kept) and a ``torch.optim`` optimizer with
+        its state: see ``serimats_func.load_learner``."""
+        specs = {s.id: s for s in self.grid.learners}
+        learner_id, _ = select_learner({i: s.config for i, s in specs.items()}, coords, f"the experiment {self.name!r}")
+        return load_learner(self.store, specs[learner_id].setup.model, step, learner=learner_id)
 
 
 def _environment(device: torch.device) -> dict:

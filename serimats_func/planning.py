@@ -18,14 +18,20 @@ from torch import nn
 from . import pytrees
 from .grid import Grid, LearnerSpec
 from .optimizers import functional_twin
+from .resume import Start
 
 
 @dataclass
 class Chunk:
-    """Learners that train together in one vmapped run."""
+    """Learners that train together in one vmapped run, from the same step (0, or a stored state's)."""
 
     structure: tuple
     learners: list[LearnerSpec]
+    starts: list[Start] = field(default_factory=list)  # one per learner: where it starts
+
+    @property
+    def start(self) -> int:
+        return self.starts[0].step if self.starts else 0
 
     @property
     def description(self) -> str:
@@ -50,11 +56,26 @@ class Plan:
     def to_train(self) -> int:
         return sum(len(c.learners) for c in self.chunks)
 
+    @property
+    def continuing(self) -> dict[str, int]:
+        """How many learners continue from a stored state, by where they start ("from step 500 (final state)")."""
+        out: dict[str, int] = {}
+        for chunk in self.chunks:
+            for start in chunk.starts:
+                if start.step > 0:
+                    out[start.description] = out.get(start.description, 0) + 1
+        return out
+
     def __str__(self) -> str:
         lines = [
             f"{self.learners} learners in the grid ({self.grid_cells} cells); {self.in_store} already in "
             f"{self.store}, {self.to_train} to train for {self.total_steps} steps on {self.device}.",
         ]
+        continuing = self.continuing
+        if continuing:
+            n = sum(continuing.values())
+            lines.append(f"  {n} of them continue from stored states ({self.to_train - n} from scratch): "
+                         + ", ".join(f"{k} {where}" for where, k in continuing.items()))
         groups: dict[tuple, list[Chunk]] = {}
         for chunk in self.chunks:
             groups.setdefault(chunk.structure, []).append(chunk)
@@ -140,27 +161,31 @@ def bytes_per_learner(spec: LearnerSpec, batch_size: int, eval_batch_size: int) 
 
 def make_plan(
     grid: Grid,
-    done: Callable[[LearnerSpec], bool],
+    start_of: Callable[[LearnerSpec], Start | None],
     eval_batch_size: int,
     device: torch.device,
     max_learners_per_chunk: int | None = None,
     data_bytes: int = 0,
+    learners: list[LearnerSpec] | None = None,
 ) -> Plan:
-    """Split the learners that ``done`` says are not in the store yet into groups of one structure and
-    chunks that fit in the memory left once the data (``data_bytes``) is on the device."""
-    learners = grid.learners
-    missing = [s for s in learners if not done(s)]
+    """Split the learners (default: the grid's) that ``start_of`` says the store does not serve into groups
+    of one structure and start step, and those into chunks that fit in the memory left once the data
+    (``data_bytes``) is on the device."""
+    learners = grid.learners if learners is None else learners
+    starts = {s.id: start_of(s) for s in learners}
+    missing = [s for s in learners if starts[s.id] is not None]
     groups: dict[tuple, list[LearnerSpec]] = {}
     for spec in missing:
-        groups.setdefault(spec.structure, []).append(spec)
+        groups.setdefault((spec.structure, starts[spec.id].step), []).append(spec)
     plan = Plan(grid_cells=len(grid.cells), learners=len(learners), in_store=len(learners) - len(missing),
                 memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device))
-    for structure, specs in groups.items():
-        each = bytes_per_learner(specs[0], specs[0].setup.batch_size, eval_batch_size)
-        plan.bytes_per_learner[structure] = each
-        size = max(1, plan.memory_budget // each)
+    for (structure, _), specs in groups.items():
+        if structure not in plan.bytes_per_learner:
+            plan.bytes_per_learner[structure] = bytes_per_learner(specs[0], specs[0].setup.batch_size, eval_batch_size)
+        size = max(1, plan.memory_budget // plan.bytes_per_learner[structure])
         if max_learners_per_chunk:
             size = min(size, max_learners_per_chunk)
-        for start in range(0, len(specs), size):
-            plan.chunks.append(Chunk(structure, specs[start : start + size]))
+        for first in range(0, len(specs), size):
+            part = specs[first : first + size]
+            plan.chunks.append(Chunk(structure, part, [starts[s.id] for s in part]))
     return plan

@@ -6,13 +6,13 @@ learner's values, and nothing is copied to the host until the chunk ends.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import pytrees
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, flatten, restore
 from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec, class_name
 from .interventions.base import STEP_HOOKS, Intervention, Numbers
@@ -20,6 +20,7 @@ from .learners import initial_model_state
 from .metrics import DEFAULT_METRICS, MetricFn, vmapped_metrics
 from .optimizers import functional_twin
 from .step import Hook, Hooks, LossFn, check_pure, evaluate_dataset, initial_hooks, make_logits, make_train_step
+from .store import FlatState
 
 POINTS = {"on_batch": "batch", "on_activations": "activations", "on_gradients": "gradients",
           "on_hyperparameters": "hyperparameters", "on_params": "params"}
@@ -166,6 +167,29 @@ def chunk_optimizer(specs: Sequence[LearnerSpec]):
     return functional_twin(setup.optimizer_class, varied, **setup.optimizer_values)
 
 
+@dataclass
+class ChunkStart:
+    """Where a chunk starts: after ``step`` updates, from each learner's stored state (None, or no ``states``:
+    its initial state), carrying the metric values of earlier logged ``steps`` (``records`` {name: (N,
+    len(steps))}) into its batch."""
+
+    step: int = 0
+    states: Sequence[FlatState | None] | None = None
+    steps: tuple[int, ...] = ()
+    records: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk's batch holds: metrics (N, len(steps)) at ``steps``, ``diverged_at`` (N,), and full states
+    {step: flat state (N, ...)} at the kept steps and the last one."""
+
+    steps: tuple[int, ...]
+    metrics: dict[str, np.ndarray]
+    diverged_at: np.ndarray
+    states: dict[int, FlatState]
+
+
 def train_chunk(
     specs: Sequence[LearnerSpec],
     data: TrainingData,
@@ -176,21 +200,30 @@ def train_chunk(
     metrics: Mapping[str, MetricFn] | None = None,
     checkpoints: Checkpoints | None = None,
     evaluate: bool = True,
-) -> dict[str, np.ndarray]:
-    """Train one chunk of learners of one structure; returns each metric as (N, len(log_steps)), and
-    ``diverged_at`` (N,). With ``checkpoints``, resume from the last one and save new ones when due.
+    start: ChunkStart | None = None,
+    keep: Sequence[int] = (),
+) -> ChunkResult:
+    """Train one chunk of learners of one structure from ``start`` (default: their initial states) to the end
+    of ``schedule``, recording metrics at its logged steps from ``start.step`` on and keeping full states at the
+    ``keep`` steps. With ``checkpoints``, save the chunk when they are due, and when interrupted (Ctrl-C) before
+    re-raising (see ``Checkpoints.interrupted``).
 
     A lone learner is trained as two identical copies: with a learner axis of 1, torch turns batched
     matmuls into plain ones whose rounding differs, and a learner must give the same numbers whether it
     trains alone or in a batch."""
     n_learners = len(specs)
+    start = start or ChunkStart()
     specs = list(specs) * 2 if n_learners == 1 else list(specs)
     setup = specs[0].setup
     template = setup.template
     hooks = chunk_hooks(specs)
     twin = chunk_optimizer(specs)
-    resumed = checkpoints.load(device) if checkpoints is not None else None
-    start, state, records = resumed if resumed else (0, initial_state(specs, hooks, device), None)
+    state = initial_state(specs, hooks, device)
+    if start.states is not None:
+        state = restore(state, list(start.states) * (2 if n_learners == 1 else 1))
+    records = {m: [torch.from_numpy(np.tile(v, (2, 1)) if n_learners == 1 else v)[:, j].to(device)
+                   for j in range(len(start.steps))] for m, v in start.records.items()}
+    recorded = list(start.steps)
 
     data_keys = list(dict.fromkeys(s.data_key for s in specs))
     shared = len(data_keys) == 1
@@ -225,13 +258,25 @@ def train_chunk(
             records.setdefault(name, []).append(torch.where(diverged, torch.nan, value))
         template.train()
 
+    def snapshot() -> tuple[list[int], dict[str, np.ndarray]]:
+        """The logged steps recorded in full so far, and their metrics (N, steps)."""
+        k = len(recorded)
+        return list(recorded), {m: torch.stack(v[:k], dim=1)[:n_learners].cpu().numpy() if k else
+                                np.zeros((n_learners, 0)) for m, v in records.items()}
+
+    kept: dict[int, FlatState] = {}
+    if checkpoints is not None:
+        checkpoints.follow(start.step, state, snapshot)
     template.train()
     with torch.no_grad():
-        if start == 0 and 0 in log_steps:
+        if start.step in log_steps:
             record()
-        on_step(start * n_learners)
+            recorded.append(start.step)
+        if start.step in keep:
+            kept[start.step] = flatten(state, n_learners)
+        on_step(start.step * n_learners)
         orders = None
-        for step in range(start, schedule.total_steps):
+        for step in range(start.step, schedule.total_steps):
             epoch, position = divmod(step, schedule.steps_per_epoch)
             if position == 0 or orders is None:
                 orders = epoch_orders(data_keys, epoch, len(data.x), device)  # (K, n)
@@ -242,11 +287,16 @@ def train_chunk(
                 idx = idx[which_order]  # (N, B)
                 xb, yb = data.x[idx], data.y[idx]  # (N, B, ...)
             state, _ = step_fn(state, xb, yb, torch.tensor(step, device=device))
+            if checkpoints is not None:
+                checkpoints.track(step + 1, state)  # what a Ctrl-C saves
             if step + 1 in log_steps:
                 record()
+                recorded.append(step + 1)
+            if step + 1 in keep:
+                kept[step + 1] = flatten(state, n_learners)
             on_step(n_learners)
             if checkpoints is not None and step + 1 < schedule.total_steps and checkpoints.due(step + 1):
-                checkpoints.save(step + 1, state, records)
-    out = {m: torch.stack(v, dim=1)[:n_learners].cpu().numpy() for m, v in records.items()}  # (N, n_log)
-    out["diverged_at"] = state["diverged_at"][:n_learners].cpu().numpy()  # (N,)
-    return out
+                checkpoints.save(step + 1, state, *snapshot())
+    steps, out = snapshot()
+    kept[schedule.total_steps] = flatten(state, n_learners)
+    return ChunkResult(tuple(steps), out, state["diverged_at"][:n_learners].cpu().numpy(), kept)  # (N,)

@@ -152,29 +152,40 @@ def test_run_with_plot_saves_one_png_per_metric_beside_the_store(small_mnist1d, 
     assert pngs == ["test_acc.png", "test_loss.png", "train_acc.png", "train_loss.png"]
 
 
-def test_a_run_killed_mid_chunk_resumes_from_its_checkpoint_with_the_same_numbers(small_mnist1d, tmp_path, monkeypatch):
-    reference = experiment(small_mnist1d, tmp_path / "ref.zarr").run()
+def failing_at_step_call(monkeypatch, n: int, error: BaseException) -> list:
+    """Make the n-th call of the training step (not the purity check's) raise ``error``; returns the calls."""
     real_make_train_step = training.make_train_step
     calls = []
 
-    def make_step_killed_at_call_11(*args, **kw):
+    def make_step(*args, **kw):
         step = real_make_train_step(*args, **kw)
 
         def counted(*a):
             if a[1].device.type == "meta":  # the purity check's run on shapes alone
                 return step(*a)
             calls.append(1)
-            if len(calls) == 11:
-                raise KeyboardInterrupt("killed")
+            if len(calls) == n:
+                raise error
             return step(*a)
 
         return counted
 
-    monkeypatch.setattr(training, "make_train_step", make_step_killed_at_call_11)
+    monkeypatch.setattr(training, "make_train_step", make_step)
+    return calls
+
+
+def checkpoints_in(store) -> list[str]:
+    return sorted(p.name for p in (store / "checkpoints").iterdir() if p.name != "zarr.json")
+
+
+def test_a_run_that_crashes_mid_chunk_resumes_from_its_last_checkpoint_with_the_same_numbers(small_mnist1d, tmp_path,
+                                                                                              monkeypatch):
+    reference = experiment(small_mnist1d, tmp_path / "ref.zarr").run()
+    calls = failing_at_step_call(monkeypatch, 11, RuntimeError("the machine went down"))
     store = tmp_path / "run.zarr"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="went down"):
         experiment(small_mnist1d, store, checkpoint_every=4).run()
-    assert len(list((store / "checkpoints").glob("*.pt"))) == 1  # saved after steps 4 and 8
+    assert len(checkpoints_in(store)) == 1  # saved after steps 4 and 8: the older one is gone
     assert Store(store).index() == {}
 
     calls.clear()
@@ -182,7 +193,25 @@ def test_a_run_killed_mid_chunk_resumes_from_its_checkpoint_with_the_same_number
     assert len(calls) == 16 - 8  # resumed from step 8
     for metric in ds.data_vars:
         np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
-    assert list((store / "checkpoints").glob("*.pt")) == []  # removed once the results are stored
+    assert checkpoints_in(store) == []  # removed once the results are stored
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_rerun_goes_on_from_there(small_mnist1d, tmp_path,
+                                                                                      monkeypatch):
+    reference = experiment(small_mnist1d, tmp_path / "ref.zarr").run()
+    calls = failing_at_step_call(monkeypatch, 11, KeyboardInterrupt())
+    store = tmp_path / "run.zarr"
+    with pytest.raises(KeyboardInterrupt, match=r"Interrupted at step 10 of 16: the chunk is saved in .*checkpoints.* "
+                                                r"Run the same experiment again \(exp.run\(\)\) to resume from step 10"):
+        experiment(small_mnist1d, store).run()  # no checkpoint_every: only the interruption saves one
+    assert len(checkpoints_in(store)) == 1
+
+    calls.clear()
+    ds = experiment(small_mnist1d, store).run()
+    assert len(calls) == 16 - 10
+    for metric in ds.data_vars:
+        np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
+    assert checkpoints_in(store) == []
 
 
 def test_a_different_dropout_rate_or_loss_setting_makes_new_learners(small_mnist1d, tmp_path):
