@@ -283,9 +283,10 @@ class Experiment:
         )
 
     def _train(self, plan: Plan, learners: list[LearnerSpec] | None = None) -> None:
-        """Train the plan's chunks (a plan of ``learners``, default the whole grid). Each learner is claimed first (a lock in the store that dies with this
-        process): learners another live process trains are skipped, then waited for, and trained here if that
-        process dies first. A learner is never trained by two processes at once, nor stored twice."""
+        """Train the plan's chunks (a plan of ``learners``, default the whole grid). Each learner is claimed
+        first (a lock in the store that dies with this process): learners another live process trains are skipped,
+        then waited for, and trained here if that process dies first. A learner is never trained by two processes
+        at once, nor stored twice."""
         self.store.create()
         total = sum(len(c.learners) * self.schedule_of(c.learners[0].setup).total_steps for c in plan.chunks)
         data_cache: dict[tuple[int, int], TrainingData] = {}
