@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import json
 import numbers
 import platform
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,9 +35,10 @@ from .identity import describe_callable, digest
 from .interventions.optimizer import Optimizer, as_optimizer
 from .learners import initial_model_state
 from .loggers import Logger
-from .metrics import DEFAULT_METRICS
-from .planning import Plan, make_plan
-from .plotter import Plotter
+from .metrics import BUILTIN_DIMS, METRICS_VERSION, Data
+from .planning import Chunk, Plan, describe_group, make_plan
+from .plotter import Plotter, show
+from .recording import builtin_metric_names
 from .results import assemble
 from .setup import Setup, SetupContext
 from .store import Store
@@ -58,6 +61,7 @@ class Experiment:
         batch_size, epochs, steps: training length (default one epoch); the last batch of an
             epoch may be smaller, as with a DataLoader.
         log_every: also record metrics every this many steps (besides step 0, epoch ends, last).
+        log_at: also record metrics at these steps (updates done), e.g. ``log_at=[1, 2, 5, 10]``.
         seed: the experiment seed, from which every random key derives.
         loss: ``loss(logits, y) -> scalar`` (mean over the batch); default cross-entropy.
         device: default CUDA when available. dtype: of parameters and inputs.
@@ -66,7 +70,8 @@ class Experiment:
         evaluate: record the train and test loss and accuracy (default True).
         store: the Zarr store's path; default ``runs/<name>.zarr``.
         max_learners_per_chunk: cap on the learners trained together (memory decides otherwise).
-        logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too.
+        logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too (besides the
+            built-in metrics: see ``metrics``).
         checkpoint_every: save the chunk in training every this many steps (default: every 10
             minutes), so that a crash loses at most the work since; ``run()`` resumes from it.
     """
@@ -83,6 +88,7 @@ class Experiment:
         epochs: int | None = None,
         steps: int | None = None,
         log_every: int | None = None,
+        log_at: Sequence[int] = (),
         seed: int = 0,
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
         device: str | torch.device | None = None,
@@ -107,6 +113,7 @@ class Experiment:
             _positive_int("steps", steps)
         if log_every is not None:
             _positive_int("log_every", log_every)
+        self.log_at = _log_at(log_at)
         if max_learners_per_chunk is not None:
             _positive_int("max_learners_per_chunk", max_learners_per_chunk)
         if checkpoint_every is not None:
@@ -146,11 +153,38 @@ class Experiment:
         self.interventions = list(interventions) if isinstance(interventions, (list, tuple)) else [interventions]
         self.name = name or _default_name(self.interventions)
         self.grid: Grid = build_grid(self.interventions, self.base, self.seed)
-        for setup in {id(s.setup.template): s.setup for s in self.grid.learners}.values():
-            probe = pytrees.stack([initial_model_state(setup.template, init_key=0, dropout_key=0)])
-            self.logger.check(setup.template, probe["params"], probe["buffers"])
+        self._by_id = {s.id: s for s in self.grid.learners}
+        self._check_log_at()
+        self.reads_control = self._check_metrics()
+        _warn_controls_apart(self.grid)
+        self._loss_key = digest(self.context.loss_description())
+        self._code_keys = {n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()}
         self.store = Store(store if store is not None else Path("runs") / f"{self.name}.zarr")
         self.store.check()
+
+    def _check_log_at(self) -> None:
+        for setup in {id(s.setup): s.setup for s in self.grid.learners}.values():
+            total = self.schedule_of(setup).total_steps
+            late = [step for step in self.log_at if step > total]
+            if late:
+                raise ValueError(f"log_at asks for step {late[0]}, past the last step ({total}) of learners with "
+                                 f"{describe_group(next(s for s in self.grid.learners if s.setup is setup))}; "
+                                 f"give steps from 0 to {total}.")
+
+    def _check_metrics(self) -> frozenset[str]:
+        """Run the logger's metrics on a fresh learner of each setup (its data, its first batch), so that a broken
+        one fails now, before anything is trained; returns the names of those that read ``learner.control``."""
+        reads_control: set[str] = set()
+        taken = [*self.grid.dims, *self.grid.scalars, "control", "control_learner"]
+        for setup in {id(s.setup.template): s.setup for s in self.grid.learners}.values():
+            probe = pytrees.stack([initial_model_state(setup.template, init_key=0, dropout_key=0)])
+            d = setup.data
+            test = None if d.x_test is None else Data(d.x_test, d.y_test)
+            batch = Data(d.x[: setup.batch_size], d.y[: setup.batch_size])
+            infos = self.logger.check(setup.template, probe["params"], probe["buffers"], Data(d.x, d.y), test, batch,
+                                      taken=taken)
+            reads_control.update(name for name, info in infos.items() if info.reads_control)
+        return frozenset(reads_control)
 
     # -- what each learner needs --------------------------------------------------------------------------
 
@@ -167,20 +201,39 @@ class Experiment:
     def schedule_of(self, setup: Setup) -> Schedule:
         spe = steps_per_epoch(len(setup.data.x), setup.batch_size)
         total = self.steps if self.steps is not None else spe * (self.epochs if self.epochs is not None else 1)
-        return Schedule(total_steps=total, steps_per_epoch=spe, log_every=self.log_every)
+        return Schedule(total_steps=total, steps_per_epoch=spe, log_every=self.log_every, log_at=self.log_at)
 
-    def metric_keys(self, setup: Setup) -> dict[str, str]:
-        """Each recorded metric and a digest of what decides its values (code, loss, evaluation data)."""
+    def metric_names(self) -> list[str]:
+        """The recorded metrics, in the result's order: built-in ones, then the logger's."""
+        return builtin_metric_names(self.evaluate, self.grid.has_controls) + self.logger.metric_names()
+
+    def metric_keys(self, spec: LearnerSpec) -> dict[str, str]:
+        """Each metric recorded for ``spec`` and a digest of what decides its values beside the learner itself
+        (code, loss, evaluation data, and for metrics against the control, the control's id)."""
+        setup = spec.setup
+        loss = self._loss_key
+        test = setup.data.test_fingerprint
+        control = self._control_beside(spec)
         keys = {}
         if self.evaluate:
-            loss = digest(self.context.loss_description())
             keys.update({f"train_{m}": digest([loss, setup.data.fingerprint, m]) for m in ("loss", "acc")})
-            keys.update({f"test_{m}": digest([loss, setup.data.test_fingerprint, m]) for m in ("loss", "acc")})
-        keys.update({n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()})
+            keys.update({f"test_{m}": digest([loss, test, m]) for m in ("loss", "acc")})
+        for name in builtin_metric_names(self.evaluate, self.grid.has_controls):
+            if name.startswith("control_"):
+                keys[name] = digest(["builtin", METRICS_VERSION, name, control, loss, test])
+            elif name not in keys:
+                keys[name] = digest(["builtin", METRICS_VERSION, name])
+        for name, code in self._code_keys.items():
+            keys[name] = digest([code, test] + ([control] if name in self.reads_control else []))
         return keys
 
+    def _control_beside(self, spec: LearnerSpec) -> str | None:
+        """The id of the control that trains beside ``spec`` (None: it has none, or one of another structure)."""
+        control = self._by_id.get(spec.control_id) if spec.control_id else None
+        return control.id if control is not None and control.structure == spec.structure else None
+
     def _done(self, spec: LearnerSpec) -> bool:
-        return self.store.find(spec.id, self.schedule_of(spec.setup).log_steps, self.metric_keys(spec.setup)) is not None
+        return self.store.find(spec.id, self.schedule_of(spec.setup).log_steps, self.metric_keys(spec)) is not None
 
     @property
     def data_bytes(self) -> int:
@@ -199,14 +252,20 @@ class Experiment:
 
     def run(self, plot: bool = False) -> xr.Dataset:
         """Train the learners missing from the store, then return the whole grid's results.
-        With ``plot=True``, also save one PNG per metric next to the store."""
+        With ``plot=True``, also save the plots (``Plotter.save_all``) as PNGs in ``runs/<name>_plots/``
+        next to the store, and show them when running in Jupyter."""
         plan = self.plan()
         if plan.chunks:
             self._train(plan)
         ds = self.results()
         if plot:
-            Plotter(ds).save_all(self.store.path.with_name(self.store.path.stem + "_plots"))
+            show(Plotter(ds).save_all(self.plots_folder))
         return ds
+
+    @property
+    def plots_folder(self) -> Path:
+        """Where ``run(plot=True)`` writes its PNGs: ``<store name>_plots`` beside the store."""
+        return self.store.path.with_name(self.store.path.stem + "_plots")
 
     def _training_data(self, setup: Setup) -> TrainingData:
         d = setup.data
@@ -231,12 +290,27 @@ class Experiment:
                 ids = [s.id for s in chunk.learners]
                 checkpoints = Checkpoints(self.store.path / "checkpoints", ids, self.checkpoint_every)
                 metrics = train_chunk(chunk.learners, data, schedule, self.loss, self.device, on_step=bar.update,
-                                      metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate)
-                diverged = metrics.pop("diverged_at")
-                self.store.write(ids, [s.config for s in chunk.learners], schedule.log_steps, metrics,
-                                 per_learner={"diverged_at": diverged}, metric_keys=self.metric_keys(setup),
-                                 attrs=_environment(self.device))
+                                      metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate,
+                                      controls=self.grid.has_controls, reads_control=self.reads_control)
+                self._write(chunk, schedule, metrics)
                 checkpoints.remove()
+
+    def _write(self, chunk: Chunk, schedule: Schedule, metrics: dict) -> None:
+        """Write a trained chunk's learners (not the controls trained again): one store batch per set of metric
+        keys (learners with different controls have different keys for their metrics against the control)."""
+        diverged = metrics.pop("diverged_at")
+        batches: dict[str, list[int]] = {}
+        for row, spec in enumerate(chunk.learners):
+            if spec.id not in chunk.again:
+                batches.setdefault(json.dumps(self.metric_keys(spec), sort_keys=True), []).append(row)
+        template = chunk.learners[0].setup.template
+        labels = {"layer": [name for name, _ in template.named_parameters()]}
+        dims = {**BUILTIN_DIMS, **self.logger.metric_dims()}
+        for keys, rows in batches.items():
+            self.store.write([chunk.learners[r].id for r in rows], [chunk.learners[r].config for r in rows],
+                             schedule.log_steps, {m: v[rows] for m, v in metrics.items()},
+                             per_learner={"diverged_at": diverged[rows]}, metric_keys=json.loads(keys),
+                             attrs=_environment(self.device), dims=dims, labels=labels)
 
     def results(self) -> xr.Dataset:
         """The grid's results as stored (NaN for learners not trained yet)."""
@@ -245,19 +319,41 @@ class Experiment:
             if spec.id in present:
                 continue
             setup = spec.setup
-            found = self.store.find(spec.id, self.schedule_of(setup).log_steps, self.metric_keys(setup))
+            found = self.store.find(spec.id, self.schedule_of(setup).log_steps, self.metric_keys(spec))
             if found is not None:
                 present.add(spec.id)
                 parts.append((spec, found, self.schedule_of(setup).log_steps))
-        stored = self.store.read_found(parts, list(self.metric_keys(self.base)))
+        stored = self.store.read_found(parts, self.metric_names())
         grid = self.grid
         if len(present) < len(grid.learners):
             grid = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in present])
         steps = sorted({step for s in self.grid.learners for step in self.schedule_of(s.setup).log_steps})
         attrs = {"experiment": self.name, "store": str(self.store.path), "seed": self.seed,
                  "steps": self.schedule.total_steps, "batch_size": self.batch_size}
-        order = (list(DEFAULT_METRICS) if self.evaluate else []) + self.logger.metric_names()
-        return assemble(grid, stored, steps, attrs, order=order, controls=self.grid.has_controls)
+        return assemble(grid, stored, steps, attrs, order=self.metric_names(), controls=self.grid.has_controls)
+
+
+def _log_at(steps: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, (Sequence, range)):
+        raise ValueError(f"log_at takes a list of steps, e.g. log_at=[1, 10, 100]; got {steps!r}.")
+    for step in steps:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"log_at takes steps (numbers of updates done, integers >= 0); got {step!r}.")
+    return tuple(sorted({int(step) for step in steps}))
+
+
+def _warn_controls_apart(grid: Grid) -> None:
+    """Warn when learners cannot train beside their control (another model, batch size or optimizer class)."""
+    by_id = {s.id: s for s in grid.learners}
+    apart = [(s, by_id[s.control_id]) for s in grid.learners
+             if s.control_id in by_id and by_id[s.control_id].structure != s.structure]
+    if apart:
+        learner, control = apart[0]
+        warnings.warn(
+            f"{len(apart)} learner(s) cannot train beside their control, which needs another training step "
+            f"(e.g. the learner at {learner.coords} trains as {describe_group(learner)}, its control as "
+            f"{describe_group(control)}): their control_* metrics are NaN. Metrics against a control need the learner "
+            "and its control in one vmapped step: the same model, batch size and optimizer class.", stacklevel=3)
 
 
 def _environment(device: torch.device) -> dict:

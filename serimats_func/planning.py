@@ -3,6 +3,12 @@
 Learners of different structure (model, data, batch size, optimizer class, nesterov, amsgrad, SGD with
 or without a momentum buffer, an activation hook's module) cannot share a vmapped step, so they form
 separate groups that run one after another. A group larger than the memory budget is split into chunks.
+
+A learner trains beside its control (metrics against the control are computed in the chunk): a control and
+its learners go into one chunk, and when they do not fit, the control goes into each chunk of its learners.
+A control that is already in the store, or written by an earlier chunk, is trained again beside them (the
+same numbers, by construction) and not written twice: ``Chunk.again`` names such learners. A learner whose
+control has another structure cannot share its step; its metrics against the control are NaN.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ class Chunk:
 
     structure: tuple
     learners: list[LearnerSpec]
+    again: frozenset[str] = frozenset()  # ids trained only as controls beside their learners: not written
+
+    @property
+    def to_write(self) -> list[LearnerSpec]:
+        return [s for s in self.learners if s.id not in self.again]
 
     @property
     def description(self) -> str:
@@ -48,7 +59,8 @@ class Plan:
 
     @property
     def to_train(self) -> int:
-        return sum(len(c.learners) for c in self.chunks)
+        """Learners trained and written (not counting controls trained again beside their learners)."""
+        return sum(len(c.to_write) for c in self.chunks)
 
     def __str__(self) -> str:
         lines = [
@@ -59,11 +71,13 @@ class Plan:
         for chunk in self.chunks:
             groups.setdefault(chunk.structure, []).append(chunk)
         for structure, chunks in groups.items():
-            n = sum(len(c.learners) for c in chunks)
+            n = sum(len(c.to_write) for c in chunks)
+            again = sum(len(c.again) for c in chunks)
             mib = self.bytes_per_learner[structure] / 2**20
             lines.append(
                 f"  group {chunks[0].description}: {n} learners in {len(chunks)} chunk(s) of up to "
                 f"{max(len(c.learners) for c in chunks)}, about {mib:.1f} MiB per learner"
+                + (f"; {again} control(s) trained again beside their learners (not written twice)" if again else "")
             )
         lines.append(f"  memory budget: {self.memory_budget / 2**30:.1f} GiB")
         return "\n".join(lines)
@@ -161,6 +175,44 @@ def make_plan(
         size = max(1, plan.memory_budget // each)
         if max_learners_per_chunk:
             size = min(size, max_learners_per_chunk)
-        for start in range(0, len(specs), size):
-            plan.chunks.append(Chunk(structure, specs[start : start + size]))
+        plan.chunks += [Chunk(structure, members, again) for members, again in pack_with_controls(specs, grid, size)]
     return plan
+
+
+def pack_with_controls(specs: list[LearnerSpec], grid: Grid, size: int) -> list[tuple[list[LearnerSpec], frozenset[str]]]:
+    """Split learners of one structure into chunks of at most ``size`` (at least 2 where a learner needs its
+    control), in grid order, so that each learner whose control has the same structure trains beside it.
+    Returns (learners, ids trained again only as controls: in the store already, or written by an earlier
+    chunk).
+
+    >>> from types import SimpleNamespace as S
+    >>> c, a, b = (S(id=i, control_id="c", structure=1) for i in "cab")
+    >>> [([s.id for s in m], sorted(again)) for m, again in pack_with_controls([a, b], S(learners=[c, a, b]), 2)]
+    [(['c', 'a'], ['c']), (['c', 'b'], ['c'])]
+    >>> [([s.id for s in m], sorted(again)) for m, again in pack_with_controls([c, a, b], S(learners=[c, a, b]), 8)]
+    [(['c', 'a', 'b'], [])]
+    """
+    by_id = {s.id: s for s in grid.learners}
+    families: dict[str, list[LearnerSpec]] = {}  # control id -> its learners among specs (itself too if there)
+    for spec in specs:
+        control = by_id.get(spec.control_id) if spec.control_id else None
+        beside = control is not None and control.id != spec.id and control.structure == spec.structure
+        families.setdefault(control.id if beside else spec.id, []).append(spec)
+    units: list[tuple[list[LearnerSpec], set[str]]] = []
+    for key, members in families.items():
+        others = [m for m in members if m.id != key]
+        if not others:  # no control to add: a learner without one, or a control whose learners are stored
+            units.append((members, set()))
+            continue
+        stored = len(others) == len(members)  # the control itself is not to train
+        step = max(size, 2) - 1
+        for i, start in enumerate(range(0, len(others), step)):
+            units.append(([by_id[key]] + others[start : start + step], {key} if stored or i > 0 else set()))
+    chunks: list[tuple[list[LearnerSpec], set[str]]] = []
+    for learners, again in units:
+        if chunks and len(chunks[-1][0]) + len(learners) <= size:
+            chunks[-1][0].extend(learners)
+            chunks[-1][1].update(again)
+        else:
+            chunks.append((list(learners), set(again)))
+    return [(learners, frozenset(again)) for learners, again in chunks]

@@ -107,6 +107,10 @@ class Store:
             self._cache = cache = (names, attrs)
         return cache[1]
 
+    def batch_attrs(self) -> dict[str, dict[str, Any]]:
+        """Each complete batch's attributes (learner ids, configs, steps, metric keys...), oldest first."""
+        return dict(self._batch_attrs())
+
     def index(self) -> dict[str, list[tuple[str, int]]]:
         """learner id -> every (batch, position) that holds it, oldest batch first."""
         found: dict[str, list[tuple[str, int]]] = {}
@@ -145,16 +149,26 @@ class Store:
         per_learner: Mapping[str, np.ndarray] | None = None,
         metric_keys: Mapping[str, str] | None = None,
         attrs: Mapping[str, Any] | None = None,
+        dims: Mapping[str, Sequence[str]] | None = None,
+        labels: Mapping[str, Sequence] | None = None,
     ) -> str:
-        """Add one batch of learners: ``metrics[name]`` is (len(ids), len(steps)), ``per_learner[name]``
-        (len(ids),); ``metric_keys`` names what decides each metric (default: its name)."""
+        """Add one batch of learners: ``metrics[name]`` is (len(ids), len(steps), *its own dims), whose names
+        ``dims[name]`` gives (default ``<name>_dim0``...) and whose labels ``labels[dim]`` (default positions);
+        ``per_learner[name]`` is (len(ids),); ``metric_keys`` names what decides each metric (default: its name)."""
         self.create()
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        variables = {k: (("learner", "step"), np.asarray(v, dtype=np.float64)) for k, v in metrics.items()}
+        variables, coords = {}, {"learner": np.arange(len(ids)), "step": np.asarray(steps, dtype=np.int64)}
+        for k, v in metrics.items():
+            v = np.asarray(v, dtype=np.float64)
+            own = tuple((dims or {}).get(k, ())) or tuple(f"{k}_dim{i}" for i in range(v.ndim - 2))
+            variables[k] = (("learner", "step") + own, v)
+            for dim, size in zip(own, v.shape[2:], strict=True):
+                given = (labels or {}).get(dim)
+                coords.setdefault(dim, np.arange(size) if given is None else np.array(list(given), dtype=object))
         variables.update({k: (("learner",), np.asarray(v)) for k, v in (per_learner or {}).items()})
         data = xr.Dataset(
             variables,
-            coords={"learner": np.arange(len(ids)), "step": np.asarray(steps, dtype=np.int64)},
+            coords=coords,
             attrs={"learner_ids": list(ids), "configs": [dict(c) for c in configs], "steps": [int(s) for s in steps],
                    "metric_keys": dict(metric_keys) if metric_keys is not None else {k: k for k in metrics},
                    **(attrs or {})},
@@ -172,16 +186,20 @@ class Store:
 
     def read_found(self, found: Sequence[tuple[Any, tuple[str, int], Sequence[int]]], metrics: Sequence[str]) -> xr.Dataset:
         """Metrics of learners located by ``find``: ``found`` holds (spec with ``.id``, (batch, position),
-        its steps). Dims (learner, step) over the union of the steps (NaN where a learner has no such
-        step); the learner coordinate holds the ids; per-learner variables (diverged_at) too."""
+        its steps). Dims (learner, step, *the metric's own dims) over the union of the steps and of the own dims'
+        labels (NaN where a learner has no such step or label); the learner coordinate holds the ids;
+        per-learner variables (diverged_at) too."""
         steps = sorted({int(s) for _, _, st in found for s in st})
         ids = [spec.id for spec, _, _ in found]
-        out = {m: np.full((len(ids), len(steps)), np.nan) for m in metrics}
-        diverged = np.full(len(ids), -1, dtype=np.int64)
         by_batch: dict[str, list[tuple[int, int, Sequence[int]]]] = {}
         for row, (_, (batch, position), st) in enumerate(found):
             by_batch.setdefault(batch, []).append((row, position, st))
         column = {s: i for i, s in enumerate(steps)}
+        # per metric: (own dims, {dim: labels}, [(row, columns, values (steps, *own))])
+        pieces: dict[str, list] = {m: [] for m in metrics}
+        own_dims: dict[str, tuple[str, ...]] = {}
+        labels: dict[str, dict] = {}
+        diverged = np.full(len(ids), -1, dtype=np.int64)
         for batch, members in by_batch.items():
             ds = self._open(batch)
             stored_steps = {int(s): i for i, s in enumerate(ds["step"].values)}
@@ -189,13 +207,26 @@ class Store:
             for m in metrics:
                 if m not in ds:
                     continue
-                values = ds[m].isel(learner=positions).values  # (members, stored steps)
+                own = own_dims.setdefault(m, ds[m].dims[2:])
+                batch_labels = [ds[d].values.tolist() for d in own]
+                for d, values in zip(own, batch_labels, strict=True):
+                    labels.setdefault(d, {}).update((v, None) for v in values)
+                values = ds[m].isel(learner=positions).values  # (members, stored steps, *own dims)
                 for k, (row, _, st) in enumerate(members):
-                    for s in st:
-                        out[m][row, column[int(s)]] = values[k, stored_steps[int(s)]]
+                    taken = values[k][[stored_steps[int(s)] for s in st]]
+                    pieces[m].append((row, [column[int(s)] for s in st], batch_labels, taken))
             if "diverged_at" in ds:
                 diverged[[r for r, _, _ in members]] = ds["diverged_at"].isel(learner=positions).values
             ds.close()
-        variables = {m: (("learner", "step"), v) for m, v in out.items()}
+        order = {d: {v: i for i, v in enumerate(values)} for d, values in labels.items()}
+        variables, coords = {}, {"learner": np.array(ids, dtype=object), "step": np.array(steps, dtype=np.int64)}
+        for m in metrics:
+            own = own_dims.get(m, ())
+            out = np.full((len(ids), len(steps)) + tuple(len(order[d]) for d in own), np.nan)
+            for row, columns, batch_labels, values in pieces[m]:
+                where = [[order[d][v] for v in batch_labels[i]] for i, d in enumerate(own)]
+                out[np.ix_([row], columns, *where)] = values[None]
+            variables[m] = (("learner", "step") + own, out)
+            coords.update({d: np.asarray(list(order[d])) for d in own})
         variables["diverged_at"] = (("learner",), diverged)
-        return xr.Dataset(variables, coords={"learner": np.array(ids, dtype=object), "step": np.array(steps, dtype=np.int64)})
+        return xr.Dataset(variables, coords=coords)

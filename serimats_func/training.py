@@ -5,7 +5,7 @@ learner's values, and nothing is copied to the host until the chunk ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +17,10 @@ from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec, class_name
 from .interventions.base import STEP_HOOKS, Intervention, Numbers
 from .learners import initial_model_state
-from .metrics import DEFAULT_METRICS, MetricFn, vmapped_metrics
+from .metrics import MetricFn
 from .optimizers import functional_twin
-from .step import Hook, Hooks, LossFn, check_pure, evaluate_dataset, initial_hooks, make_logits, make_train_step
+from .recording import Recorder
+from .step import Hook, Hooks, LossFn, check_pure, initial_hooks, make_train_step
 
 POINTS = {"on_batch": "batch", "on_activations": "activations", "on_gradients": "gradients",
           "on_hyperparameters": "hyperparameters", "on_params": "params"}
@@ -31,19 +32,23 @@ class Schedule:
 
     >>> Schedule(total_steps=10, steps_per_epoch=4, log_every=None).log_steps
     (0, 4, 8, 10)
+    >>> Schedule(total_steps=10, steps_per_epoch=4, log_every=5, log_at=(1, 2)).log_steps
+    (0, 1, 2, 4, 5, 8, 10)
     """
 
     total_steps: int
     steps_per_epoch: int
     log_every: int | None = None
+    log_at: tuple[int, ...] = ()
 
     @property
     def log_steps(self) -> tuple[int, ...]:
         """Steps (updates done) at which metrics are recorded: 0, each epoch end, the last step,
-        and every ``log_every``."""
+        every ``log_every`` and the steps of ``log_at``."""
         steps = {0, self.total_steps, *range(self.steps_per_epoch, self.total_steps + 1, self.steps_per_epoch)}
         if self.log_every:
             steps.update(range(0, self.total_steps + 1, self.log_every))
+        steps.update(s for s in self.log_at if s <= self.total_steps)
         return tuple(sorted(steps))
 
 
@@ -176,9 +181,13 @@ def train_chunk(
     metrics: Mapping[str, MetricFn] | None = None,
     checkpoints: Checkpoints | None = None,
     evaluate: bool = True,
+    controls: bool = False,
+    reads_control: Collection[str] = (),
 ) -> dict[str, np.ndarray]:
-    """Train one chunk of learners of one structure; returns each metric as (N, len(log_steps)), and
-    ``diverged_at`` (N,). With ``checkpoints``, resume from the last one and save new ones when due.
+    """Train one chunk of learners of one structure; returns each metric as (N, len(log_steps), *its dims),
+    and ``diverged_at`` (N,). With ``checkpoints``, resume from the last one and save new ones when due.
+    ``controls``: record the metrics against each learner's control (NaN for learners whose control is not
+    in ``specs``); ``reads_control``: the custom metrics that read ``learner.control``.
 
     A lone learner is trained as two identical copies: with a learner axis of 1, torch turns batched
     matmuls into plain ones whose rounding differs, and a learner must give the same numbers whether it
@@ -196,39 +205,21 @@ def train_chunk(
     shared = len(data_keys) == 1
     which_order = torch.tensor([data_keys.index(s.data_key) for s in specs], device=device)  # (N,)
     step_fn = make_train_step(template, twin, loss_fn, hooks, shared_batch=shared, trainable=setup.trainable_names)
-    logits_fn = make_logits(template)
     first = batch_indices(epoch_orders(data_keys[:1], 0, len(data.x), device), 0, data.batch_size)[0]
     xb, yb = data.x[first], data.y[first]
     check_pure(step_fn, state, xb if shared else xb.expand(len(specs), *xb.shape), yb if shared else
                yb.expand(len(specs), *yb.shape), hooks)
 
-    custom = vmapped_metrics(template, metrics) if metrics else None
-    records = records or {m: [] for m in (DEFAULT_METRICS if evaluate else ())}
+    initial_params = (initial_state(specs, hooks, device) if resumed else state)["params"]  # for distance to init
+    record = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
+                      metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
+                      records=records)
     log_steps = set(schedule.log_steps)
-
-    def record() -> None:
-        template.eval()
-        diverged = state["diverged_at"] >= 0  # (N,): metrics of a diverged learner are NaN from then on
-        values = {}
-        if evaluate:
-            for name, x, y in (("train", data.x, data.y), ("test", data.x_test, data.y_test)):
-                if x is None:
-                    nan = torch.full((len(specs),), float("nan"), dtype=torch.float64, device=device)
-                    loss, acc = nan, nan
-                else:
-                    loss, acc = evaluate_dataset(logits_fn, loss_fn, state["params"], state["buffers"], x, y,
-                                                 data.eval_batch_size)
-                values[f"{name}_loss"], values[f"{name}_acc"] = loss, acc
-        if custom is not None:
-            values.update({k: v.to(torch.float64) for k, v in custom(state["params"], state["buffers"]).items()})
-        for name, value in values.items():
-            records.setdefault(name, []).append(torch.where(diverged, torch.nan, value))
-        template.train()
 
     template.train()
     with torch.no_grad():
         if start == 0 and 0 in log_steps:
-            record()
+            record(state, 0)
         on_step(start * n_learners)
         orders = None
         for step in range(start, schedule.total_steps):
@@ -243,10 +234,10 @@ def train_chunk(
                 xb, yb = data.x[idx], data.y[idx]  # (N, B, ...)
             state, _ = step_fn(state, xb, yb, torch.tensor(step, device=device))
             if step + 1 in log_steps:
-                record()
+                record(state, step + 1)
             on_step(n_learners)
             if checkpoints is not None and step + 1 < schedule.total_steps and checkpoints.due(step + 1):
-                checkpoints.save(step + 1, state, records)
-    out = {m: torch.stack(v, dim=1)[:n_learners].cpu().numpy() for m, v in records.items()}  # (N, n_log)
+                checkpoints.save(step + 1, state, record.records)
+    out = record.results(n_learners)  # (N, n_log, ...)
     out["diverged_at"] = state["diverged_at"][:n_learners].cpu().numpy()  # (N,)
     return out
