@@ -81,18 +81,12 @@ class Plotter:
         for name, value in (sel or {}).items():
             if name not in da.coords:
                 raise ValueError(f"sel: {metric} has no coordinate {name!r}; it has: {', '.join(map(str, da.coords))}.")
-            values = da[name].values.tolist()
+            values = np.atleast_1d(da[name].values).tolist()
             if value not in values:
                 raise ValueError(f"sel: {name}={value!r} is not a value of {name}; its values: {values}.")
             da = da.sel({name: value}) if name in da.dims else da
         single = [d for d in da.dims if d != "step" and da.sizes[d] == 1]
         return da.squeeze(single)
-
-    def default_hue(self, metric: str | None = None) -> str | None:
-        """The first dimension of ``metric`` that is not a seed nor ``step``."""
-        metric = metric or self.metrics()[0]
-        da = self.ds[metric]
-        return next((str(d) for d in da.dims if d != "step" and d not in seed_dims(da)), None)
 
     @staticmethod
     def _arrange(da: xr.DataArray, metric: str, slots: dict[str, str | None],
@@ -137,8 +131,8 @@ class Plotter:
         ``at`` if present), mean and +- one std over seeds. Controls are left out (their distance is 0), and so
         is step 0 (no place on a log axis)."""
         da = self._data(metric, sel)
-        if "control" in self.ds.coords and metric.startswith("control_"):
-            da = da.where(~self.ds["control"].broadcast_like(da))
+        if "control" in da.coords and metric.startswith("control_"):
+            da = da.where(~da["control"])  # the coordinate as selected with the data
         da = da.sel(step=da["step"] > 0)
         if hue is None and "epsilon" in da.dims:
             hue = "epsilon"
@@ -334,6 +328,9 @@ def _title(ds: xr.Dataset, what: str, seeds: list[str], sel: Mapping | None, not
     name = ds.attrs.get("experiment")
     chosen = ", ".join(f"{k}={v}" for k, v in (sel or {}).items())
     spread = f"{spread} {', '.join(seeds)}" if seeds else "one learner each (no seed dimension)"
+    diverged = int(ds["diverged_at"].notnull().sum()) if "diverged_at" in ds else 0
+    if diverged:
+        note = "; ".join(p for p in (note, f"{diverged} learner(s) diverged: left out from then on") if p)
     parts = [p for p in (chosen, spread, note) if p]
     return (f"{name}: " if name else "") + what + "\n" + "; ".join(parts)
 

@@ -73,6 +73,9 @@ def test_scaling_plot_is_log_log_with_a_line_per_epsilon_a_panel_per_window_and_
     line = panels[0].get_lines()[1]
     np.testing.assert_allclose(line.get_xdata(), [1, 10, 100])  # step 0 has no place on a log axis
     np.testing.assert_allclose(line.get_ydata(), [0.2, 1.1, 10.1])
+    one = Plotter(scaling_result()).scaling(sel={"when": "50-60"})  # a selected window: one panel, the same lines
+    assert len([ax for ax in one.axes if ax.get_lines()]) == 1 and "when=50-60" in one._suptitle.get_text()
+    np.testing.assert_allclose(one.axes[0].get_lines()[1].get_ydata(), [0.2, 1.1, 10.1])
 
 
 def test_heatmap_cells_hold_the_mean_over_seeds_at_the_chosen_step():
@@ -116,3 +119,15 @@ def test_run_with_plot_writes_readable_pngs_next_to_the_store_and_shows_them_in_
     assert sorted(p.name for p in drawn) == names and sorted(shown) == sorted(str(p) for p in drawn)
     for path in drawn:
         assert_png_not_blank(path)
+
+
+def test_a_plot_says_how_many_learners_diverged_and_left_the_mean():
+    ds = grid_result()
+    diverged = np.full((3, 2, 3), np.nan)
+    diverged[0, 0, 0] = 20.0
+    ds["diverged_at"] = (("seed", "optimizer", "lr"), diverged)
+    ds["test_acc"][0, 0, 0, 2:] = np.nan  # NaN from its divergence on, as the library records it
+    fig = Plotter(ds).curves("test_acc", hue="lr")
+    assert "1 learner(s) diverged: left out from then on" in fig._suptitle.get_text()
+    line = [ax for ax in fig.axes if ax.get_lines()][0].get_lines()[0]  # SGD, lr 0.001
+    np.testing.assert_allclose(line.get_ydata()[2:], ds.test_acc[1:, 0, 0, 2:].mean("seed"))
