@@ -42,9 +42,14 @@ METRICS_VERSION = 1  # part of the built-in metrics' keys in the store: bump whe
 
 # -- built-in metrics on weights ------------------------------------------------------------------------
 
-def _squares(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of squares of each parameter tensor, in float64: (N, L), L tensors in dict order."""
-    return torch.stack([p.flatten(1).double().square().sum(1) for p in params.values()], dim=1)
+def layer_norms(tree: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The norm of each tensor of N learners (N, ...), accumulated in float64: (N, L), L tensors in dict order."""
+    return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float64) for t in tree.values()], 1)
+
+
+def _total(norms: torch.Tensor) -> torch.Tensor:
+    """The norm of all tensors as one vector, from their norms (N, L): (N,)."""
+    return norms.square().sum(1).sqrt()
 
 
 def _cosine(norm_a: torch.Tensor, norm_b: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
@@ -54,11 +59,14 @@ def _cosine(norm_a: torch.Tensor, norm_b: torch.Tensor, distance: torch.Tensor) 
     return (1 - gap).clamp(-1.0, 1.0)
 
 
-def weight_metrics(params: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``param_norm``, ``init_distance``, ``init_cosine`` of N learners: params and initial (N, ...); each (N,)."""
-    norm = _squares(params).sum(1).sqrt()  # (N,)
-    norm0 = _squares(initial).sum(1).sqrt()
-    distance = _squares({k: params[k].double() - initial[k].double() for k in params}).sum(1).sqrt()
+def weight_metrics(params: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor],
+                   norms: torch.Tensor | None = None, initial_norms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``param_norm``, ``init_distance``, ``init_cosine`` of N learners: params and initial (N, ...); each (N,).
+    ``norms``, ``initial_norms``: their ``layer_norms`` if already known. Differences are taken in the weights'
+    own dtype (exact for nearby float32 weights), norms accumulated in float64."""
+    norm = _total(layer_norms(params) if norms is None else norms)  # (N,)
+    norm0 = _total(layer_norms(initial) if initial_norms is None else initial_norms)
+    distance = _total(layer_norms({k: params[k] - initial[k] for k in params}))
     return {"param_norm": norm, "init_distance": distance, "init_cosine": _cosine(norm, norm0, distance)}
 
 
@@ -67,14 +75,14 @@ def gather(tree: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, t
     return {k: v[index] for k, v in tree.items()}
 
 
-def control_metrics(params: Mapping[str, torch.Tensor], control_index: torch.Tensor) -> dict[str, torch.Tensor]:
+def control_metrics(params: Mapping[str, torch.Tensor], control_index: torch.Tensor,
+                    norms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``control_distance``, ``control_layer_distance`` (N, L), ``control_cosine`` of N learners against the
-    learners ``control_index`` (N,) names in the same stack."""
-    control = gather(params, control_index)
-    layers = _squares({k: params[k].double() - control[k].double() for k in params})  # (N, L)
-    distance = layers.sum(1).sqrt()
-    norm = _squares(params).sum(1).sqrt()
-    return {"control_distance": distance, "control_layer_distance": layers.sqrt(),
+    learners ``control_index`` (N,) names in the same stack; ``norms``: ``layer_norms(params)`` if known."""
+    layers = layer_norms({k: v - v[control_index] for k, v in params.items()})  # (N, L)
+    distance = _total(layers)
+    norm = _total(layer_norms(params) if norms is None else norms)
+    return {"control_distance": distance, "control_layer_distance": layers,
             "control_cosine": _cosine(norm, norm[control_index], distance)}
 
 

@@ -28,6 +28,7 @@ from .metrics import (
     agreement,
     control_metrics,
     gather,
+    layer_norms,
     vmapped_metrics,
     weight_metrics,
 )
@@ -75,6 +76,7 @@ class Recorder:
                  records: dict[str, list[torch.Tensor]] | None = None):
         self.template, self.loss_fn, self.data, self.device = template, loss_fn, data, device
         self.initial = initial_params  # (N, ...), kept on the device
+        self.initial_norms = layer_norms(initial_params)  # (N, L)
         self.evaluate, self.controls, self.steps_per_epoch = evaluate, controls, steps_per_epoch
         self.logits_fn = make_logits(template)
         index = control_index(specs).to(device)  # (N,)
@@ -130,9 +132,10 @@ class Recorder:
                 values[f"{split}_loss"], values[f"{split}_acc"] = out[:2]
                 if len(out) == 3:
                     predictions = out[2]  # (N, n_test)
-        values.update(weight_metrics(params, self.initial))
+        norms = layer_norms(params)  # (N, L)
+        values.update(weight_metrics(params, self.initial, norms, self.initial_norms))
         if self.controls:
-            against.update(control_metrics(params, self.control))
+            against.update(control_metrics(params, self.control, norms))
             if self.evaluate:
                 test_loss, test_acc = values["test_loss"], values["test_acc"]
                 finite = ~torch.isnan(test_acc) & ~torch.isnan(test_acc[self.control])  # non-finite logits: NaN
