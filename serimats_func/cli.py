@@ -44,6 +44,7 @@ def demo(epochs: int = 20, store: str = "runs/demo.zarr", progress: bool = True)
         optimizer=Optimizer(torch.optim.SGD, lr=0.1, momentum=0.9),
         batch_size=64,
         epochs=epochs,
+        log_at=[1, 2, 5, 10, 20, 40],  # early steps, where the distance to the control starts to grow
         store=store,
         name="demo",
         progress=progress,

@@ -143,11 +143,7 @@ class Plotter:
         fig = _lines(da, **slots, seeds=seeds, label=pretty(metric))
         for ax in fig.axes:
             if ax.get_lines():
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.xaxis.set_minor_formatter(NullFormatter())
+                _log_axes(ax, da["step"].values)
         _suptitle(fig, _title(self.ds, f"{pretty(metric)}, log-log", seeds, sel,
                             "controls left out" if metric.startswith("control_") else ""))
         return _finish(fig)
@@ -284,6 +280,24 @@ def _lines(da: xr.DataArray, hue: str | None, col: str | None, row: str | None, 
         else:
             panels[0][0].legend(handles, names, title=hue, fontsize="small")
     return fig
+
+
+def _log_axes(ax, steps: np.ndarray) -> None:
+    """Log-log axes labelled with plain numbers: 1, 2, 5, 10, 20... or, where fewer than three of those fall in
+    the steps' range, the logged steps themselves."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    lo, hi = float(steps.min()), float(steps.max())
+    rounds = [m * 10**d for d in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1) for m in (1, 2, 5)]
+    ticks = [v for v in rounds if lo <= v <= hi]
+    if len(ticks) < 3:
+        ticks = sorted({int(s) for s in steps})
+        ticks = ticks[:: -(-len(ticks) // 6)]
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _with_count(value: object, count: xr.DataArray) -> str:
