@@ -82,10 +82,13 @@ class Checkpoints:
     """Saves a chunk in training into the store every ``every_steps`` steps (else every ``every_seconds``):
     its metrics so far and its full state, as a checkpoint named by its learner set."""
 
-    def __init__(self, store: Store, ids: Sequence[str], configs: Sequence[Mapping], metric_keys: Mapping[str, str],
-                 attrs: Mapping[str, Any], every_steps: int | None = None, every_seconds: float = 600.0):
+    def __init__(self, store: Store, ids: Sequence[str], configs: Sequence[Mapping],
+                 metric_keys: Mapping[str, str] | Sequence[Mapping[str, str]], attrs: Mapping[str, Any],
+                 every_steps: int | None = None, every_seconds: float = 600.0,
+                 dims: Mapping[str, Sequence[str]] | None = None, labels: Mapping[str, Sequence] | None = None):
         self.store, self.ids, self.configs = store, list(ids), list(configs)
-        self.metric_keys, self.attrs = dict(metric_keys), dict(attrs)
+        self.metric_keys = dict(metric_keys) if isinstance(metric_keys, Mapping) else [dict(k) for k in metric_keys]
+        self.attrs, self.dims, self.labels = dict(attrs), dims, labels
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self._last = time.monotonic()
         self.saved: str | None = None
@@ -100,11 +103,12 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, steps: Sequence[int], metrics: Mapping[str, np.ndarray]) -> str:
         """Write the chunk's ``state`` (a pytree (N, ...), or already flat) after ``step`` updates and ``metrics``
-        {name: (N, len(steps))}."""
+        {name: (N, len(steps), *its own dims)}."""
         flat = state if isinstance(state, dict) and all(isinstance(v, tuple) for v in state.values()) else \
             flatten(state, len(self.ids))
         self.saved = self.store.write_checkpoint(step, self.ids, self.configs, steps, metrics,
-                                                 {"diverged_at": flat["diverged_at"][0]}, self.metric_keys, self.attrs, flat)
+                                                 {"diverged_at": flat["diverged_at"][0]}, self.metric_keys, self.attrs, flat,
+                                                 self.dims, self.labels)
         self._last = time.monotonic()
         return self.saved
 

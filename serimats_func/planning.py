@@ -3,6 +3,12 @@
 Learners of different structure (model, data, batch size, optimizer class, nesterov, amsgrad, SGD with
 or without a momentum buffer, an activation hook's module) cannot share a vmapped step, so they form
 separate groups that run one after another. A group larger than the memory budget is split into chunks.
+
+A learner trains beside its control (metrics against the control are computed in the chunk): a control and
+its learners go into one chunk, and when they do not fit, the control goes into each chunk of its learners.
+A control that is already in the store, or written by an earlier chunk, is trained again beside them (the
+same numbers, by construction) and not written twice: ``Chunk.again`` names such learners. A learner whose
+control has another structure cannot share its step; its metrics against the control are NaN.
 """
 
 from __future__ import annotations
@@ -28,10 +34,15 @@ class Chunk:
     structure: tuple
     learners: list[LearnerSpec]
     starts: list[Start] = field(default_factory=list)  # one per learner: where it starts
+    again: frozenset[str] = frozenset()  # ids trained only as controls beside their learners: not written
 
     @property
     def start(self) -> int:
         return self.starts[0].step if self.starts else 0
+
+    @property
+    def to_write(self) -> list[LearnerSpec]:
+        return [s for s in self.learners if s.id not in self.again]
 
     @property
     def description(self) -> str:
@@ -54,7 +65,8 @@ class Plan:
 
     @property
     def to_train(self) -> int:
-        return sum(len(c.learners) for c in self.chunks)
+        """Learners trained and written (not counting controls trained again beside their learners)."""
+        return sum(len(c.to_write) for c in self.chunks)
 
     @property
     def continuing(self) -> dict[str, int]:
@@ -80,11 +92,13 @@ class Plan:
         for chunk in self.chunks:
             groups.setdefault(chunk.structure, []).append(chunk)
         for structure, chunks in groups.items():
-            n = sum(len(c.learners) for c in chunks)
+            n = sum(len(c.to_write) for c in chunks)
+            again = sum(len(c.again) for c in chunks)
             mib = self.bytes_per_learner[structure] / 2**20
             lines.append(
                 f"  group {chunks[0].description}: {n} learners in {len(chunks)} chunk(s) of up to "
                 f"{max(len(c.learners) for c in chunks)}, about {mib:.1f} MiB per learner"
+                + (f"; {again} control(s) trained again beside their learners (not written twice)" if again else "")
             )
         lines.append(f"  memory budget: {self.memory_budget / 2**30:.1f} GiB")
         return "\n".join(lines)
@@ -179,13 +193,54 @@ def make_plan(
         groups.setdefault((spec.structure, starts[spec.id].step), []).append(spec)
     plan = Plan(grid_cells=len(grid.cells), learners=len(learners), in_store=len(learners) - len(missing),
                 memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device))
-    for (structure, _), specs in groups.items():
+    for (structure, step), specs in groups.items():
         if structure not in plan.bytes_per_learner:
             plan.bytes_per_learner[structure] = bytes_per_learner(specs[0], specs[0].setup.batch_size, eval_batch_size)
         size = max(1, plan.memory_budget // plan.bytes_per_learner[structure])
         if max_learners_per_chunk:
             size = min(size, max_learners_per_chunk)
-        for first in range(0, len(specs), size):
-            part = specs[first : first + size]
-            plan.chunks.append(Chunk(structure, part, [starts[s.id] for s in part]))
+        for members, again in pack_with_controls(specs, grid, size, beside_only=step > 0):
+            plan.chunks.append(Chunk(structure, members, [starts.get(m.id) or Start(0) for m in members], again))
     return plan
+
+
+def pack_with_controls(specs: list[LearnerSpec], grid: Grid, size: int,
+                       beside_only: bool = False) -> list[tuple[list[LearnerSpec], frozenset[str]]]:
+    """Split learners of one structure into chunks of at most ``size`` (at least 2 where a learner needs its
+    control), in grid order, so that each learner whose control has the same structure trains beside it.
+    Returns (learners, ids trained again only as controls: in the store already, or written by an earlier
+    chunk). With ``beside_only`` (learners that continue from a stored step), a control is added only if it is
+    among ``specs`` (it continues from the same step); otherwise its learners' control metrics are NaN.
+
+    >>> from types import SimpleNamespace as S
+    >>> c, a, b = (S(id=i, control_id="c", structure=1) for i in "cab")
+    >>> [([s.id for s in m], sorted(again)) for m, again in pack_with_controls([a, b], S(learners=[c, a, b]), 2)]
+    [(['c', 'a'], ['c']), (['c', 'b'], ['c'])]
+    >>> [([s.id for s in m], sorted(again)) for m, again in pack_with_controls([c, a, b], S(learners=[c, a, b]), 8)]
+    [(['c', 'a', 'b'], [])]
+    """
+    by_id = {s.id: s for s in grid.learners}
+    families: dict[str, list[LearnerSpec]] = {}  # control id -> its learners among specs (itself too if there)
+    for spec in specs:
+        control = by_id.get(spec.control_id) if spec.control_id else None
+        beside = control is not None and control.id != spec.id and control.structure == spec.structure and (
+            not beside_only or any(c.id == control.id for c in specs))
+        families.setdefault(control.id if beside else spec.id, []).append(spec)
+    units: list[tuple[list[LearnerSpec], set[str]]] = []
+    for key, members in families.items():
+        others = [m for m in members if m.id != key]
+        if not others:  # no control to add: a learner without one, or a control whose learners are stored
+            units.append((members, set()))
+            continue
+        stored = len(others) == len(members)  # the control itself is not to train
+        step = max(size, 2) - 1
+        for i, start in enumerate(range(0, len(others), step)):
+            units.append(([by_id[key]] + others[start : start + step], {key} if stored or i > 0 else set()))
+    chunks: list[tuple[list[LearnerSpec], set[str]]] = []
+    for learners, again in units:
+        if chunks and len(chunks[-1][0]) + len(learners) <= size:
+            chunks[-1][0].extend(learners)
+            chunks[-1][1].update(again)
+        else:
+            chunks.append((list(learners), set(again)))
+    return [(learners, frozenset(again)) for learners, again in chunks]

@@ -61,9 +61,9 @@ def held(store: Store, learner_id: str, need: Need, checkpoints: bool) -> tuple[
     """The steps at which the store holds each needed metric of the learner, and the steps of its states."""
     metrics: dict[str, set[int]] = {m: set() for m in need.metric_keys}
     states: set[int] = set()
-    for source, _ in store.holders(learner_id, checkpoints):
+    for source, position in store.holders(learner_id, checkpoints):
         for m, key in need.metric_keys.items():
-            if source.metric_keys.get(m) == key:
+            if source.key(m, position) == key:
                 metrics[m].update(int(s) for s in source.steps)
         states.update(int(s) for s in source.state_steps)
     return metrics, states

@@ -232,16 +232,18 @@ def make_logits(template: nn.Module) -> Callable:
 
 
 def evaluate_dataset(logits_fn: Callable, loss_fn: LossFn, params, buffers, x: torch.Tensor, y: torch.Tensor,
-                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     batch_size: int, predictions: bool = False) -> tuple[torch.Tensor, ...]:
     """Loss and accuracy (fraction) of every learner on all of (x, y), two (N,) float64 tensors. The loss
     is ``loss_fn`` on the logits of the whole set, whatever the evaluation batch size, so it is exact for
     any loss (weighted, summed...). A learner with non-finite logits has accuracy NaN, not the accuracy of
-    argmax over NaN."""
+    argmax over NaN. With ``predictions=True``, also each learner's argmax predictions (N, n)."""
     logits = torch.cat([logits_fn(params, buffers, x[s : s + batch_size]) for s in range(0, len(x), batch_size)], dim=1)
     loss = vmap(loss_fn, in_dims=(0, None))(logits, y)  # (N,)
     finite = torch.isfinite(logits).flatten(1).all(dim=1)  # (N,)
-    accuracy = (logits.argmax(dim=-1) == y).sum(dim=1).to(torch.float64) / len(y)
-    return loss.to(torch.float64), torch.where(finite, accuracy, torch.nan)
+    predicted = logits.argmax(dim=-1)  # (N, n)
+    accuracy = (predicted == y).sum(dim=1).to(torch.float64) / len(y)
+    out = (loss.to(torch.float64), torch.where(finite, accuracy, torch.nan))
+    return out + (predicted,) if predictions else out
 
 
 HOST_SYNC_SIGNS = ("item()", "meta tensor", "data-dependent", "to numpy", "Cannot copy out of meta")

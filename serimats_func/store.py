@@ -99,8 +99,22 @@ class Source:
         return self.attrs.get("steps", [])
 
     @property
-    def metric_keys(self) -> dict[str, str]:
+    def metric_keys(self) -> dict[str, str | list[str]]:
+        """metric -> the digest of what decides it: one for all learners, or one per learner (a list)."""
         return self.attrs.get("metric_keys", {})
+
+    def key(self, metric: str, position: int) -> str | None:
+        """The digest of ``metric`` for the learner at ``position`` (None: the source lacks the metric)."""
+        k = self.metric_keys.get(metric)
+        return k[position] if isinstance(k, list) else k
+
+    def keys_at(self, position: int) -> dict[str, str]:
+        return {m: self.key(m, position) for m in self.metric_keys}
+
+    @property
+    def dim_labels(self) -> dict[str, list]:
+        """Labels of the metrics' own dimensions (``layer``: parameter names...)."""
+        return self.attrs.get("dim_labels", {})
 
     @property
     def state_steps(self) -> list[int]:
@@ -239,23 +253,29 @@ class Store:
         metric_keys: Mapping[str, str] | None = None,
         attrs: Mapping[str, Any] | None = None,
         states: Mapping[int, FlatState] | None = None,
+        dims: Mapping[str, Sequence[str]] | None = None,
+        labels: Mapping[str, Sequence] | None = None,
     ) -> str:
         """Add one batch of learners: ``metrics[name]`` is (len(ids), len(steps)), ``per_learner[name]``
         (len(ids),), ``states[step]`` the learners' full states at that step ({path: ((len(ids), ...) array,
-        torch dtype)}); ``metric_keys`` names what decides each metric (default: its name)."""
+        torch dtype)}); ``metric_keys`` names what decides each metric (default: its name): one dict for all
+        learners or one per learner. A metric with dimensions of its own is (len(ids), len(steps), *dims), named
+        by ``dims[metric]`` (default ``<metric>_dim0``...) and labelled by ``labels[dim]`` (default positions)."""
         stamp = time.time_ns()
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(stamp // 10**9))}.{stamp % 10**9:09d}-{uuid.uuid4().hex[:8]}"
         return self._write_group(BATCHES, name, ids, configs, steps, metrics, per_learner, metric_keys,
-                                 {"kind": "batch", **(attrs or {})}, states or {})
+                                 {"kind": "batch", **(attrs or {})}, states or {}, dims, labels)
 
     def write_checkpoint(self, step: int, ids: Sequence[str], configs: Sequence[Mapping[str, Any]], steps: Sequence[int],
                          metrics: Mapping[str, np.ndarray], per_learner: Mapping[str, np.ndarray],
-                         metric_keys: Mapping[str, str], attrs: Mapping[str, Any], state: FlatState) -> str:
+                         metric_keys: Mapping[str, str] | Sequence[Mapping[str, str]], attrs: Mapping[str, Any],
+                         state: FlatState, dims: Mapping[str, Sequence[str]] | None = None,
+                         labels: Mapping[str, Sequence] | None = None) -> str:
         """Add a checkpoint of a chunk in training: its metrics so far and its state at ``step``. Named by the
         learner set and the step; older checkpoints of the same learners are removed once it is in place."""
         name = f"{learner_set(ids)}-{step:010d}-{uuid.uuid4().hex[:8]}"
         self._write_group(CHECKPOINTS, name, ids, configs, steps, metrics, per_learner, metric_keys,
-                          {"kind": "checkpoint", "step": int(step), **attrs}, {step: state})
+                          {"kind": "checkpoint", "step": int(step), **attrs}, {step: state}, dims, labels)
         sources = self.sources()
         batches = [s for s in sources if s.kind == "batch"] + [s for s in sources if s.name == name]
         for old in sources:
@@ -277,18 +297,25 @@ class Store:
             shutil.rmtree(trash, ignore_errors=True)
 
     def _write_group(self, folder: str, name: str, ids, configs, steps, metrics, per_learner, metric_keys,
-                     attrs: dict, states: Mapping[int, FlatState]) -> str:
+                     attrs: dict, states: Mapping[int, FlatState], dims=None, labels=None) -> str:
         self.create()
         target = self._folder(folder) / name
         pending = self._folder(PENDING) / name
         n = len(ids)
         arrays = {"learner": (("learner",), np.arange(n, dtype=np.int64)),
                   "step": (("step",), np.asarray(steps, dtype=np.int64).reshape(len(steps)))}
-        arrays.update({k: (("learner", "step"), np.asarray(v, dtype=np.float64).reshape(n, len(steps)))
-                       for k, v in metrics.items()})
+        dim_labels: dict[str, list] = {}
+        for k, v in metrics.items():
+            v = np.asarray(v, dtype=np.float64).reshape(n, len(steps), *np.shape(v)[2:])
+            own = tuple((dims or {}).get(k, ())) or tuple(f"{k}_dim{i}" for i in range(v.ndim - 2))
+            arrays[k] = (("learner", "step") + own, v)
+            for dim, size in zip(own, v.shape[2:], strict=True):
+                given = (labels or {}).get(dim)
+                dim_labels.setdefault(dim, list(range(size)) if given is None else [_plain_label(x) for x in given])
+                arrays.setdefault(dim, ((dim,), np.arange(size, dtype=np.int64)))
         arrays.update({k: (("learner",), np.asarray(v).reshape(n)) for k, v in (per_learner or {}).items()})
         attrs = {"learner_ids": list(ids), "configs": [dict(c) for c in configs], "steps": [int(s) for s in steps],
-                 "metric_keys": dict(metric_keys) if metric_keys is not None else {k: k for k in metrics},
+                 "metric_keys": _keys_attr(metric_keys, metrics, n), "dim_labels": dim_labels,
                  "state_steps": sorted(int(s) for s in states), **attrs}
         with self.writing(f"the {attrs['kind']} {name}", pending), locks.aside(target, pending):
             group = zarr.create_group(pending, zarr_format=3, attributes=attrs)
@@ -309,29 +336,32 @@ class Store:
 
     def read(self, requests: Sequence[Request], metrics: Sequence[str] | None = None,
              checkpoints: bool = False) -> xr.Dataset:
-        """Metrics of the requested learners: dims (learner, step) over the union of their steps, NaN where a
-        learner has no such step; the value at a step is the oldest source's that holds it (batches before
-        checkpoints; these only with ``checkpoints=True``). ``diverged_at`` (learner,) is the step whose loss was
-        first non-finite, if before the learner's last requested step, else -1."""
+        """Metrics of the requested learners: dims (learner, step, *the metric's own dims) over the union of
+        their steps (and of the own dims' labels), NaN where a learner has no such step; the value at a step is
+        the oldest source's that holds it (batches before checkpoints; these only with ``checkpoints=True``).
+        ``diverged_at`` (learner,) is the step whose loss was first non-finite, if before the learner's last
+        requested step, else -1."""
         steps = sorted({int(s) for _, st, _ in requests for s in st})
         names = list(metrics) if metrics is not None else list(dict.fromkeys(m for _, _, k in requests for m in k))
         column = {s: i for i, s in enumerate(steps)}
-        out = {m: np.full((len(requests), len(steps)), np.nan) for m in names}
-        filled = {m: np.zeros((len(requests), len(steps)), dtype=bool) for m in names}
-        diverged = np.full(len(requests), -1, dtype=np.int64)
         members: dict[str, list[tuple[int, int]]] = {}
         for row, (learner_id, _, _) in enumerate(requests):
             for source, position in self.holders(learner_id, checkpoints):
                 members.setdefault(source.name, []).append((row, position))
-        for source in self.sources(checkpoints):
-            if source.name not in members:
-                continue
+        sources = [s for s in self.sources(checkpoints) if s.name in members]
+        own, labels = self._own_dims(sources, names)
+        order = {d: {v: i for i, v in enumerate(values)} for d, values in labels.items()}
+        shape = {m: tuple(len(labels[d]) for d in own.get(m, ())) for m in names}
+        out = {m: np.full((len(requests), len(steps), *shape[m]), np.nan) for m in names}
+        filled = {m: np.zeros((len(requests), len(steps)), dtype=bool) for m in names}
+        diverged = np.full(len(requests), -1, dtype=np.int64)
+        for source in sources:
             rows = members[source.name]
             positions = sorted({p for _, p in rows})
             at = {p: i for i, p in enumerate(positions)}
             ds = self._open(source)
             stored = [column.get(int(s), -1) for s in ds["step"].values]
-            wanted = {m for row, _ in rows for m, key in requests[row][2].items() if m in out and _serves(source, m, key)}
+            wanted = {m for row, p in rows for m, key in requests[row][2].items() if m in out and _serves(source, m, key, p)}
             values = {m: ds[m].isel(learner=positions).values for m in wanted if m in ds}
             stored_diverged = ds["diverged_at"].isel(learner=positions).values if "diverged_at" in ds else None
             ds.close()
@@ -339,19 +369,42 @@ class Store:
                 learner_id, st, keys = requests[row]
                 asked = {column[int(s)] for s in st}
                 for m, block in values.items():
-                    if m not in keys or not _serves(source, m, keys[m]):
+                    if m not in keys or not _serves(source, m, keys[m], position):
                         continue
+                    where = [[order[d][_plain_label(v)] for v in source.dim_labels.get(d, range(block.shape[2 + i]))]
+                             for i, d in enumerate(own.get(m, ()))]
                     for i, c in enumerate(stored):
                         if c in asked and not filled[m][row, c]:
-                            out[m][row, c], filled[m][row, c] = block[at[position], i], True
+                            out[m][(row, c, *np.ix_(*where))] = block[at[position], i]
+                            filled[m][row, c] = True
                 if stored_diverged is not None:
                     d, last = int(stored_diverged[at[position]]), max((int(s) for s in st), default=0)
                     if 0 <= d < last and (diverged[row] < 0 or d < diverged[row]):
                         diverged[row] = d
-        variables = {m: (("learner", "step"), v) for m, v in out.items()}
+        variables = {m: (("learner", "step", *own.get(m, ())), v) for m, v in out.items()}
         variables["diverged_at"] = (("learner",), diverged)
         ids = np.array([r[0] for r in requests], dtype=object)
-        return xr.Dataset(variables, coords={"learner": ids, "step": np.array(steps, dtype=np.int64)})
+        coords = {"learner": ids, "step": np.array(steps, dtype=np.int64)}
+        coords.update({d: np.asarray(values, dtype=object if any(isinstance(v, str) for v in values) else None)
+                       for d, values in labels.items()})
+        return xr.Dataset(variables, coords=coords)
+
+    def _own_dims(self, sources: Sequence[Source], names: Sequence[str]) -> tuple[dict[str, tuple], dict[str, list]]:
+        """Each metric's own dimensions (from the sources' arrays' attributes) and the union of their labels."""
+        own: dict[str, tuple] = {}
+        labels: dict[str, dict] = {}
+        for source in sources:
+            for m in names:
+                if m in own or m not in source.metric_keys:
+                    continue
+                try:
+                    array = zarr.open_array(source.path / m, mode="r")
+                except (FileNotFoundError, KeyError, ValueError):
+                    continue
+                own[m] = tuple(array.metadata.dimension_names or ())[2:]
+            for d, values in source.dim_labels.items():
+                labels.setdefault(d, {}).update((_plain_label(v), None) for v in values)
+        return own, {d: list(v) for d, v in labels.items()}
 
     def read_states(self, locations: Sequence[tuple[Source, int, int]]) -> list[FlatState]:
         """The full states at (source, position, step): one {path: (array, torch dtype)} per location."""
@@ -457,19 +510,41 @@ def _holders(sources: Sequence[Source]) -> dict[str, list[tuple[Source, int]]]:
     return found
 
 
-def _serves(source: Source, metric: str, key: str | None) -> bool:
-    return metric in source.metric_keys and (key is None or source.metric_keys[metric] == key)
+def _serves(source: Source, metric: str, key: str | None, position: int) -> bool:
+    return metric in source.metric_keys and (key is None or source.key(metric, position) == key)
+
+
+def _keys_attr(metric_keys: Any, metrics: Mapping[str, Any], n: int) -> dict[str, str | list[str]]:
+    """metric_keys as stored: one digest per metric, or a list of digests (one per learner) where they differ."""
+    if metric_keys is None:
+        return {k: k for k in metrics}
+    if isinstance(metric_keys, Mapping):
+        return dict(metric_keys)
+    per_learner = list(metric_keys)
+    if len(per_learner) != n:
+        raise ValueError(f"metric_keys: {len(per_learner)} dicts for {n} learners.")
+    out: dict[str, str | list[str]] = {}
+    for m in per_learner[0] if per_learner else {}:
+        values = [k[m] for k in per_learner]
+        out[m] = values[0] if len(set(values)) == 1 else values
+    return out
+
+
+def _plain_label(value: Any) -> Any:
+    """A JSON-able label (numpy numbers as Python numbers)."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, str) else value
 
 
 def _dominated(checkpoint: Source, others: Sequence[Source]) -> bool:
     """Whether ``others`` hold every metric value and a state at or after every state of ``checkpoint``."""
-    for learner_id in checkpoint.ids:
-        holding = [s for s in others if learner_id in s.ids]
-        for metric, key in checkpoint.metric_keys.items():
-            held = {int(t) for s in holding if s.metric_keys.get(metric) == key for t in s.steps}
+    for position, learner_id in enumerate(checkpoint.ids):
+        holding = [(s, s.ids.index(learner_id)) for s in others if learner_id in s.ids]
+        for metric in checkpoint.metric_keys:
+            key = checkpoint.key(metric, position)
+            held = {int(t) for s, p in holding if s.key(metric, p) == key for t in s.steps}
             if not {int(t) for t in checkpoint.steps} <= held:
                 return False
-        latest = max((int(t) for s in holding for t in s.state_steps), default=-1)
+        latest = max((int(t) for s, _ in holding for t in s.state_steps), default=-1)
         if any(int(t) > latest for t in checkpoint.state_steps):
             return False
     return True
@@ -509,32 +584,38 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     ids = list(dict.fromkeys(i for b in batches for i in b.ids))
     by_name: dict[str, set[str]] = {}
     for b in batches:
-        for metric, key in b.metric_keys.items():
-            by_name.setdefault(metric, set()).add(key)
+        for metric in b.metric_keys:
+            by_name.setdefault(metric, set()).update(b.key(metric, p) for p in range(len(b.ids)))
     variables = {(m, k): (m if len(keys) == 1 else f"{m}@{k}") for m, keys in by_name.items() for k in keys}
+    own, labels = store._own_dims(batches, list(by_name))
+    order = {d: {v: i for i, v in enumerate(values)} for d, values in labels.items()}
     steps = sorted({int(s) for b in batches for s in list(b.steps) + list(b.state_steps)})
     row = {i: r for r, i in enumerate(ids)}
     column = {s: c for c, s in enumerate(steps)}
-    values = {v: np.full((len(ids), len(steps)), np.nan) for v in variables.values()}
+    dims_of = {v: own.get(m, ()) for (m, _), v in variables.items()}
+    values = {v: np.full((len(ids), len(steps), *(len(labels[d]) for d in dims_of[v])), np.nan) for v in variables.values()}
     filled = {v: np.zeros((len(ids), len(steps)), dtype=bool) for v in variables.values()}
     has_state = np.zeros((len(ids), len(steps)), dtype=bool)
     diverged = np.full(len(ids), -1, dtype=np.int64)
     info: dict[str, dict[str, Any]] = {}
     for b in batches:
         rows = np.array([row[i] for i in b.ids])
-        cols = np.array([column[int(s)] for s in b.steps], dtype=np.int64)
+        cols = [column[int(s)] for s in b.steps]
         for s in b.state_steps:
             has_state[rows, column[int(s)]] = True
         ds = store._open(b)
-        for metric, key in b.metric_keys.items():
-            name = variables[(metric, key)]
+        for metric in b.metric_keys:
             if metric not in ds:
                 continue
-            block = ds[metric].values  # (learners of the batch, its steps)
-            old = filled[name][np.ix_(rows, cols)]
-            current = values[name][np.ix_(rows, cols)]
-            values[name][np.ix_(rows, cols)] = np.where(old, current, block)
-            filled[name][np.ix_(rows, cols)] = True
+            block = ds[metric].values  # (learners of the batch, its steps, *own dims)
+            where = [[order[d][_plain_label(v)] for v in b.dim_labels.get(d, range(block.shape[2 + i]))]
+                     for i, d in enumerate(own.get(metric, ()))]
+            for position, r in enumerate(rows):
+                name = variables[(metric, b.key(metric, position))]
+                for i, c in enumerate(cols):
+                    if not filled[name][r, c]:
+                        values[name][(r, c, *np.ix_(*where))] = block[position, i]
+                        filled[name][r, c] = True
         if "diverged_at" in ds:
             d = ds["diverged_at"].values
             diverged[rows] = np.where((d >= 0) & ((diverged[rows] < 0) | (d < diverged[rows])), d, diverged[rows])
@@ -546,7 +627,8 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     names = list(dict.fromkeys(k for i in ids for k in info[i]))
     for name in names:
         coords[name] = ("learner", _column([info[i].get(name) for i in ids]))
-    data = {v: (("learner", "step"), values[v]) for v in values}
+    coords.update({d: np.asarray(v, dtype=object if any(isinstance(x, str) for x in v) else None) for d, v in labels.items()})
+    data = {v: (("learner", "step", *dims_of[v]), values[v]) for v in values}
     data["diverged_at"] = (("learner",), diverged)
     data["has_state"] = (("learner", "step"), has_state)
     return xr.Dataset(data, coords=coords, attrs={"store": str(store.path), "format": FORMAT})

@@ -5,7 +5,7 @@ learner's values, and nothing is copied to the host until the chunk ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,9 +17,10 @@ from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec, class_name
 from .interventions.base import STEP_HOOKS, Intervention, Numbers
 from .learners import initial_model_state
-from .metrics import DEFAULT_METRICS, MetricFn, vmapped_metrics
+from .metrics import MetricFn
 from .optimizers import functional_twin
-from .step import Hook, Hooks, LossFn, check_pure, evaluate_dataset, initial_hooks, make_logits, make_train_step
+from .recording import Recorder
+from .step import Hook, Hooks, LossFn, check_pure, initial_hooks, make_train_step
 from .store import FlatState
 
 POINTS = {"on_batch": "batch", "on_activations": "activations", "on_gradients": "gradients",
@@ -202,11 +203,15 @@ def train_chunk(
     evaluate: bool = True,
     start: ChunkStart | None = None,
     keep: Sequence[int] = (),
+    controls: bool = False,
+    reads_control: Collection[str] = (),
 ) -> ChunkResult:
     """Train one chunk of learners of one structure from ``start`` (default: their initial states) to the end
-    of ``schedule``, recording metrics at its logged steps from ``start.step`` on and keeping full states at the
-    ``keep`` steps. With ``checkpoints``, save the chunk when they are due, and when interrupted (Ctrl-C) before
-    re-raising (see ``Checkpoints.interrupted``).
+    of ``schedule``, recording metrics (N, steps, *their dims) at its logged steps from ``start.step`` on and
+    keeping full states at the ``keep`` steps. With ``checkpoints``, save the chunk when they are due, and when
+    interrupted (Ctrl-C) before re-raising (see ``Checkpoints.interrupted``). ``controls``: record the metrics
+    against each learner's control (NaN for learners whose control is not in ``specs``); ``reads_control``: the
+    custom metrics that read ``learner.control``.
 
     A lone learner is trained as two identical copies: with a learner axis of 1, torch turns batched
     matmuls into plain ones whose rounding differs, and a learner must give the same numbers whether it
@@ -219,9 +224,10 @@ def train_chunk(
     hooks = chunk_hooks(specs)
     twin = chunk_optimizer(specs)
     state = initial_state(specs, hooks, device)
+    initial_params = state["params"]  # for the distance to init
     if start.states is not None:
         state = restore(state, list(start.states) * (2 if n_learners == 1 else 1))
-    records = {m: [torch.from_numpy(np.tile(v, (2, 1)) if n_learners == 1 else v)[:, j].to(device)
+    records = {m: [torch.from_numpy(np.concatenate([v, v]) if n_learners == 1 else v)[:, j].to(device)
                    for j in range(len(start.steps))] for m, v in start.records.items()}
     recorded = list(start.steps)
 
@@ -229,40 +235,22 @@ def train_chunk(
     shared = len(data_keys) == 1
     which_order = torch.tensor([data_keys.index(s.data_key) for s in specs], device=device)  # (N,)
     step_fn = make_train_step(template, twin, loss_fn, hooks, shared_batch=shared, trainable=setup.trainable_names)
-    logits_fn = make_logits(template)
     first = batch_indices(epoch_orders(data_keys[:1], 0, len(data.x), device), 0, data.batch_size)[0]
     xb, yb = data.x[first], data.y[first]
     check_pure(step_fn, state, xb if shared else xb.expand(len(specs), *xb.shape), yb if shared else
                yb.expand(len(specs), *yb.shape), hooks)
 
-    custom = vmapped_metrics(template, metrics) if metrics else None
-    records = records or {m: [] for m in (DEFAULT_METRICS if evaluate else ())}
+    record = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
+                      metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
+                      records=records)
     log_steps = set(schedule.log_steps)
-
-    def record() -> None:
-        template.eval()
-        diverged = state["diverged_at"] >= 0  # (N,): metrics of a diverged learner are NaN from then on
-        values = {}
-        if evaluate:
-            for name, x, y in (("train", data.x, data.y), ("test", data.x_test, data.y_test)):
-                if x is None:
-                    nan = torch.full((len(specs),), float("nan"), dtype=torch.float64, device=device)
-                    loss, acc = nan, nan
-                else:
-                    loss, acc = evaluate_dataset(logits_fn, loss_fn, state["params"], state["buffers"], x, y,
-                                                 data.eval_batch_size)
-                values[f"{name}_loss"], values[f"{name}_acc"] = loss, acc
-        if custom is not None:
-            values.update({k: v.to(torch.float64) for k, v in custom(state["params"], state["buffers"]).items()})
-        for name, value in values.items():
-            records.setdefault(name, []).append(torch.where(diverged, torch.nan, value))
-        template.train()
 
     def snapshot() -> tuple[list[int], dict[str, np.ndarray]]:
         """The logged steps recorded in full so far, and their metrics (N, steps)."""
         k = len(recorded)
-        return list(recorded), {m: torch.stack(v[:k], dim=1)[:n_learners].cpu().numpy() if k else
-                                np.zeros((n_learners, 0)) for m, v in records.items()}
+        if not k:
+            return [], {}
+        return list(recorded), {m: torch.stack(v[:k], dim=1)[:n_learners].cpu().numpy() for m, v in record.records.items()}
 
     kept: dict[int, FlatState] = {}
     if checkpoints is not None:
@@ -270,7 +258,7 @@ def train_chunk(
     template.train()
     with torch.no_grad():
         if start.step in log_steps:
-            record()
+            record(state, start.step)
             recorded.append(start.step)
         if start.step in keep:
             kept[start.step] = flatten(state, n_learners)
@@ -290,7 +278,7 @@ def train_chunk(
             if checkpoints is not None:
                 checkpoints.track(step + 1, state)  # what a Ctrl-C saves
             if step + 1 in log_steps:
-                record()
+                record(state, step + 1)
                 recorded.append(step + 1)
             if step + 1 in keep:
                 kept[step + 1] = flatten(state, n_learners)

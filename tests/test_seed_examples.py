@@ -29,7 +29,7 @@ def test_first_example_perturbation_at_init_gives_31_labelled_learners(mnist_roo
     )
     ds = exp.run()
 
-    assert dict(ds.sizes) == {"epsilon": 4, "seed": 10, "step": 2}  # step 0 and the end of the one epoch (2 steps)
+    assert dict(ds.train_loss.sizes) == {"epsilon": 4, "seed": 10, "step": 2}  # step 0 and the end of the one epoch (2 steps)
     assert ds.epsilon.values.tolist() == [0.0, 0.001, 0.01, 0.1]
     trained = ~np.isnan(ds.train_loss.isel(step=-1).values)
     assert trained.sum() == 31

@@ -49,14 +49,15 @@ def test_a_killed_run_resumes_with_only_the_missing_chunks_and_the_same_numbers(
     with pytest.raises(KeyboardInterrupt):
         exp.run()
     assert calls == [3, 3]
-    # the store opens, and holds the 6 learners of the two finished chunks
-    assert len(Store(tmp_path / "run.zarr").index()) == 6
+    # the store opens, and holds the 5 learners of the two finished chunks (each chunk trains the control
+    # beside its learners: [control, a, b], [control again, c, d])
+    assert len(Store(tmp_path / "run.zarr").index()) == 5
     zarr.open_group(tmp_path / "run.zarr", mode="r")
 
     monkeypatch.setattr("serimats_func.experiments.train_chunk", real_train_chunk)
     resumed = experiment(small_mnist1d, tmp_path / "run.zarr", max_learners_per_chunk=3)
     plan = resumed.plan()
-    assert (plan.in_store, plan.to_train) == (6, 3)
+    assert (plan.in_store, plan.to_train) == (5, 4)
     ds = resumed.run()
     for metric in ds.data_vars:
         np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
@@ -141,7 +142,7 @@ def test_a_group_too_large_for_memory_is_split_into_chunks_with_the_same_numbers
     per_learner = next(iter(whole.plan().bytes_per_learner.values()))
     monkeypatch.setattr("serimats_func.planning.memory_budget", lambda device: 4 * per_learner + whole.data_bytes)
     small = experiment(small_mnist1d, tmp_path / "small.zarr")
-    assert [len(c.learners) for c in small.plan().chunks] == [4, 4, 1]
+    assert [len(c.learners) for c in small.plan().chunks] == [4, 4, 3]  # the control trains beside each chunk
     assert "3 chunk(s) of up to 4" in str(small.plan())
     xr.testing.assert_equal(small.run().drop_vars("learner"), whole.run().drop_vars("learner"))
 
@@ -149,7 +150,8 @@ def test_a_group_too_large_for_memory_is_split_into_chunks_with_the_same_numbers
 def test_run_with_plot_saves_one_png_per_metric_beside_the_store(small_mnist1d, tmp_path):
     experiment(small_mnist1d, tmp_path / "p.zarr").run(plot=True)
     pngs = sorted(p.name for p in (tmp_path / "p_plots").iterdir())
-    assert pngs == ["test_acc.png", "test_loss.png", "train_acc.png", "train_loss.png"]
+    assert {"curves_test_acc.png", "curves_test_loss.png", "curves_train_acc.png", "curves_train_loss.png",
+            "curves_control_distance.png", "scaling_control_distance.png"} <= set(pngs)
 
 
 def failing_at_step_call(monkeypatch, n: int, error: BaseException) -> list:
