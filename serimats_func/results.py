@@ -92,16 +92,17 @@ class _Stored:
 def store_results(store: Store) -> xr.Dataset:
     """Every learner of ``store`` laid out on the coordinates its configuration names (without the experiment
     that made it): one dimension per coordinate with several values, plus ``step``. A learner stored in several
-    batches is read from the one with the most steps. Two learners with the same coordinates (they differ in
+    batches is read from all of them (the oldest value at a step). Two learners with the same coordinates (they differ in
     something that is not a coordinate, such as the model) are refused: open them through their ``Experiment``."""
-    batches = store.batch_attrs()
-    chosen: dict[str, tuple[tuple[str, int], list[int]]] = {}
+    steps_of: dict[str, set[int]] = {}
     configs: dict[str, dict] = {}
-    for batch, attrs in batches.items():
-        for position, (learner_id, config) in enumerate(zip(attrs["learner_ids"], attrs["configs"], strict=True)):
-            steps = [int(s) for s in attrs["steps"]]
-            if learner_id not in chosen or len(steps) > len(chosen[learner_id][1]):
-                chosen[learner_id], configs[learner_id] = ((batch, position), steps), config
+    metrics: list[str] = []
+    for source in store.sources(checkpoints=False):
+        for learner_id, config in zip(source.ids, source.attrs["configs"], strict=True):
+            steps_of.setdefault(learner_id, set()).update(int(s) for s in source.steps)
+            configs.setdefault(learner_id, config)
+        metrics += [m for m in source.metric_keys if m not in metrics]
+    chosen = {i: sorted(st) for i, st in steps_of.items()}
     if not chosen:
         raise ValueError(f"{store.path} holds no learner yet.")
     labelled = [(configs[i].get("coords", {}), _Stored(i, bool(configs[i].get("control", False)))) for i in chosen]
@@ -118,11 +119,9 @@ def store_results(store: Store) -> xr.Dataset:
                              "they differ in something that is not a coordinate. Read them through their Experiment.")
         seen[cell] = spec.id
         grid.cells.append((cell, spec))
-    metrics = list(dict.fromkeys(m for attrs in batches.values() for m in attrs.get("metric_keys", {})))
     metrics = [m for m in BUILTIN_METRICS if m in metrics] + [m for m in metrics if m not in BUILTIN_METRICS]
-    found = [(spec, chosen[spec.id][0], chosen[spec.id][1]) for _, spec in grid.cells]
-    stored = store.read_found(found, metrics)
-    steps = sorted({s for _, (_, st) in chosen.items() for s in st})
+    stored = store.read([(spec.id, chosen[spec.id], dict.fromkeys(metrics)) for _, spec in grid.cells], metrics)
+    steps = sorted({s for st in chosen.values() for s in st})
     return assemble(grid, stored, steps, {"store": str(store.path)}, order=metrics)
 
 

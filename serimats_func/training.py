@@ -33,19 +33,23 @@ class Schedule:
 
     >>> Schedule(total_steps=10, steps_per_epoch=4, log_every=None).log_steps
     (0, 4, 8, 10)
+    >>> Schedule(total_steps=10, steps_per_epoch=4, log_every=5, log_at=(1, 2)).log_steps
+    (0, 1, 2, 4, 5, 8, 10)
     """
 
     total_steps: int
     steps_per_epoch: int
     log_every: int | None = None
+    log_at: tuple[int, ...] = ()
 
     @property
     def log_steps(self) -> tuple[int, ...]:
         """Steps (updates done) at which metrics are recorded: 0, each epoch end, the last step,
-        and every ``log_every``."""
+        every ``log_every`` and the steps of ``log_at``."""
         steps = {0, self.total_steps, *range(self.steps_per_epoch, self.total_steps + 1, self.steps_per_epoch)}
         if self.log_every:
             steps.update(range(0, self.total_steps + 1, self.log_every))
+        steps.update(s for s in self.log_at if s <= self.total_steps)
         return tuple(sorted(steps))
 
 
