@@ -156,6 +156,13 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
     prepared = PreparedStep(step, logits, report)
     if not compile_now:
         return prepared
+    eager = prepared
+    if report.plan == "serial":  # torch.autograd one learner at a time does not trace: compile a vmapped plan
+        eager_plan, eager_layers = report.plan, report.layers
+        report.plan = default_plan(device, n=SERIAL_MAX_LEARNERS.get(device.type, 0) + 1)
+        report.layers = convolutions.plan_for(template, report.plan)
+        report.reason += "; the serial plan does not compile: a vmapped plan is compiled"
+        step, logits = built(report.plan)
     compiled_key = (key, report.plan, str(device))
     if compiled_key not in _COMPILED:
         mode = "reduce-overhead" if device.type == "cuda" else None
@@ -179,7 +186,9 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
         compiled_s = _seconds(run_compiled, device, repeats=2)
         if compiled_s >= 0.95 * report.eager_step_s:
             report.reason += f"; compiled step {compiled_s:.3g} s not faster than eager {report.eager_step_s:.3g} s"
-            return prepared
+            if eager.step is not step:
+                report.plan, report.layers = eager_plan, eager_layers
+            return eager
         report.reason += f"; compiled step {compiled_s:.3g} s vs eager {report.eager_step_s:.3g} s"
     report.compiled = True
     return compiled

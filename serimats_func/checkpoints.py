@@ -1,32 +1,99 @@
-"""Checkpoints of a chunk in training: its whole state and the metrics so far, saved every so
-often, so that a crash loses at most the steps since the last one.
+"""Full learner states in the store: checkpoints of chunks in training, states kept on request, and
+``load_learner``, which gives one back as a plain ``nn.Module`` and ``torch.optim`` optimizer.
 
-A checkpoint is named by the ids of the chunk's learners, lives in the store's ``checkpoints/``
-folder, is written aside and renamed into place (never half-written), and is deleted once the
-chunk's results are in the store. Resuming gives bitwise the same numbers as not crashing: the
-state is saved exactly, and batches and dropout masks come from keys and step counts.
+A state is the chunk's state pytree (params, buffers, optimizer state, hyperparameters, interventions'
+numbers and state, ``diverged_at``), learner axis first, stored as one Zarr array per leaf under its path
+(``params/1.weight``, ``opt/momentum_buffer/1.weight``...). Resuming from one gives bitwise the same numbers as
+not stopping: the state is saved exactly, and batches and dropout masks come from keys and step counts.
+
+>>> import torch
+>>> flat = flatten({"params": {"w": torch.ones(2, 3)}, "opt": {"step": torch.zeros(2)}})
+>>> sorted(flat), flat["params/w"][0].shape, flat["params/w"][1]
+(['opt/step', 'params/w'], (2, 3), 'float32')
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import os
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
+import optree
 import torch
+from torch import nn
 
 from . import pytrees
+from .store import FlatState, Store
+
+OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+DERIVED_PARTS = ("n", "key", "active", "windows")  # interventions' data rebuilt from each learner's spec
+
+
+def _path(keys: Sequence[Any]) -> str:
+    return "/".join(str(k) for k in keys)
+
+
+def flatten(state: Any, learners: int | None = None) -> FlatState:
+    """A state pytree as {path: (numpy array, torch dtype name)}, the first ``learners`` along the learner axis."""
+    paths, leaves, _ = optree.tree_flatten_with_path(state, none_is_leaf=pytrees.NONE_IS_LEAF)
+    out = {}
+    for keys, leaf in zip(paths, leaves, strict=True):
+        t = leaf.detach()[:learners] if learners is not None else leaf.detach()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if t.dtype == torch.bfloat16:
+            t = t.float()  # exact; numpy has no bfloat16
+        out[_path(keys)] = (t.cpu().numpy(), dtype)
+    return out
+
+
+def _tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
+    return torch.from_numpy(np.array(values)).to(getattr(torch, dtype))
+
+
+def restore(fresh: Any, stored: Sequence[FlatState | None]) -> Any:
+    """The chunk state ``fresh`` (leaves (N, ...), as built for a start from scratch) with each learner's
+    stored state laid over it: every leaf that the store holds, except interventions' numbers, keys and windows
+    (rebuilt from the learner's spec, their shape depends on the chunk). Learner i is ``stored[i]``, None to
+    keep its fresh state."""
+    paths, leaves, treedef = optree.tree_flatten_with_path(fresh, none_is_leaf=pytrees.NONE_IS_LEAF)
+    out = []
+    for keys, leaf in zip(paths, leaves, strict=True):
+        path = _path(keys)
+        derived = keys[0] == "interventions" and len(keys) > 2 and keys[2] in DERIVED_PARTS
+        rows = []
+        for i, learner in enumerate(stored):
+            if derived or learner is None or path not in learner:
+                if learner is not None and not derived and keys[0] != "interventions":
+                    raise ValueError(f"The stored state lacks {path}; it cannot continue this learner.")
+                rows.append(leaf[i])
+                continue
+            values, dtype = learner[path]
+            if tuple(values.shape) != tuple(leaf.shape[1:]):
+                raise ValueError(f"The stored state's {path} has shape {tuple(values.shape)}, not {tuple(leaf.shape[1:])}.")
+            rows.append(_tensor(values, dtype).to(device=leaf.device, dtype=leaf.dtype))
+        out.append(torch.stack(rows))
+    return optree.tree_unflatten(treedef, out)
 
 
 class Checkpoints:
-    def __init__(self, folder: str | os.PathLike, learner_ids: Sequence[str], every_steps: int | None = None,
-                 every_seconds: float = 600.0):
-        name = hashlib.blake2b("\n".join(learner_ids).encode(), digest_size=8).hexdigest()
-        self.path = Path(folder) / f"{name}.pt"
+    """Saves a chunk in training into the store every ``every_steps`` steps (else every ``every_seconds``):
+    its metrics so far and its full state, as a checkpoint named by its learner set."""
+
+    def __init__(self, store: Store, ids: Sequence[str], configs: Sequence[Mapping],
+                 metric_keys: Mapping[str, str] | Sequence[Mapping[str, str]], attrs: Mapping[str, Any],
+                 every_steps: int | None = None, every_seconds: float = 600.0,
+                 dims: Mapping[str, Sequence[str]] | None = None, labels: Mapping[str, Sequence] | None = None):
+        self.store, self.ids, self.configs = store, list(ids), list(configs)
+        self.metric_keys = dict(metric_keys) if isinstance(metric_keys, Mapping) else [dict(k) for k in metric_keys]
+        self.attrs, self.dims, self.labels = dict(attrs), dims, labels
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self._last = time.monotonic()
+        self.saved: str | None = None
+        self.current: tuple[int, Any] | None = None  # (updates done, the chunk's state then)
+        self._snapshot: Callable[[], tuple[Sequence[int], Mapping[str, np.ndarray]]] | None = None
 
     def due(self, step: int) -> bool:
         """Whether to save after ``step`` updates: every ``every_steps`` if set, else on time."""
@@ -34,22 +101,168 @@ class Checkpoints:
             return step % self.every_steps == 0
         return time.monotonic() - self._last >= self.every_seconds
 
-    def save(self, step: int, state: dict, records: dict[str, list[torch.Tensor]]) -> None:
-        payload = {"step": step, "state": pytrees.to(state, "cpu"),
-                   "records": {k: [v.cpu() for v in vs] for k, vs in records.items()}}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        aside = self.path.with_suffix(".pt.partial")
-        torch.save(payload, aside)
-        os.replace(aside, self.path)
+    def save(self, step: int, state: Any, steps: Sequence[int], metrics: Mapping[str, np.ndarray]) -> str:
+        """Write the chunk's ``state`` (a pytree (N, ...), or already flat) after ``step`` updates and ``metrics``
+        {name: (N, len(steps), *its own dims)}."""
+        flat = state if isinstance(state, dict) and all(isinstance(v, tuple) for v in state.values()) else \
+            flatten(state, len(self.ids))
+        self.saved = self.store.write_checkpoint(step, self.ids, self.configs, steps, metrics,
+                                                 {"diverged_at": flat["diverged_at"][0]}, self.metric_keys, self.attrs, flat,
+                                                 self.dims, self.labels)
         self._last = time.monotonic()
+        return self.saved
 
-    def load(self, device: torch.device) -> tuple[int, dict, dict[str, list[torch.Tensor]]] | None:
-        """The last saved (step, state, records), on ``device``, or None."""
-        if not self.path.exists():
-            return None
-        payload = torch.load(self.path, weights_only=True)
-        records = {k: [v.to(device) for v in vs] for k, vs in payload["records"].items()}
-        return payload["step"], pytrees.to(payload["state"], device), records
+    @property
+    def path(self) -> str:
+        return str(self.store.path / "checkpoints" / (self.saved or ""))
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+    def follow(self, step: int, state: Any, snapshot: Callable[[], tuple[Sequence[int], Mapping[str, np.ndarray]]]) -> None:
+        """Follow a chunk from ``step``: ``snapshot()`` gives its logged steps recorded in full so far and their
+        metrics; ``track`` gives its state as it goes."""
+        self._start, self._snapshot = step, snapshot
+        self.track(step, state)
+
+    def track(self, step: int, state: Any) -> None:
+        self.current = (step, state)  # one assignment: a Ctrl-C never sees a step without its state
+
+    def interrupted(self, total: int) -> KeyboardInterrupt:
+        """After a Ctrl-C: save the chunk where it got (if it got anywhere), and say how to resume."""
+        start = getattr(self, "_start", 0)
+        done, state = self.current or (start, None)
+        if state is None or self._snapshot is None or done <= start:
+            return KeyboardInterrupt(f"Interrupted at step {done} of {total}, with nothing new to save: run the "
+                                     f"experiment again (exp.run()) to resume from step {start}.")
+        steps, metrics = self._snapshot()
+        keep = [i for i, s in enumerate(steps) if s <= done]
+        try:
+            self.save(done, state, [steps[i] for i in keep], {m: v[:, keep] for m, v in metrics.items()})
+        except Exception as error:  # a full disk, say: the last checkpoint is still there
+            return KeyboardInterrupt(f"Interrupted at step {done} of {total}; the checkpoint could not be saved "
+                                     f"({error}). Run the experiment again (exp.run()) to resume from the last one.")
+        return KeyboardInterrupt(f"Interrupted at step {done} of {total}: the chunk is saved in {self.path}. Run the "
+                                 f"same experiment again (exp.run()) to resume from step {done}.")
+
+
+# -- one learner back as plain PyTorch ---------------------------------------------------------------------
+
+def select_learner(configs: Mapping[str, dict], coords: Mapping[str, Any], where: str) -> tuple[str, dict]:
+    """The one learner of ``configs`` (id -> configuration) whose coordinates match ``coords`` (``learner=``
+    takes an id); ``where`` names them in errors."""
+    if not configs:
+        raise ValueError(f"{where} holds no learners yet.")
+    wanted = dict(coords)
+    by_id = wanted.pop("learner", None)
+    matches = [(i, c) for i, c in configs.items() if (by_id is None or i == by_id)
+               and all(k in c.get("coords", {}) and _same(c["coords"][k], v) for k, v in wanted.items())]
+    if len(matches) == 1:
+        return matches[0]
+    names = sorted({k for c in configs.values() for k in c.get("coords", {})})
+    shown = "; ".join(_describe(i, c) for i, c in (matches or list(configs.items()))[:8])
+    if not matches:
+        raise ValueError(f"No learner in {where} has {_format(coords)}. Its learners have the coordinates "
+                         f"{', '.join(names) or '(none)'}; for example: {shown}.")
+    raise ValueError(f"{len(matches)} learners in {where} have {_format(coords) or 'no given coordinates'}; "
+                     f"give more of {', '.join(names)} (or learner=<id>) to choose one: {shown}"
+                     f"{' ...' if len(matches) > 8 else ''}.")
+
+
+def _same(stored: Any, given: Any) -> bool:
+    if isinstance(stored, (int, float)) and isinstance(given, (int, float)) and not isinstance(given, bool):
+        return float(stored) == float(given)
+    return stored == given or str(stored) == str(given)
+
+
+def _format(coords: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in coords.items())
+
+
+def _describe(learner_id: str, config: dict) -> str:
+    return f"learner={learner_id!r} ({_format(config.get('coords', {})) or 'no coordinates'})"
+
+
+def load_learner(store: str | os.PathLike | Store, model: nn.Module, step: int | None = None,
+                 **coords: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """One learner's kept state as plain PyTorch: a copy of ``model`` (the experiment's template) holding its
+    parameters and buffers, and a ``torch.optim`` optimizer of its class and hyperparameters with its state
+    loaded (SGD's momentum buffers, Adam's moments and step), ready to go on training. ``coords`` select the
+    learner by its coordinates in the grid (``epsilon=0.01, seed=3``; ``learner=<id>`` also works); ``step``
+    chooses among its kept states (default: the latest, its final state). Interventions that act later in
+    training (a momentum window ahead, say) are not part of the optimizer: apply them yourself.
+
+    >>> import tempfile, torch
+    >>> from serimats_func import Experiment, datasets
+    >>> from serimats_func.models import MLP
+    >>> train, _ = datasets.mnist1d()
+    >>> exp = Experiment(MLP((16,)), train, steps=3, store=tempfile.mkdtemp() + "/k.zarr", progress=False)
+    >>> _ = exp.run()
+    >>> module, optimizer = load_learner(exp.store.path, MLP((16,)))
+    >>> type(optimizer).__name__, len(optimizer.state)
+    ('SGD', 4)
+    """
+    store = store if isinstance(store, Store) else Store(store)
+    store.check()
+    learner_id, config = select_learner(store.configs(), coords, f"the store {store.path}")
+    held = [(s, p, int(t)) for s, p in store.holders(learner_id, checkpoints=False) for t in s.state_steps]
+    steps = sorted({t for _, _, t in held})
+    if not steps:
+        raise ValueError(f"The store holds no state of learner {learner_id}: it was trained by a version that kept "
+                         "none. Train it again (in a new store) to keep its states.")
+    if step is None:
+        step = steps[-1]
+    at = [(s, p, t) for s, p, t in held if t == step]
+    if not at:
+        raise ValueError(f"The store holds learner {learner_id}'s state at steps {steps}, not at step {step}; "
+                         "ask for one of those, or keep more with Experiment(keep_states=[...]) or keep_every=.")
+    flat = store.read_states([at[0]])[0]
+    module = _module(model, flat)
+    return module, _optimizer(config, flat, module)
+
+
+def _part(flat: FlatState, prefix: str) -> dict[str, torch.Tensor]:
+    return {path[len(prefix) + 1:]: _tensor(v, d) for path, (v, d) in flat.items() if path.startswith(prefix + "/")}
+
+
+def _module(model: nn.Module, flat: FlatState) -> nn.Module:
+    """A CPU copy of ``model`` in the stored dtype, holding the stored parameters and buffers (the library's own
+    buffers, such as dropout keys, are left out)."""
+    params, buffers = _part(flat, "params"), _part(flat, "buffers")
+    module = copy.deepcopy(model).cpu()
+    if params:
+        module = module.to(next(iter(params.values())).dtype)
+    names = dict(module.named_parameters())
+    if set(names) != set(params):
+        raise ValueError(f"The model's parameters ({', '.join(names)}) are not the stored learner's "
+                         f"({', '.join(params)}); give the experiment's model.")
+    with torch.no_grad():
+        for name, p in names.items():
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                p.materialize(params[name].shape)
+            p.copy_(params[name])
+        for name, b in module.named_buffers():
+            if name not in buffers:
+                raise ValueError(f"The stored learner has no buffer {name}; give the experiment's model.")
+            b.copy_(buffers[name])
+    return module
+
+
+def _optimizer(config: Mapping, flat: FlatState, module: nn.Module) -> torch.optim.Optimizer:
+    """The learner's ``torch.optim`` optimizer over ``module``'s trainable parameters, with its stored state."""
+    settings = dict(config["optimizer"])
+    cls = OPTIMIZERS[settings.pop("optimizer")]
+    if "betas" in settings:
+        settings["betas"] = tuple(settings["betas"])
+    opt = _part(flat, "opt")
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    optimizer = cls([p for _, p in trainable], **settings)
+    step = float(opt["step"])
+    state: dict[int, dict[str, Any]] = {}
+    for i, (name, _) in enumerate(trainable):
+        if cls is torch.optim.SGD:
+            if "has_buffer" in opt and bool(opt["has_buffer"]):
+                state[i] = {"momentum_buffer": opt[f"momentum_buffer/{name}"].clone()}
+        elif step > 0:
+            state[i] = {"step": torch.tensor(step, dtype=torch.float32),
+                        **{k: opt[f"{k}/{name}"].clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                           if f"{k}/{name}" in opt}}
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return optimizer

@@ -1,4 +1,10 @@
-"""Command line: ``serimats-func demo`` (also ``python -m serimats_func demo``)."""
+"""Command line (also ``python -m serimats_func``):
+
+- ``serimats-func demo``: the user's first example on MNIST-1D (31 MLPs), with a table and plots.
+- ``serimats-func ls STORE``: the learners of a store, their coordinates, steps done, metrics.
+- ``serimats-func plot STORE METRIC --by COORD [--sel k=v ...] [--out PNG]``: a metric against step, a line
+  per value of COORD, mean and spread over seeds; other coordinates are panels or selected with ``--sel``.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xarray as xr
 
 from . import datasets
 from .experiments import Experiment
 from .interventions import Optimizer, PerturbWeights
 from .models import MLP
-from .plotter import Plotter
+from .plotter import Plotter, save_figure
+from .results import store_results
+from .store import Store
 
 
 def demo(epochs: int = 20, store: str = "runs/demo.zarr", progress: bool = True) -> Experiment:
     """The user's first example on MNIST-1D: a control plus 3 epsilons x 10 seeds of a relative
-    weight perturbation at init, 31 MLPs trained together. Writes the store and a PNG plot,
-    prints a table of the final test accuracy per epsilon."""
+    weight perturbation at init, 31 MLPs trained together. Writes the store and two PNG plots (test
+    accuracy; distance to the control on log-log axes), prints a table of the final test accuracy and
+    distance to the control per epsilon."""
     started = time.perf_counter()
     train, test = datasets.mnist1d()
     exp = Experiment(
@@ -34,6 +44,7 @@ def demo(epochs: int = 20, store: str = "runs/demo.zarr", progress: bool = True)
         optimizer=Optimizer(torch.optim.SGD, lr=0.1, momentum=0.9),
         batch_size=64,
         epochs=epochs,
+        log_at=[1, 2, 5, 10, 20, 40],  # early steps, where the distance to the control starts to grow
         store=store,
         name="demo",
         progress=progress,
@@ -41,24 +52,112 @@ def demo(epochs: int = 20, store: str = "runs/demo.zarr", progress: bool = True)
     plan = exp.plan()
     print(plan)
     ds = exp.run()
-    fig = Plotter(ds).curves("test_acc", hue="epsilon")
-    fig.axes[0].set_title("MNIST-1D: 31 MLPs, relative weight perturbation at init\n(mean and std over 10 seeds)")
-    png = Path(store).with_name(Path(store).stem + "_test_acc.png")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    plotter = Plotter(ds)
+    base = Path(store).with_name(Path(store).stem)
+    png = save_figure(plotter.curves("test_acc", hue="epsilon"), f"{base}_test_acc.png")
+    scaling = save_figure(plotter.scaling("control_distance", hue="epsilon"), f"{base}_control_distance.png")
     final = ds.isel(step=-1)
     control = final.where(final.control, drop=True)
     print(f"\nMNIST-1D, MLP 40-100-100-10, SGD lr=0.1 momentum=0.9, {ds.attrs['steps']} steps "
           f"({epochs} epochs of batch 64)")
-    print(f"{'epsilon':>8}  {'learners':>8}  {'test acc':>15}  {'|acc - control|':>15}")
+    print(f"{'epsilon':>8}  {'learners':>8}  {'test acc':>15}  {'|acc - control|':>15}  {'||w - wc||':>10}")
     for eps in ds.epsilon.values:
         acc = final.test_acc.sel(epsilon=eps).values
         acc = acc[~np.isnan(acc)]
         gap = abs(acc - float(control.test_acc.values.ravel()[0]))
-        print(f"{eps:>8g}  {len(acc):>8}  {acc.mean():>8.4f} ± {acc.std():.4f}  {gap.mean():>15.4f}")
+        distance = np.nanmean(final.control_distance.sel(epsilon=eps).values)
+        print(f"{eps:>8g}  {len(acc):>8}  {acc.mean():>8.4f} ± {acc.std():.4f}  {gap.mean():>15.4f}  {distance:>10.4f}")
     print(f"\ntrained {plan.to_train} learners, {plan.in_store} reused from {store}; "
-          f"plot: {png}; {time.perf_counter() - started:.1f} s in all")
+          f"plots: {png}, {scaling}; {time.perf_counter() - started:.1f} s in all")
     return exp
+
+
+# -- reading a store: the one place that opens stores for the command line -------------------------------
+
+def open_results(path: str | Path) -> xr.Dataset:
+    """A store's learners laid out on their coordinates."""
+    store = Store(path)
+    store.check()
+    if not store.path.exists():
+        raise SystemExit(f"{path}: no such store.")
+    try:
+        return store_results(store)
+    except ValueError as error:
+        raise SystemExit(f"{path}: {error}") from None
+
+
+def list_store(path: str | Path) -> str:
+    """A table of the store's learners: id, coordinates, steps done (the last stored step) and how many
+    steps were logged, whether it is a control, the metrics it holds; then checkpoints of chunks in training."""
+    ds = open_results(path)
+    coords = [str(d) for d in ds["learner"].dims]
+    lines = [f"{path}: {int((ds['learner'] != '').sum())} learners; coordinates: "
+             + (", ".join(f"{d} ({ds.sizes[d]})" for d in coords) or "none")
+             + ("; fixed: " + ", ".join(f"{k}={ds[k].item()}" for k in ds.coords if k not in ds.dims
+                                        and ds[k].ndim == 0) if any(ds[k].ndim == 0 for k in ds.coords) else ""),
+             f"metrics: {', '.join(m for m in ds.data_vars if 'step' in ds[m].dims)}",
+             ""]
+    header = ["learner", *coords, "steps done", "logged", "control"]
+    rows = []
+    metric = next(m for m in ds.data_vars if "step" in ds[m].dims)
+    present = ds[metric].notnull().any([d for d in ds[metric].dims if d not in coords + ["step"]])  # (*coords, step)
+    for cell in np.ndindex(*(ds.sizes[d] for d in coords)):
+        where = dict(zip(coords, cell, strict=True))
+        learner = str(ds["learner"].isel(where).item())
+        if not learner:
+            continue
+        logged = ds["step"].values[present.isel(where).values]
+        rows.append([learner, *(str(ds[d].values[i]) for d, i in where.items()),
+                     str(int(logged.max())) if len(logged) else "-", str(len(logged)),
+                     "yes" if bool(ds["control"].isel(where)) else ""])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    checkpoints = sorted((Path(path) / "checkpoints").glob("*.pt"))
+    lines.append(f"\n{len(checkpoints)} chunk checkpoint(s) of training in progress" if checkpoints else "")
+    return "\n".join(lines).rstrip()
+
+
+def _selection(ds: xr.Dataset, pairs: list[str]) -> dict:
+    """``k=v`` strings as a selection, each value matched to the coordinate's own values."""
+    sel = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in ds.coords:
+            raise SystemExit(f"--sel {pair!r}: give coordinate=value with a coordinate of the store: "
+                             f"{', '.join(str(d) for d in ds.dims if d != 'step')}.")
+        values = ds[name].values.tolist()
+        match = [v for v in values if str(v) == text or (_number(text) is not None and _number(v) == _number(text))]
+        if not match:
+            raise SystemExit(f"--sel {pair!r}: {name} has no value {text!r}; its values: {values}.")
+        sel[name] = match[0]
+    return sel
+
+
+def _number(value: object) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_store(path: str | Path, metric: str, by: str | None, sel: list[str], out: str | None, kind: str = "curves",
+               col: str | None = None, row: str | None = None, y: str | None = None) -> Path:
+    """Draw a stored metric into a PNG; returns its path (default ``<store>_<metric>.png`` beside the store)."""
+    ds = open_results(path)
+    plotter = Plotter(ds)
+    selection = _selection(ds, sel)
+    try:
+        if kind == "scaling":
+            fig = plotter.scaling(metric, hue=by, col=col, row=row, sel=selection)
+        elif kind == "heatmap":
+            fig = plotter.heatmap(metric, x=by, y=y, col=col, row=row, sel=selection)
+        else:
+            fig = plotter.curves(metric, hue=by, col=col, row=row, sel=selection)
+    except ValueError as error:
+        raise SystemExit(f"serimats-func plot: {error}") from None
+    store = Path(path)
+    target = Path(out) if out else store.with_name(f"{store.stem}_{metric}{'' if kind == 'curves' else '_' + kind}.png")
+    return save_figure(fig, target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +167,78 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--epochs", type=int, default=20)
     d.add_argument("--store", default="runs/demo.zarr", help="Zarr store to write (reused when it exists)")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ls = commands.add_parser("ls", help="list the learners of a store")
+    ls.add_argument("store")
+    p = commands.add_parser("plot", help="plot a stored metric against step")
+    p.add_argument("store")
+    p.add_argument("metric", help="e.g. test_acc, train_loss, control_distance")
+    p.add_argument("--by", help="coordinate with one line per value (default: the first that is not a seed)")
+    p.add_argument("--sel", nargs="*", default=[], metavar="COORD=VALUE", help="fix coordinates, e.g. --sel lr=0.01")
+    p.add_argument("--col", help="coordinate with one column of panels per value")
+    p.add_argument("--row", help="coordinate with one row of panels per value")
+    p.add_argument("--kind", choices=("curves", "scaling", "heatmap"), default="curves",
+                   help="curves (default); scaling: log-log axes, controls left out; heatmap: --by by --y at the last step")
+    p.add_argument("--y", help="heatmap: the coordinate on the vertical axis")
+    p.add_argument("--out", help="PNG file to write (default: <store>_<metric>.png beside the store)")
+    add_submit_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.epochs, args.store, progress=not args.no_progress)
+    elif args.command == "ls":
+        print(list_store(args.store))
+    elif args.command == "plot":
+        print(plot_store(args.store, args.metric, args.by, args.sel, args.out, args.kind, args.col, args.row, args.y))
+    elif args.command == "submit":
+        return submit(args)
+    return 0
+
+
+def add_submit_parser(commands: argparse._SubParsersAction) -> None:
+    s = commands.add_parser("submit", help="train a script's experiment as shards of cluster jobs (submitit)",
+                            description="Runs SCRIPT (not as __main__), takes the Experiment it defines, and trains "
+                            "the learners missing from its store as --shards jobs: on Slurm when submitit finds "
+                            "it, as local processes otherwise (--cluster local forces them).")
+    s.add_argument("script", help="a Python file that defines one Experiment at module level")
+    s.add_argument("--experiment", help="the variable name of the Experiment, if the script defines several")
+    s.add_argument("--shards", type=int, default=1)
+    s.add_argument("--folder", default=None, help="submitit's folder for job files and logs (default: runs/<name>_jobs)")
+    s.add_argument("--cluster", choices=("auto", "slurm", "local"), default="auto")
+    s.add_argument("--slurm-partition")
+    s.add_argument("--gpus-per-node", type=int)
+    s.add_argument("--cpus-per-task", type=int)
+    s.add_argument("--mem-gb", type=float)
+    s.add_argument("--timeout-min", type=int, default=60)
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def submit(args: argparse.Namespace) -> int:
+    """``serimats-func submit``: the script's experiment, trained as shards of submitit jobs."""
+    try:
+        import submitit
+    except ImportError:
+        print("serimats-func submit needs submitit: pip install -e \".[cluster]\" (or pip install submitit)",
+              file=sys.stderr)
+        return 2
+    from .cluster import ScriptSource, ShardError, run_sharded
+
+    source = ScriptSource(str(Path(args.script).resolve()), args.experiment)
+    exp = source.load()
+    exp.progress = not args.no_progress
+    folder = args.folder or str(exp.store.path.with_name(exp.store.path.stem + "_jobs"))
+    executor = submitit.AutoExecutor(folder, cluster=None if args.cluster == "auto" else args.cluster)
+    options = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_node, "cpus_per_task": args.cpus_per_task,
+               "mem_gb": args.mem_gb, "slurm_partition": args.slurm_partition, "name": f"serimats-{exp.name}"}
+    executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
+    plan = exp.plan()
+    print(f"{plan.to_train} learners to train as {args.shards} shard(s) on {executor.cluster}; {plan.in_store} already "
+          f"in {exp.store.path}; job files and logs in {folder}")
+    try:
+        ds = run_sharded(exp, executor, args.shards, source=source)
+    except ShardError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"done: {sum(1 for _, s in exp.grid.cells if s.id)} cells of {exp.name} in {exp.store.path} "
+          f"({', '.join(f'{k}={v}' for k, v in ds.sizes.items())})")
     return 0
 
 

@@ -17,30 +17,36 @@ from __future__ import annotations
 import numbers
 import platform
 import re
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import pytrees
+from . import pytrees, trial
 from .acceleration import ChunkSpeed, Speed
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, load_learner, select_learner
 from .data import as_tensors, steps_per_epoch
 from .grid import Grid, LearnerSpec, build_grid
 from .identity import describe_callable, digest
 from .interventions.optimizer import Optimizer, as_optimizer
 from .learners import initial_model_state
+from .locks import Claims
 from .loggers import Logger
-from .metrics import DEFAULT_METRICS
-from .planning import Plan, make_plan
-from .plotter import Plotter
+from .metrics import BUILTIN_DIMS, METRICS_VERSION, Data
+from .planning import Chunk, Plan, describe_group, make_plan
+from .plotter import Plotter, show
+from .recording import builtin_metric_names
 from .results import assemble
+from .resume import Need, Start, start_of
 from .setup import Setup, SetupContext
 from .store import Store
-from .training import Schedule, TrainingData, train_chunk
+from .training import ChunkStart, Schedule, TrainingData, train_chunk
 
 DEFAULT_OPTIMIZER = Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
 
@@ -59,6 +65,7 @@ class Experiment:
         batch_size, epochs, steps: training length (default one epoch); the last batch of an
             epoch may be smaller, as with a DataLoader.
         log_every: also record metrics every this many steps (besides step 0, epoch ends, last).
+        log_at: also record metrics at these steps (updates done), e.g. ``log_at=[1, 2, 5, 10]``.
         seed: the experiment seed, from which every random key derives.
         loss: ``loss(logits, y) -> scalar`` (mean over the batch); default cross-entropy.
         device: default CUDA when available. dtype: of parameters and inputs.
@@ -67,7 +74,8 @@ class Experiment:
         evaluate: record the train and test loss and accuracy (default True).
         store: the Zarr store's path; default ``runs/<name>.zarr``.
         max_learners_per_chunk: cap on the learners trained together (memory decides otherwise).
-        logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too.
+        logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too (besides the
+            built-in metrics: see ``metrics``).
         checkpoint_every: save the chunk in training every this many steps (default: every 10
             minutes), so that a crash loses at most the work since; ``run()`` resumes from it.
         compile: ``torch.compile`` the whole training step: ``"auto"`` (default: when a chunk would
@@ -76,6 +84,14 @@ class Experiment:
             of ``convolutions.PLANS`` (``"vmap"``: torch.func's own).
         precision: ``"float32"`` (default), ``"tf32"`` or ``"bf16"``; the last two change results beyond
             float32 rounding, so their results are stored apart from float32 ones.
+        keep_states, keep_every: also keep every learner's full state (params, buffers, optimizer state) in the
+            store at these steps, or every this many steps; ``load_learner`` gives one back. The final state is
+            always kept, so that asking for more steps later continues from it. Asking for a state the store
+            lacks trains the learner again from the latest state it holds before that step.
+
+    Building an Experiment checks everything it can before anything is written: settings, data, model,
+    interventions, metrics, and one trial training step of a few learners of each group on the CPU (see
+    ``serimats_func.trial``). A mistake raises ``ValueError`` (or ``TypeError``) naming the problem and the fix.
     """
 
     def __init__(
@@ -90,6 +106,7 @@ class Experiment:
         epochs: int | None = None,
         steps: int | None = None,
         log_every: int | None = None,
+        log_at: Sequence[int] = (),
         seed: int = 0,
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
         device: str | torch.device | None = None,
@@ -101,6 +118,8 @@ class Experiment:
         max_learners_per_chunk: int | None = None,
         logger: Logger | None = None,
         checkpoint_every: int | None = None,
+        keep_states: Sequence[int] = (),
+        keep_every: int | None = None,
         progress: bool = True,
         compile: bool | str = "auto",
         convolutions: str = "auto",
@@ -117,16 +136,23 @@ class Experiment:
             _positive_int("steps", steps)
         if log_every is not None:
             _positive_int("log_every", log_every)
+        self.log_at = _log_at(log_at)
         if max_learners_per_chunk is not None:
             _positive_int("max_learners_per_chunk", max_learners_per_chunk)
         if checkpoint_every is not None:
             _positive_int("checkpoint_every", checkpoint_every)
+        if keep_every is not None:
+            _positive_int("keep_every", keep_every)
+        if isinstance(keep_states, (str, bytes)) or not isinstance(keep_states, (Sequence, set, frozenset)) or any(
+                isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 for k in keep_states):
+            raise ValueError(f"keep_states must be a list of steps (integers >= 0); got {keep_states!r}.")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point torch.dtype such as torch.float32 or torch.float64; "
                              f"got {dtype!r}.")
         self.default_optimizer = DEFAULT_OPTIMIZER if optimizer is None else as_optimizer(optimizer)
+        self.requested_device = None if device is None else str(device)  # a shard on another node decides again
         self.device = _device(device)
         self.speed = Speed(compile=compile, convolutions=convolutions, precision=precision)
         self.speed_report: list[ChunkSpeed] = []  # per chunk trained by the last run(): choices and their cost
@@ -148,6 +174,9 @@ class Experiment:
         self.evaluate = evaluate
         self.max_learners_per_chunk, self.progress = max_learners_per_chunk, progress
         self.checkpoint_every = checkpoint_every
+        self.keep_states, self.keep_every = sorted({int(k) for k in keep_states}), keep_every
+        self.poll_seconds = 0.5  # how often to look for learners that another process trains
+        self._metric_keys: dict[tuple, dict[str, str]] = {}
 
         if isinstance(logger, type):
             raise ValueError(f"logger= takes a Logger instance; got the class {logger.__name__}: use logger={logger.__name__}().")
@@ -158,11 +187,42 @@ class Experiment:
         self.interventions = list(interventions) if isinstance(interventions, (list, tuple)) else [interventions]
         self.name = name or _default_name(self.interventions)
         self.grid: Grid = build_grid(self.interventions, self.base, self.seed)
-        for setup in {id(s.setup.template): s.setup for s in self.grid.learners}.values():
-            probe = pytrees.stack([initial_model_state(setup.template, init_key=0, dropout_key=0)])
-            self.logger.check(setup.template, probe["params"], probe["buffers"])
+        self._by_id = {s.id: s for s in self.grid.learners}
+        self._check_log_at()
+        self.reads_control = self._check_metrics()
+        _warn_controls_apart(self.grid)
+        self._loss_key = digest(self.context.loss_description())
+        self._code_keys = {n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()}
+        for group in trial.groups(self.grid.learners):  # what only shows in training fails now, not in run()
+            setup = group[0].setup
+            smallest = trial.smallest_batch(len(setup.data.x), setup.batch_size, self.schedule_of(setup).total_steps)
+            trial.trial_step(group, self.loss, smallest)
         self.store = Store(store if store is not None else Path("runs") / f"{self.name}.zarr")
         self.store.check()
+
+    def _check_log_at(self) -> None:
+        for setup in {id(s.setup): s.setup for s in self.grid.learners}.values():
+            total = self.schedule_of(setup).total_steps
+            late = [step for step in self.log_at if step > total]
+            if late:
+                raise ValueError(f"log_at asks for step {late[0]}, past the last step ({total}) of learners with "
+                                 f"{describe_group(next(s for s in self.grid.learners if s.setup is setup))}; "
+                                 f"give steps from 0 to {total}.")
+
+    def _check_metrics(self) -> frozenset[str]:
+        """Run the logger's metrics on a fresh learner of each setup (its data, its first batch), so that a broken
+        one fails now, before anything is trained; returns the names of those that read ``learner.control``."""
+        reads_control: set[str] = set()
+        taken = [*self.grid.dims, *self.grid.scalars, "control", "control_learner"]
+        for setup in {id(s.setup.template): s.setup for s in self.grid.learners}.values():
+            probe = pytrees.stack([initial_model_state(setup.template, init_key=0, dropout_key=0)])
+            d = setup.data
+            test = None if d.x_test is None else Data(d.x_test, d.y_test)
+            batch = Data(d.x[: setup.batch_size], d.y[: setup.batch_size])
+            infos = self.logger.check(setup.template, probe["params"], probe["buffers"], Data(d.x, d.y), test, batch,
+                                      taken=taken)
+            reads_control.update(name for name, info in infos.items() if info.reads_control)
+        return frozenset(reads_control)
 
     # -- what each learner needs --------------------------------------------------------------------------
 
@@ -179,22 +239,52 @@ class Experiment:
     def schedule_of(self, setup: Setup) -> Schedule:
         spe = steps_per_epoch(len(setup.data.x), setup.batch_size)
         total = self.steps if self.steps is not None else spe * (self.epochs if self.epochs is not None else 1)
-        return Schedule(total_steps=total, steps_per_epoch=spe, log_every=self.log_every)
+        return Schedule(total_steps=total, steps_per_epoch=spe, log_every=self.log_every, log_at=self.log_at)
 
-    def metric_keys(self, setup: Setup) -> dict[str, str]:
-        """Each recorded metric and a digest of what decides its values (code, loss, evaluation data)."""
+    def metric_names(self) -> list[str]:
+        """The recorded metrics, in the result's order: built-in ones, then the logger's."""
+        return builtin_metric_names(self.evaluate, self.grid.has_controls) + self.logger.metric_names()
+
+    def metric_keys(self, spec: LearnerSpec) -> dict[str, str]:
+        """Each metric recorded for ``spec`` and a digest of what decides its values beside the learner itself
+        (code, loss, evaluation data, and for metrics against the control, the control's id)."""
+        setup = spec.setup
+        loss = self._loss_key
+        test = setup.data.test_fingerprint
+        control = self._control_beside(spec)
         keys = {}
         if self.evaluate:
-            loss = digest(self.context.loss_description())
             keys.update({f"train_{m}": digest([loss, setup.data.fingerprint, m]) for m in ("loss", "acc")})
-            keys.update({f"test_{m}": digest([loss, setup.data.test_fingerprint, m]) for m in ("loss", "acc")})
-        keys.update({n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()})
+            keys.update({f"test_{m}": digest([loss, test, m]) for m in ("loss", "acc")})
+        for name in builtin_metric_names(self.evaluate, self.grid.has_controls):
+            if name.startswith("control_"):
+                keys[name] = digest(["builtin", METRICS_VERSION, name, control, loss, test])
+            elif name not in keys:
+                keys[name] = digest(["builtin", METRICS_VERSION, name])
+        for name, code in self._code_keys.items():
+            keys[name] = digest([code, test] + ([control] if name in self.reads_control else []))
         if self.speed.precision != "float32":  # results of another precision are not float32 results
             keys = {k: digest([v, self.speed.precision]) for k, v in keys.items()}
         return keys
 
-    def _done(self, spec: LearnerSpec) -> bool:
-        return self.store.find(spec.id, self.schedule_of(spec.setup).log_steps, self.metric_keys(spec.setup)) is not None
+    def _control_beside(self, spec: LearnerSpec) -> str | None:
+        """The id of the control that trains beside ``spec`` (None: it has none, or one of another structure)."""
+        control = self._by_id.get(spec.control_id) if spec.control_id else None
+        return control.id if control is not None and control.structure == spec.structure else None
+
+
+    def keep_steps(self, schedule: Schedule) -> tuple[int, ...]:
+        """The steps at which full states are kept (``keep_states``, ``keep_every``), up to the last."""
+        every = range(self.keep_every, schedule.total_steps + 1, self.keep_every) if self.keep_every else ()
+        return tuple(sorted({k for k in (*self.keep_states, *every) if k <= schedule.total_steps}))
+
+    def need(self, spec: LearnerSpec) -> Need:
+        """What this experiment needs of a learner: metrics at its logged steps, kept states."""
+        schedule = self.schedule_of(spec.setup)
+        return Need(schedule.log_steps, self.metric_keys(spec), self.keep_steps(schedule), schedule.total_steps)
+
+    def _start(self, spec: LearnerSpec) -> Start | None:
+        return start_of(self.store, spec.id, self.need(spec))
 
     @property
     def data_bytes(self) -> int:
@@ -204,24 +294,55 @@ class Experiment:
 
     # -- planning, training, results ----------------------------------------------------------------------
 
-    def plan(self) -> Plan:
-        """What ``run()`` would do: learners in the store vs. to train, groups, chunks, memory. Changes nothing."""
-        plan = make_plan(self.grid, self._done, self.eval_batch_size, self.device, self.max_learners_per_chunk,
-                         data_bytes=self.data_bytes)
+    def plan(self, learners: list[LearnerSpec] | None = None) -> Plan:
+        """What ``run()`` would do: learners in the store vs. to train (from scratch, or continuing from stored
+        states), groups, chunks, memory. Changes nothing."""
+        plan = make_plan(self.grid, self._start, self.eval_batch_size, self.device, self.max_learners_per_chunk,
+                         data_bytes=self.data_bytes, learners=learners)
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
         plan.speed = self.speed.describe()
         return plan
 
-    def run(self, plot: bool = False) -> xr.Dataset:
+    def run(self, plot: bool = False, executor: Any = None, shards: int | None = None) -> xr.Dataset:
         """Train the learners missing from the store, then return the whole grid's results.
-        With ``plot=True``, also save one PNG per metric next to the store."""
-        plan = self.plan()
-        if plan.chunks:
-            self._train(plan)
-        ds = self.results()
+        With ``plot=True``, also save the plots (``Plotter.save_all``) as PNGs in ``runs/<name>_plots/`` next
+        to the store, and show them when running in Jupyter. With a submitit ``executor``
+        (``submitit.AutoExecutor(folder)``: Slurm on a cluster, local processes elsewhere), train them as
+        ``shards`` jobs (default 1) and wait for them (see ``serimats_func.cluster``)."""
+        if executor is not None:
+            from .cluster import run_sharded
+
+            ds = run_sharded(self, executor, 1 if shards is None else shards)
+        else:
+            if shards is not None:
+                raise ValueError("shards= needs an executor=, e.g. submitit.AutoExecutor('runs/jobs').")
+            plan = self.plan()
+            if plan.chunks:
+                self._train(plan)
+            else:
+                self.store.clean()
+            ds = self.results()
         if plot:
-            Plotter(ds).save_all(self.store.path.with_name(self.store.path.stem + "_plots"))
+            show(Plotter(ds).save_all(self.plots_folder))
         return ds
+
+    def learners_to_train(self) -> list[LearnerSpec]:
+        """The grid's learners that ``run()`` would train."""
+        return [spec for chunk in self.plan().chunks for spec in chunk.learners]
+
+    def train_only(self, ids: Sequence[str]) -> int:
+        """Train those of the learners ``ids`` that are still missing (a shard's work); returns how many."""
+        wanted = set(ids)
+        learners = [s for s in self.grid.learners if s.id in wanted]
+        plan = self.plan(learners)
+        if plan.chunks:
+            self._train(plan, learners)
+        return plan.to_train
+
+    @property
+    def plots_folder(self) -> Path:
+        """Where ``run(plot=True)`` writes its PNGs: ``<store name>_plots`` beside the store."""
+        return self.store.path.with_name(self.store.path.stem + "_plots")
 
     def _training_data(self, setup: Setup) -> TrainingData:
         d = setup.data
@@ -232,51 +353,139 @@ class Experiment:
             batch_size=setup.batch_size, eval_batch_size=self.eval_batch_size,
         )
 
-    def _train(self, plan: Plan) -> None:
+    def _train(self, plan: Plan, learners: list[LearnerSpec] | None = None) -> None:
+        """Train the plan's chunks (a plan of ``learners``, default the whole grid). Each learner is claimed
+        first (a lock in the store that dies with this process): learners another live process trains are skipped,
+        then waited for, and trained here if that process dies first. A learner is never trained by two processes
+        at once, nor stored twice."""
         self.store.create()
         self.speed_report = []
         total = sum(len(c.learners) * self.schedule_of(c.learners[0].setup).total_steps for c in plan.chunks)
         data_cache: dict[tuple[int, int], TrainingData] = {}
-        with tqdm(total=total, unit=" learner-steps", disable=not self.progress, desc=self.name) as bar:
-            for i, chunk in enumerate(plan.chunks):
-                bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(chunk.learners)} learners")
-                setup = chunk.learners[0].setup
-                schedule = self.schedule_of(setup)
-                data = data_cache.get((id(setup.data), setup.batch_size)) or self._training_data(setup)
-                data_cache[(id(setup.data), setup.batch_size)] = data
-                ids = [s.id for s in chunk.learners]
-                checkpoints = Checkpoints(self.store.path / "checkpoints", ids, self.checkpoint_every)
-                metrics = train_chunk(chunk.learners, data, schedule, self.loss, self.device, on_step=bar.update,
-                                      metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate,
-                                      speed=self.speed, report=self.speed_report,
-                                      evaluation_learners=plan.evaluation_learners.get(chunk.structure))
-                diverged = metrics.pop("diverged_at")
-                self.store.write(ids, [s.config for s in chunk.learners], schedule.log_steps, metrics,
-                                 per_learner={"diverged_at": diverged}, metric_keys=self.metric_keys(setup),
-                                 attrs=_environment(self.device))
-                checkpoints.remove()
+        with self.store.claims() as claims, tqdm(total=total, unit=" learner-steps", disable=not self.progress,
+                                                 desc=self.name) as bar:
+            self.store.clean(claims)
+            while plan.chunks:
+                trained = False
+                for i, chunk in enumerate(plan.chunks):
+                    with self.store.writing("claims on learners", claims.folder):
+                        mine = set(claims.claim(s.id for s in chunk.learners))
+                    if not mine:
+                        continue
+                    try:  # the store may have changed before the claims: plan these learners again
+                        again = self.plan([s for s in chunk.learners if s.id in mine])
+                        for part in again.chunks:
+                            bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(part.learners)} learners")
+                            self._train_chunk(part, claims, bar, data_cache, again.evaluation_learners.get(part.structure))
+                            trained = True
+                    finally:
+                        claims.release(mine)
+                plan = self.plan(learners)  # what is left: learners that other processes train
+                if plan.chunks and not trained:
+                    bar.set_postfix_str(f"waiting for {plan.to_train} learners that another process trains")
+                    time.sleep(self.poll_seconds)
+
+    def _train_chunk(self, chunk: Chunk, claims: Claims, bar: tqdm, data_cache: dict,
+                     evaluation_learners: int | None = None) -> None:
+        specs = chunk.learners
+        setup = specs[0].setup
+        schedule = self.schedule_of(setup)
+        data = data_cache.get((id(setup.data), setup.batch_size)) or self._training_data(setup)
+        data_cache[(id(setup.data), setup.batch_size)] = data
+        ids, configs, keys = [s.id for s in specs], [s.config for s in specs], [self.metric_keys(s) for s in specs]
+        environment = _environment(self.device)
+        dims = {**BUILTIN_DIMS, **self.logger.metric_dims()}
+        labels = {"layer": list(setup.param_names)}
+        checkpoints = Checkpoints(self.store, ids, configs, keys, environment, self.checkpoint_every, dims=dims,
+                                  labels=labels)
+        last = schedule.total_steps
+        written = [r for r, s in enumerate(specs) if s.id not in chunk.again]  # controls trained again: stored already
+        try:
+            result = train_chunk(specs, data, schedule, self.loss, self.device, on_step=bar.update,
+                                 metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate,
+                                 start=self._chunk_start(chunk, schedule, keys), keep=self.keep_steps(schedule),
+                                 controls=self.grid.has_controls, reads_control=self.reads_control,
+                                 speed=self.speed, report=self.speed_report, evaluation_learners=evaluation_learners)
+            checkpoints.follow(chunk.start, None, lambda: (result.steps, result.metrics))
+            checkpoints.track(last, result.states[last])
+            states = {step: {path: (values[written], dtype) for path, (values, dtype) in state.items()}
+                      for step, state in result.states.items()}
+            self.store.write([ids[r] for r in written], [configs[r] for r in written], result.steps,
+                             {m: v[written] for m, v in result.metrics.items()},
+                             per_learner={"diverged_at": result.diverged_at[written]},
+                             metric_keys=[keys[r] for r in written], attrs=environment, states=states, dims=dims,
+                             labels=labels)
+        except KeyboardInterrupt:
+            raise checkpoints.interrupted(last) from None
+        self.store.prune_checkpoints(claims)
+        unserved = [specs[r].id for r in written if self._start(specs[r]) is not None]
+        if unserved:
+            raise RuntimeError(f"Learners {unserved[:3]} were trained but the store does not serve them: a bug, please "
+                               "report it with the experiment's settings.")
+
+    def _chunk_start(self, chunk: Chunk, schedule: Schedule, keys: list[dict[str, str]]) -> ChunkStart:
+        """The chunk's stored states and the metric values of earlier steps that its batch carries: those at
+        logged steps before its start that no batch holds for some of its learners (they are in checkpoints)."""
+        first = min(s.first_unstored for s in chunk.starts)
+        prefix = tuple(t for t in schedule.log_steps if first <= t < chunk.start)
+        records = {}
+        if prefix:
+            names = list(dict.fromkeys(m for k in keys for m in k))
+            held = self.store.read([(s.id, prefix, k) for s, k in zip(chunk.learners, keys, strict=True)], names,
+                                   checkpoints=True)
+            records = {m: held[m].values for m in names}  # (N, len(prefix), *own dims)
+        states = None
+        if chunk.start > 0:
+            states = self.store.read_states([(s.source, s.position, s.step) for s in chunk.starts])
+        return ChunkStart(chunk.start, states, prefix, records)
 
     def results(self) -> xr.Dataset:
         """The grid's results as stored (NaN for learners not trained yet)."""
-        parts, present = [], set()
+        requests, present = [], set()
         for spec in self.grid.learners:
-            if spec.id in present:
-                continue
-            setup = spec.setup
-            found = self.store.find(spec.id, self.schedule_of(setup).log_steps, self.metric_keys(setup))
-            if found is not None:
+            need = self.need(spec)
+            if start_of(self.store, spec.id, need) is None:
                 present.add(spec.id)
-                parts.append((spec, found, self.schedule_of(setup).log_steps))
-        stored = self.store.read_found(parts, list(self.metric_keys(self.base)))
+                requests.append((spec.id, need.steps, need.metric_keys))
+        stored = self.store.read(requests, self.metric_names())
         grid = self.grid
         if len(present) < len(grid.learners):
             grid = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in present])
         steps = sorted({step for s in self.grid.learners for step in self.schedule_of(s.setup).log_steps})
         attrs = {"experiment": self.name, "store": str(self.store.path), "seed": self.seed,
                  "steps": self.schedule.total_steps, "batch_size": self.batch_size}
-        order = (list(DEFAULT_METRICS) if self.evaluate else []) + self.logger.metric_names()
-        return assemble(grid, stored, steps, attrs, order=order, controls=self.grid.has_controls)
+        return assemble(grid, stored, steps, attrs, order=self.metric_names(), controls=self.grid.has_controls)
 
+    def load_learner(self, step: int | None = None, **coords) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """A learner of this grid, chosen by its coordinates (``epsilon=0.01, seed=3``), as a plain ``nn.Module``
+        with its weights and buffers at ``step`` (default: the latest kept) and a ``torch.optim`` optimizer with
+        its state: see ``serimats_func.load_learner``."""
+        specs = {s.id: s for s in self.grid.learners}
+        learner_id, _ = select_learner({i: s.config for i, s in specs.items()}, coords, f"the experiment {self.name!r}")
+        return load_learner(self.store, specs[learner_id].setup.model, step, learner=learner_id)
+
+
+def _log_at(steps: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, (Sequence, range)):
+        raise ValueError(f"log_at takes a list of steps, e.g. log_at=[1, 10, 100]; got {steps!r}.")
+    for step in steps:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"log_at takes steps (numbers of updates done, integers >= 0); got {step!r}.")
+    return tuple(sorted({int(step) for step in steps}))
+
+
+def _warn_controls_apart(grid: Grid) -> None:
+    """Warn when learners cannot train beside their control (another model, batch size or optimizer class)."""
+    by_id = {s.id: s for s in grid.learners}
+    apart = [(s, by_id[s.control_id]) for s in grid.learners
+             if s.control_id in by_id and by_id[s.control_id].structure != s.structure]
+    if apart:
+        learner, control = apart[0]
+        warnings.warn(
+            f"{len(apart)} learner(s) cannot train beside their control, which needs another training step "
+            f"(e.g. the learner at {learner.coords} trains as {describe_group(learner)}, its control as "
+            f"{describe_group(control)}): their control_* metrics are NaN. Metrics against a control need the learner "
+            "and its control in one vmapped step: the same model, batch size and optimizer class.", stacklevel=3)
 
 def _environment(device: torch.device) -> dict:
     """Where a batch was trained: recorded with it (ids do not depend on it)."""

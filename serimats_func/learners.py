@@ -67,6 +67,7 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
     if any(isinstance(m, LazyModuleMixin) for m in template.modules()):
         raise ModelDataMismatch(f"{type(model).__name__} still has lazy layers after a forward pass.")
     template.train()
+    _check_something_trains(template, type(model).__name__)
     _check_every_parameter_resets(template)
     _check_vmappable(template, example_x.cpu())
     return template
@@ -85,6 +86,10 @@ def _check_vmappable(template: nn.Module, example_x: torch.Tensor) -> None:
             torch.func.vmap(torch.func.grad(loss), in_dims=(0, 0, None))(params, buffers, example_x)
     except Exception as error:
         hint = ""
+        if any(sign in str(error) for sign in ("item()", "data-dependent")):
+            hint = (" The model reads a tensor's value in Python (`if out.max() > 1:`, .item(), float(tensor)), and "
+                    "under vmap one forward pass serves every learner: it must not branch on a tensor's value; use "
+                    "torch.where(condition, a, b) on tensors instead.")
         if "random" in str(error).lower():
             hint = (" The model draws random numbers from torch's global RNG (F.dropout, AlphaDropout, ...), "
                     "which would tie a learner to its batch-mates; use nn.Dropout / nn.Dropout1d/2d/3d modules, "
@@ -93,19 +98,29 @@ def _check_vmappable(template: nn.Module, example_x: torch.Tensor) -> None:
                                 f"{type(error).__name__}: {error}.{hint}") from error
 
 
+def _check_something_trains(template: nn.Module, name: str) -> None:
+    params = list(template.parameters())
+    if not params:
+        raise ModelDataMismatch(f"{name} has no parameters, so there is nothing to train. Give it layers with "
+                                "weights (nn.Linear, nn.Conv2d...), registered as attributes of the module or in "
+                                "nn.ModuleList / nn.Sequential (a plain Python list hides them from PyTorch).")
+    if not any(p.requires_grad for p in params):
+        raise ModelDataMismatch(f"Every parameter of {name} has requires_grad=False, so there is nothing to train. "
+                                "Leave at least one parameter trainable (frozen ones stay at their initial values).")
+
+
 def _check_every_parameter_resets(template: nn.Module) -> None:
     """Each learner draws its own weights by calling every module's ``reset_parameters()`` with its key. A
     parameter that no ``reset_parameters`` sets would keep the template's value, drawn from the global RNG
     when the model was built: the same for every learner, whatever its init seed. Refuse that: fill every
-    parameter with NaN, reset, and look for what is left."""
+    parameter with NaN, reset, and look for what is left. Refuse too a ``reset_parameters`` that gives other
+    values for the same key (it draws from NumPy's or Python's RNG, or the clock), since a learner's weights
+    would then depend on the process, not on its key."""
     probe = copy.deepcopy(template)
     with torch.no_grad():
         for p in probe.parameters():
             p.fill_(float("nan"))
-    with seeded_cpu_rng(0), torch.no_grad():
-        for m in probe.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+    reset(probe, 0)
     for name, p in probe.named_parameters():
         if torch.isnan(p).any():
             module_name, _, own = name.rpartition(".")
@@ -117,6 +132,26 @@ def _check_every_parameter_resets(template: nn.Module) -> None:
                 f"values, drawn when the model was built. Give {type(module).__name__} a reset_parameters() that "
                 f"draws {own} from torch's RNG (as nn.Linear does), e.g. nn.init.normal_(self.{own})."
             )
+    again = reset(copy.deepcopy(template), 0)
+    for (name, p), q in zip(probe.named_parameters(), again.parameters(), strict=True):
+        if not torch.equal(p, q):
+            module = probe.get_submodule(name.rpartition(".")[0])
+            raise ValueError(
+                f"reset_parameters() of {type(module).__name__} gives {name} other values each time for the same key: "
+                "it draws from an RNG other than torch's (NumPy's, Python's random) or from the clock, so a learner's "
+                "weights would not come from its key. Draw them with torch (nn.init.*, torch.randn), which the "
+                "library seeds from each learner's key."
+            )
+
+
+def reset(module: nn.Module, key: int) -> nn.Module:
+    """Call every submodule's ``reset_parameters()`` with torch's CPU RNG set from ``key``; returns ``module``,
+    changed in place. The global RNG is left as it was."""
+    with seeded_cpu_rng(key), torch.no_grad():
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return module
 
 
 def initial_model_state(template: nn.Module, init_key: int, dropout_key: int) -> ModelState:
@@ -139,13 +174,11 @@ def initial_model_states(template: nn.Module, init_keys: Sequence[int], dropout_
     """
     n = len(init_keys)
     module = copy.deepcopy(template)  # the template itself is never changed
-    resets = [m for m in module.modules() if hasattr(m, "reset_parameters")]
     params = {name: torch.empty((n, *p.shape), dtype=p.dtype) for name, p in module.named_parameters()}
     buffers = {name: b.detach().clone().expand(n, *b.shape).clone() for name, b in module.named_buffers()}
     for i, key in enumerate(init_keys):
-        with seeded_cpu_rng(key), torch.no_grad():
-            for m in resets:
-                m.reset_parameters()
+        reset(module, key)
+        with torch.no_grad():
             for name, p in module.named_parameters():
                 params[name][i] = p
             for name, b in module.named_buffers():
@@ -169,11 +202,7 @@ def behaviour_fingerprint(template: nn.Module, loss_fn: Callable, x: torch.Tenso
     each rounded to 9 significant digits. Catches what reading code cannot (a global, a C extension...).
     None when the model cannot run in float64."""
     try:
-        model = copy.deepcopy(template).double()
-        with seeded_cpu_rng(PROBE_KEY), torch.no_grad():
-            for m in model.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+        model = reset(copy.deepcopy(template).double(), PROBE_KEY)
         xb, yb = x[:PROBE_EXAMPLES].double(), y[:PROBE_EXAMPLES]
         with torch.random.fork_rng(devices=[]):
             model.train()

@@ -1,37 +1,79 @@
 """``Logger``: which metrics are recorded. Add your own with ``@register_metric``.
 
-A metric is written for one learner, as in the seed: it receives a ``learner`` whose ``model`` is
-the template module holding this learner's parameters (``learner.model.fc1.weight``), plus its
-``params`` and ``buffers`` dicts, and returns a scalar tensor. The library vmaps it over every
-learner and records it at the same steps as the default metrics (train/test loss and accuracy).
+Every experiment records the built-in metrics (``metrics.BUILTIN_METRICS``: train/test loss and
+accuracy, weight norm and distance to init, and, with controls, distance, cosine and agreement with the
+control). A metric of your own is a method written for one learner, as in the seed: it receives a
+``learner`` (see ``metrics.Learner``: ``learner.model`` holds this learner's parameters, and
+``learner.train``, ``learner.test``, ``learner.batch``, ``learner.control`` give data and the control) and
+returns a tensor: a scalar, or a small tensor whose dimensions ``@register_metric(dims=(...))`` names
+(default ``<metric>_dim0``, ...). The library vmaps it over the learners and records it at the logged steps.
 
 >>> import torch
 >>> class WeightNorm(Logger):
 ...     @register_metric
 ...     def weight_norm(self, learner):
 ...         return torch.norm(learner.model.fc1.weight)
->>> WeightNorm().metric_names()
-['weight_norm']
+...     @register_metric(dims=("unit",))
+...     def unit_norms(self, learner):
+...         return learner.model.fc1.weight.norm(dim=1)
+>>> WeightNorm().metric_names(), WeightNorm().metric_dims()
+(['weight_norm', 'unit_norms'], {'unit_norms': ('unit',)})
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from .metrics import DEFAULT_METRICS, MetricFn, vmapped_metrics
+from . import pytrees
+from .metrics import BUILTIN_DIMS, BUILTIN_METRICS, DEFAULT_METRICS, Data, MetricFn, metric_on_one, vmapped_metrics
+
+MAX_METRIC_SIZE = 10_000  # entries of one metric for one learner at one step
 
 
-def register_metric(fn: Callable) -> Callable:
-    """Mark a ``Logger`` method ``fn(self, learner) -> scalar tensor`` as a metric named ``fn.__name__``."""
-    fn.is_metric = True
-    return fn
+def register_metric(fn: Callable | None = None, *, dims: Sequence[str] | None = None) -> Callable:
+    """Mark a ``Logger`` method ``fn(self, learner) -> tensor`` as a metric named ``fn.__name__``. Use it bare
+    for a scalar, or as ``@register_metric(dims=("unit",))`` to name the dimensions of a tensor-valued one."""
+    def mark(f: Callable) -> Callable:
+        f.is_metric = True
+        f.metric_dims = None if dims is None else tuple(dims)
+        return f
+
+    if fn is not None:
+        return mark(fn)
+    if dims is not None and (isinstance(dims, str) or not all(isinstance(d, str) and d for d in dims)):
+        raise ValueError(f"register_metric(dims=...) takes a tuple of dimension names, e.g. dims=('unit',); got {dims!r}.")
+    return mark
+
+
+class _LastOp(TorchFunctionMode):
+    """Remembers the last torch function a metric called and the shapes of its tensor arguments, so that a
+    failure can be reported with the shapes that caused it."""
+
+    last: tuple[Callable, list[tuple[int, ...]]] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.last = (func, [tuple(t.shape) for t in pytrees.leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
+        return func(*args, **kwargs)
+
+    def describe(self) -> str:
+        if self.last is None:
+            return ""
+        func, shapes = self.last
+        name = getattr(func, "__name__", repr(func))
+        owner = getattr(func, "__qualname__", "").split(".")[0]
+        where = "Tensor." if owner in ("TensorBase", "Tensor") else "torch." if getattr(func, "__module__", "") == "torch" else ""
+        shown = " and ".join(str(s) for s in shapes) if shapes else "no tensors"
+        return f" {where}{name} got tensors of shapes {shown}."
 
 
 class Logger:
-    """Records the default metrics (``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``)
-    and every method marked with ``@register_metric``."""
+    """Records the built-in metrics and every method marked with ``@register_metric``."""
 
     def metric_names(self) -> list[str]:
         names = []
@@ -39,26 +81,98 @@ class Logger:
             for name, value in vars(cls).items():
                 if getattr(value, "is_metric", False) and name not in names:
                     names.append(name)
-        clash = [n for n in names if n in DEFAULT_METRICS]
+        clash = [n for n in names if n in BUILTIN_METRICS]
         if clash:
-            raise ValueError(f"Metric name {clash[0]!r} is taken by a default metric; rename the method.")
+            raise ValueError(f"Metric name {clash[0]!r} is taken by a built-in metric ({', '.join(BUILTIN_METRICS)}); "
+                             "rename the method.")
         return names
 
     def metrics(self) -> dict[str, MetricFn]:
         """The registered metrics, bound to this logger: name -> ``fn(learner)``."""
         return {name: getattr(self, name) for name in self.metric_names()}
 
-    def check(self, template: nn.Module, params: dict, buffers: dict) -> None:
-        """Run every metric on stacked learner state: a broken metric fails here, before anything
-        is trained, with the metric's name in the message."""
-        for name, fn in self.metrics().items():
-            try:
-                value = vmapped_metrics(template, {name: fn})(params, buffers)[name]
-            except Exception as error:
-                raise ValueError(f"Metric {name!r} failed on a learner: {type(error).__name__}: {error}") from error
-            if value.ndim != 1 or not value.dtype.is_floating_point:
-                raise ValueError(f"Metric {name!r} must return a scalar float tensor; got shape "
-                                 f"{tuple(value.shape[1:])} and dtype {value.dtype}.")
+    def metric_dims(self) -> dict[str, tuple[str, ...]]:
+        """Dimension names of the metrics that declared them with ``@register_metric(dims=...)``."""
+        out = {}
+        for name in self.metric_names():
+            dims = getattr(getattr(type(self), name), "metric_dims", None)
+            if dims is not None:
+                out[name] = dims
+        return out
+
+    def check(self, template: nn.Module, params: dict, buffers: dict, train: Data | None = None,
+              test: Data | None = None, batch: Data | None = None, taken: Sequence[str] = ()) -> dict[str, MetricInfo]:
+        """Run every metric on a learner (``params``, ``buffers`` stacked (N, ...), N >= 1), alone and vmapped:
+        a broken metric fails here, before anything is trained, with its name and the shapes of the failing
+        operation's tensors in the message. Returns each metric's dimension names, shape and whether it reads
+        the control. ``taken``: names the metrics' dimensions may not use (the grid's coordinates)."""
+        infos = {name: self._check_one(name, fn, template, params, buffers, train, test, batch)
+                 for name, fn in self.metrics().items()}
+        _check_dims(infos, taken)
+        return infos
+
+    def _check_one(self, name: str, fn: MetricFn, template: nn.Module, params: dict, buffers: dict,
+                   train: Data | None, test: Data | None, batch: Data | None) -> MetricInfo:
+        one_params, one_buffers = pytrees.index(params, 0), pytrees.index(buffers, 0)
+        mode = _LastOp()
+        template.eval()
+        try:
+            with mode, torch.random.fork_rng(devices=[]):
+                value, reads_control = metric_on_one(template, fn, one_params, one_buffers, train, test, batch)
+        except Exception as error:
+            raise ValueError(f"Metric {name!r} failed on a learner:{mode.describe()} {type(error).__name__}: {error}") from error
+        finally:
+            template.train()
+        if not isinstance(value, torch.Tensor) or value.is_complex():
+            raise ValueError(f"Metric {name!r} must return a real tensor (a scalar or a small tensor); got {value!r:.80}.")
+        if value.numel() > MAX_METRIC_SIZE:
+            raise ValueError(f"Metric {name!r} returns {value.numel()} numbers per learner and step (shape "
+                             f"{tuple(value.shape)}); a metric is a scalar or a small tensor (at most {MAX_METRIC_SIZE}). "
+                             "Reduce it (a norm per row, a histogram) before returning it.")
+        declared = getattr(getattr(type(self), name), "metric_dims", None)
+        if declared is None:
+            dims = tuple(f"{name}_dim{i}" for i in range(value.ndim))
+        elif len(declared) != value.ndim:
+            raise ValueError(f"Metric {name!r} declares dims={declared} but returns a tensor of shape {tuple(value.shape)}; "
+                             f"give one name per dimension.")
+        else:
+            dims = declared
+        template.eval()
+        try:
+            stacked = vmapped_metrics(template, {name: fn}, train, test)(params, buffers, batch=batch)[name]
+        except Exception as error:
+            raise ValueError(f"Metric {name!r} works on one learner but not under torch.func.vmap, which runs it for "
+                             f"every learner at once: {type(error).__name__}: {error}. Avoid .item(), Python branches "
+                             "on tensor values and in-place changes of the learner's tensors.") from error
+        finally:
+            template.train()
+        if stacked.shape[1:] != value.shape:
+            raise ValueError(f"Metric {name!r} returns shape {tuple(value.shape)} for one learner but "
+                             f"{tuple(stacked.shape[1:])} per learner under vmap; return the same shape for any learner.")
+        return MetricInfo(dims, tuple(value.shape), reads_control)
 
 
-__all__ = ["Logger", "register_metric", "DEFAULT_METRICS"]
+class MetricInfo(NamedTuple):
+    """What ``Logger.check`` found out about a metric."""
+
+    dims: tuple[str, ...]  # names of its own dimensions
+    shape: tuple[int, ...]  # for one learner at one step
+    reads_control: bool  # it reads learner.control: NaN for learners without one
+
+
+def _check_dims(infos: dict[str, MetricInfo], taken: Sequence[str]) -> None:
+    reserved = {"learner", "step", *(d for dims in BUILTIN_DIMS.values() for d in dims), *taken}
+    sizes: dict[str, tuple[str, int]] = {}
+    for name, info in infos.items():
+        for dim, size in zip(info.dims, info.shape, strict=True):
+            if dim in reserved:
+                raise ValueError(f"Metric {name!r} names a dimension {dim!r}, which the result already has (a grid "
+                                 f"coordinate, step, learner or layer); choose another name in dims=.")
+            if dim in sizes and sizes[dim][1] != size:
+                other, other_size = sizes[dim]
+                raise ValueError(f"Metrics {other!r} and {name!r} both name the dimension {dim!r} but have sizes "
+                                 f"{other_size} and {size}; give them different names in dims=.")
+            sizes.setdefault(dim, (name, size))
+
+
+__all__ = ["Logger", "register_metric", "DEFAULT_METRICS", "BUILTIN_METRICS"]

@@ -20,6 +20,8 @@ single-tensor code line by line; the tests check them against each other step fo
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -215,16 +217,38 @@ def resolve(torch_class: type, values: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"torch.optim.{torch_class.__name__} has no hyperparameter {unknown[0]!r} "
                          f"here; it takes: {', '.join(known)}.")
     resolved = torch_defaults(torch_class)
-    resolved.update({k: v for k, v in values.items() if k in known})
+    resolved.update({k: _checked_value(torch_class, k, v) for k, v in values.items() if k in known})
     if "lr" not in resolved:
         raise ValueError(f"torch.optim.{torch_class.__name__} needs a learning rate: give lr=...")
-    if "betas" in resolved:
-        resolved["betas"] = tuple(float(b) for b in resolved["betas"])
     try:
         torch_class([torch.zeros(1, requires_grad=True)], **resolved)
     except (ValueError, TypeError) as error:
         raise ValueError(f"torch.optim.{torch_class.__name__}({_describe(resolved)}): {error}") from error
     return resolved
+
+
+def _checked_value(torch_class: type, name: str, value: Any) -> Any:
+    """A hyperparameter as a plain value: flags True or False, betas a pair of finite floats, the rest a
+    finite number. torch.optim accepts ``lr=nan`` or ``inf``, which make every number of a learner NaN."""
+    where = f"torch.optim.{torch_class.__name__} {name}"
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        value = value.item()
+    if name in _STATIC[torch_class]:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be True or False; got {value!r}.")
+        return value
+    if name == "betas":
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_finite(b) for b in value)):
+            raise ValueError(f"{where} must be a pair of finite numbers (beta1, beta2), e.g. betas=(0.9, 0.999); "
+                             f"got {value!r}.")
+        return tuple(float(b) for b in value)
+    if not _finite(value):
+        raise ValueError(f"{where} must be a finite number; got {value!r}.")
+    return value
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _describe(values: Mapping[str, Any]) -> str:

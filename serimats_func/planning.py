@@ -3,6 +3,12 @@
 Learners of different structure (model, data, batch size, optimizer class, nesterov, amsgrad, SGD with
 or without a momentum buffer, an activation hook's module) cannot share a vmapped step, so they form
 separate groups that run one after another. A group larger than the memory budget is split into chunks.
+
+A learner trains beside its control (metrics against the control are computed in the chunk): a control and
+its learners go into one chunk, and when they do not fit, the control goes into each chunk of its learners.
+A control that is already in the store, or written by an earlier chunk, is trained again beside them (the
+same numbers, by construction) and not written twice: ``Chunk.again`` names such learners. A learner whose
+control has another structure cannot share its step; its metrics against the control are NaN.
 """
 
 from __future__ import annotations
@@ -18,14 +24,25 @@ from torch import nn
 from . import pytrees
 from .grid import Grid, LearnerSpec
 from .optimizers import functional_twin
+from .resume import Start
 
 
 @dataclass
 class Chunk:
-    """Learners that train together in one vmapped run."""
+    """Learners that train together in one vmapped run, from the same step (0, or a stored state's)."""
 
     structure: tuple
     learners: list[LearnerSpec]
+    starts: list[Start] = field(default_factory=list)  # one per learner: where it starts
+    again: frozenset[str] = frozenset()  # ids trained only as controls beside their learners: not written
+
+    @property
+    def start(self) -> int:
+        return self.starts[0].step if self.starts else 0
+
+    @property
+    def to_write(self) -> list[LearnerSpec]:
+        return [s for s in self.learners if s.id not in self.again]
 
     @property
     def description(self) -> str:
@@ -42,6 +59,7 @@ class Plan:
     chunks: list[Chunk] = field(default_factory=list)
     bytes_per_learner: dict[tuple, int] = field(default_factory=dict)
     evaluation_learners: dict[tuple, int | None] = field(default_factory=dict)  # learners per evaluation pass
+    memory: dict[tuple, LearnerMemory] = field(default_factory=dict)
     memory_budget: int = 0
     device: str = "cpu"
     total_steps: int = 0
@@ -50,24 +68,42 @@ class Plan:
 
     @property
     def to_train(self) -> int:
-        return sum(len(c.learners) for c in self.chunks)
+        """Learners trained and written (not counting controls trained again beside their learners)."""
+        return sum(len(c.to_write) for c in self.chunks)
+
+    @property
+    def continuing(self) -> dict[str, int]:
+        """How many learners continue from a stored state, by where they start ("from step 500 (final state)")."""
+        out: dict[str, int] = {}
+        for chunk in self.chunks:
+            for start in chunk.starts:
+                if start.step > 0:
+                    out[start.description] = out.get(start.description, 0) + 1
+        return out
 
     def __str__(self) -> str:
         lines = [
             f"{self.learners} learners in the grid ({self.grid_cells} cells); {self.in_store} already in "
             f"{self.store}, {self.to_train} to train for {self.total_steps} steps on {self.device}.",
         ]
+        continuing = self.continuing
+        if continuing:
+            n = sum(continuing.values())
+            lines.append(f"  {n} of them continue from stored states ({self.to_train - n} from scratch): "
+                         + ", ".join(f"{k} {where}" for where, k in continuing.items()))
         groups: dict[tuple, list[Chunk]] = {}
         for chunk in self.chunks:
             groups.setdefault(chunk.structure, []).append(chunk)
         for structure, chunks in groups.items():
-            n = sum(len(c.learners) for c in chunks)
+            n = sum(len(c.to_write) for c in chunks)
+            again = sum(len(c.again) for c in chunks)
             mib = self.bytes_per_learner[structure] / 2**20
             evaluation = self.evaluation_learners.get(structure)
             lines.append(
                 f"  group {chunks[0].description}: {n} learners in {len(chunks)} chunk(s) of up to "
                 f"{max(len(c.learners) for c in chunks)}, about {mib:.1f} MiB per learner"
                 + (f", evaluated {evaluation} at a time" if evaluation else "")
+                + (f"; {again} control(s) trained again beside their learners (not written twice)" if again else "")
             )
         lines.append(f"  memory budget: {self.memory_budget / 2**30:.1f} GiB")
         if self.speed:
@@ -219,28 +255,77 @@ def evaluation_learners(memory: LearnerMemory, learners: int, budget: int) -> in
 
 def make_plan(
     grid: Grid,
-    done: Callable[[LearnerSpec], bool],
+    start_of: Callable[[LearnerSpec], Start | None],
     eval_batch_size: int,
     device: torch.device,
     max_learners_per_chunk: int | None = None,
     data_bytes: int = 0,
+    learners: list[LearnerSpec] | None = None,
 ) -> Plan:
-    """Split the learners that ``done`` says are not in the store yet into groups of one structure and
-    chunks that fit in the memory left once the data (``data_bytes``) is on the device."""
-    learners = grid.learners
-    missing = [s for s in learners if not done(s)]
+    """Split the learners (default: the grid's) that ``start_of`` says the store does not serve into groups
+    of one structure and start step, and those into chunks that fit in the memory left once the data
+    (``data_bytes``) is on the device."""
+    learners = grid.learners if learners is None else learners
+    starts = {s.id: start_of(s) for s in learners}
+    missing = [s for s in learners if starts[s.id] is not None]
     groups: dict[tuple, list[LearnerSpec]] = {}
     for spec in missing:
-        groups.setdefault(spec.structure, []).append(spec)
+        groups.setdefault((spec.structure, starts[spec.id].step), []).append(spec)
     plan = Plan(grid_cells=len(grid.cells), learners=len(learners), in_store=len(learners) - len(missing),
                 memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device))
-    for structure, specs in groups.items():
-        memory = learner_memory(specs[0], specs[0].setup.batch_size, eval_batch_size)
-        plan.bytes_per_learner[structure] = memory.training
-        size = max(1, plan.memory_budget // memory.training)
+    for (structure, step), specs in groups.items():
+        if structure not in plan.bytes_per_learner:
+            memory = learner_memory(specs[0], specs[0].setup.batch_size, eval_batch_size)
+            plan.bytes_per_learner[structure] = memory.training
+            plan.memory[structure] = memory
+        size = max(1, plan.memory_budget // plan.bytes_per_learner[structure])
         if max_learners_per_chunk:
             size = min(size, max_learners_per_chunk)
-        plan.evaluation_learners[structure] = evaluation_learners(memory, min(size, len(specs)), plan.memory_budget)
-        for start in range(0, len(specs), size):
-            plan.chunks.append(Chunk(structure, specs[start : start + size]))
+        packed = pack_with_controls(specs, grid, size, beside_only=step > 0)
+        largest = max(len(members) for members, _ in packed)
+        plan.evaluation_learners[structure] = evaluation_learners(plan.memory[structure], largest, plan.memory_budget)
+        for members, again in packed:
+            plan.chunks.append(Chunk(structure, members, [starts.get(m.id) or Start(0) for m in members], again))
     return plan
+
+
+def pack_with_controls(specs: list[LearnerSpec], grid: Grid, size: int,
+                       beside_only: bool = False) -> list[tuple[list[LearnerSpec], frozenset[str]]]:
+    """Split learners of one structure into chunks of at most ``size`` (at least 2 where a learner needs its
+    control), in grid order, so that each learner whose control has the same structure trains beside it.
+    Returns (learners, ids trained again only as controls: in the store already, or written by an earlier
+    chunk). With ``beside_only`` (learners that continue from a stored step), a control is added only if it is
+    among ``specs`` (it continues from the same step); otherwise its learners' control metrics are NaN.
+
+    >>> from types import SimpleNamespace as S
+    >>> c, a, b = (S(id=i, control_id="c", structure=1) for i in "cab")
+    >>> [([s.id for s in m], sorted(again)) for m, again in pack_with_controls([a, b], S(learners=[c, a, b]), 2)]
+    [(['c', 'a'], ['c']), (['c', 'b'], ['c'])]
+    >>> [([s.id for s in m], sorted(again)) for m, again in pack_with_controls([c, a, b], S(learners=[c, a, b]), 8)]
+    [(['c', 'a', 'b'], [])]
+    """
+    by_id = {s.id: s for s in grid.learners}
+    families: dict[str, list[LearnerSpec]] = {}  # control id -> its learners among specs (itself too if there)
+    for spec in specs:
+        control = by_id.get(spec.control_id) if spec.control_id else None
+        beside = control is not None and control.id != spec.id and control.structure == spec.structure and (
+            not beside_only or any(c.id == control.id for c in specs))
+        families.setdefault(control.id if beside else spec.id, []).append(spec)
+    units: list[tuple[list[LearnerSpec], set[str]]] = []
+    for key, members in families.items():
+        others = [m for m in members if m.id != key]
+        if not others:  # no control to add: a learner without one, or a control whose learners are stored
+            units.append((members, set()))
+            continue
+        stored = len(others) == len(members)  # the control itself is not to train
+        step = max(size, 2) - 1
+        for i, start in enumerate(range(0, len(others), step)):
+            units.append(([by_id[key]] + others[start : start + step], {key} if stored or i > 0 else set()))
+    chunks: list[tuple[list[LearnerSpec], set[str]]] = []
+    for learners, again in units:
+        if chunks and len(chunks[-1][0]) + len(learners) <= size:
+            chunks[-1][0].extend(learners)
+            chunks[-1][1].update(again)
+        else:
+            chunks.append((list(learners), set(again)))
+    return [(learners, frozenset(again)) for learners, again in chunks]

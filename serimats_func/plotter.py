@@ -1,72 +1,393 @@
-"""Plots from a result ``xarray.Dataset``: a metric against step, one line per value of a
-coordinate, mean and spread over the seeds.
+"""Plots from a result ``xarray.Dataset`` that cannot mislead: nothing is averaged but the seeds.
+
+- ``curves(metric, hue=...)``: the metric against step, one line per value of ``hue``, the mean over every
+  seed dimension (``seed``, ``init_seed``, ``perturb_seed``...) with a band of +- one standard deviation,
+  and ``n=`` in the legend (learners per line). Any other dimension is a column or row of panels (``col=``,
+  ``row=``; given or taken in order) or must be selected (``sel={"lr": 0.01}``): a dimension left over is an
+  error, never an average.
+- ``scaling(metric="control_distance", hue="epsilon", col="when")``: distance to the control against step on
+  log-log axes (steps from 1; controls left out: their distance is 0), one panel per window.
+- ``heatmap(metric, x=..., y=..., step=-1)``: the mean over seeds at one step over two coordinates, each cell
+  labelled with its value.
+- ``save_all(folder)``: all of these as PNG files (what ``Experiment.run(plot=True)`` writes).
+
+Each method returns a matplotlib ``Figure`` (shown inline in Jupyter), drawn with xarray's plotting.
 
 >>> import numpy as np, xarray as xr
 >>> ds = xr.Dataset({"test_acc": (("epsilon", "seed", "step"), np.random.rand(2, 3, 4))},
 ...                 coords={"epsilon": [0.0, 0.1], "seed": [0, 1, 2], "step": [0, 1, 2, 3]})
 >>> fig = Plotter(ds).curves("test_acc")
->>> [line.get_label() for line in fig.axes[0].get_lines()]
-['epsilon=0.0', 'epsilon=0.1']
+>>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+['0.0 (n=3)', '0.1 (n=3)']
+>>> fig.axes[0].get_ylabel(), fig.axes[0].get_xlabel()
+('test accuracy', 'step (updates done)')
 """
 
 from __future__ import annotations
 
+import itertools
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-PRETTY = {"train_loss": "train loss", "train_acc": "train accuracy", "test_loss": "test loss", "test_acc": "test accuracy"}
+PRETTY = {
+    "train_loss": "train loss", "train_acc": "train accuracy", "test_loss": "test loss", "test_acc": "test accuracy",
+    "param_norm": "weight norm ||w||", "init_distance": "distance to init ||w - w0||",
+    "init_cosine": "cosine(w, w0)", "control_distance": "distance to control ||w - wc||",
+    "control_layer_distance": "distance to control per layer", "control_cosine": "cosine(w, wc)",
+    "control_agreement": "agreement with control (test)", "control_test_loss_diff": "test loss - control's",
+}
+STEP_LABEL = "step (updates done)"
+WINDOW_DIMS = ("when", "at")  # a window or step of intervention: one panel each in scaling plots
+MAX_LABELLED_CELLS = 100  # heat maps label each cell with its value up to this many cells
+MAX_TICKS = 12
+MAX_FACETS = 12  # save_all draws a metric's own dimension with more values as a heat map, not as panels
+
+
+class NothingToDraw(ValueError):
+    """The data selected for a plot hold no number."""
+
+
+def pretty(metric: str) -> str:
+    return PRETTY.get(metric, metric.replace("_", " "))
+
+
+def seed_dims(da: xr.DataArray) -> list[str]:
+    """Dimensions that number seeds: every dimension whose name ends in ``seed``."""
+    return [d for d in da.dims if str(d).endswith("seed")]
 
 
 class Plotter:
     def __init__(self, ds: xr.Dataset):
         self.ds = ds
 
-    def default_hue(self) -> str | None:
-        """The first dimension that is not a seed (``seed``, ``init_seed``...) nor ``step``."""
-        metric = next(m for m in self.ds.data_vars if "step" in self.ds[m].dims)
-        for dim in self.ds[metric].dims:
-            if dim != "step" and not dim.endswith("seed"):
-                return dim
-        return None
+    # -- what to draw ---------------------------------------------------------------------------------------
 
-    def curves(self, metric: str = "test_acc", hue: str | None = None, ax=None) -> Figure:
-        """``metric`` against step: a line per value of ``hue`` (default: the first non-seed
-        dimension), the mean over every other dimension, shaded +- one standard deviation."""
-        hue = hue or self.default_hue()
-        data = self.ds[metric]
-        if ax is None:
-            fig = Figure(figsize=(6, 4), layout="constrained")
-            ax = fig.add_subplot()
-        else:
-            fig = ax.figure
-        groups = [(f"{hue}={v}", data.sel({hue: v})) for v in data[hue].values] if hue else [(metric, data)]
-        for label, part in groups:
-            others = [d for d in part.dims if d != "step"]
-            values = part.values.reshape(-1, part.sizes["step"]) if others else part.values[None]
-            values = values[~np.all(np.isnan(values), axis=1)]
-            if len(values) == 0:
-                continue
-            mean, std = values.mean(axis=0), values.std(axis=0)
-            steps = part["step"].values
-            (line,) = ax.plot(steps, mean, label=label)
-            if len(values) > 1:
-                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel(PRETTY.get(metric, metric))
-        if hue:
-            ax.legend(title=None, fontsize="small")
-        return fig
+    def metrics(self) -> list[str]:
+        """Metrics with a step dimension that hold at least one number."""
+        return [str(m) for m, v in self.ds.data_vars.items() if "step" in v.dims and bool(v.notnull().any())]
+
+    def _data(self, metric: str, sel: Mapping | None) -> xr.DataArray:
+        if metric not in self.ds.data_vars:
+            raise ValueError(f"The result has no metric {metric!r}; it has: {', '.join(map(str, self.ds.data_vars))}.")
+        da = self.ds[metric]
+        for name, value in (sel or {}).items():
+            if name not in da.coords:
+                raise ValueError(f"sel: {metric} has no coordinate {name!r}; it has: {', '.join(map(str, da.coords))}.")
+            values = np.atleast_1d(da[name].values).tolist()
+            if value not in values:
+                raise ValueError(f"sel: {name}={value!r} is not a value of {name}; its values: {values}.")
+            da = da.sel({name: value}) if name in da.dims else da
+        single = [d for d in da.dims if d != "step" and da.sizes[d] == 1]
+        return da.squeeze(single)
+
+    @staticmethod
+    def _arrange(da: xr.DataArray, metric: str, slots: dict[str, str | None],
+                 fixed: Sequence[str] = ("step",)) -> tuple[dict[str, str | None], list[str]]:
+        """Place every dimension of ``da``: the ``fixed`` ones, one per slot (lines, panels...: as given, else
+        the next free dimension, in order), and the seeds, which are averaged. A dimension left over is refused,
+        never averaged. Returns the slots and the seed dimensions."""
+        for slot, dim in slots.items():
+            if dim is not None and dim not in da.dims:
+                raise ValueError(f"{slot}={dim!r} is not a dimension of {metric}; its dimensions: "
+                                 f"{', '.join(map(str, da.dims))} (a dimension of one value is selected, not drawn).")
+        chosen = set(slots.values()) - {None}
+        seeds = [d for d in seed_dims(da) if d not in chosen]
+        free = [str(d) for d in da.dims if d not in fixed and d not in seeds and d not in chosen]
+        slots = {slot: dim or (free.pop(0) if free else None) for slot, dim in slots.items()}
+        if free:
+            example = ", ".join(f"{d!r}: {da[d].values.tolist()[0]!r}" for d in free)
+            shown = ", ".join(f"{slot}={dim}" for slot, dim in slots.items() if dim)
+            raise ValueError(
+                f"{metric} has more dimensions than this plot can show without averaging them: {', '.join(free)} "
+                f"besides {shown} and the seeds. Select them, e.g. sel={{{example}}}, or choose "
+                f"{', '.join(slots)}.")
+        return slots, seeds
+
+    # -- plots ------------------------------------------------------------------------------------------------
+
+    def curves(self, metric: str = "test_acc", hue: str | None = None, col: str | None = None, row: str | None = None,
+               sel: Mapping | None = None) -> Figure:
+        """``metric`` against step: a line per value of ``hue`` (default: the first dimension that is not a
+        seed), the mean over the seed dimensions with a band of +- one standard deviation; other dimensions
+        are panels (``col``, ``row``) or selected with ``sel``."""
+        da = self._data(metric, sel)
+        slots, seeds = self._arrange(da, metric, {"hue": hue, "col": col, "row": row})
+        fig = _lines(da, **slots, seeds=seeds, label=pretty(metric))
+        _suptitle(fig, _title(self.ds, pretty(metric), seeds, sel))
+        return _finish(fig)
+
+    def scaling(self, metric: str = "control_distance", hue: str | None = None, col: str | None = None,
+                row: str | None = None, sel: Mapping | None = None) -> Figure:
+        """How a distance grows: ``metric`` (default the distance to the control) against step on log-log
+        axes, a line per value of ``hue`` (default ``epsilon`` if present), a panel per window (``when`` or
+        ``at`` if present), mean and +- one std over seeds. Controls are left out (their distance is 0), and so
+        is step 0 (no place on a log axis)."""
+        da = self._data(metric, sel)
+        if "control" in da.coords and metric.startswith("control_"):
+            da = da.where(~da["control"])  # the coordinate as selected with the data
+        da = da.sel(step=da["step"] > 0)
+        if hue is None and "epsilon" in da.dims:
+            hue = "epsilon"
+        if col is None:
+            col = next((d for d in WINDOW_DIMS if d in da.dims and d != hue), None)
+        da = da.where(da > 0)  # a zero distance (no change yet) has no place on a log axis
+        slots, seeds = self._arrange(da, metric, {"hue": hue, "col": col, "row": row})
+        fig = _lines(da, **slots, seeds=seeds, label=pretty(metric))
+        for ax in fig.axes:
+            if ax.get_lines():
+                _log_axes(ax, da["step"].values)
+        _suptitle(fig, _title(self.ds, f"{pretty(metric)}, log-log", seeds, sel,
+                            "controls left out" if metric.startswith("control_") else ""))
+        return _finish(fig)
+
+    def heatmap(self, metric: str = "test_acc", x: str | None = None, y: str | None = None, step: int = -1,
+                col: str | None = None, row: str | None = None, sel: Mapping | None = None) -> Figure:
+        """The mean over seeds of ``metric`` at ``step`` (a logged step; -1: the last) over coordinates ``x`` and
+        ``y`` (default: the first two that are not seeds), each cell labelled with its value (up to 100 cells).
+        ``x`` or ``y`` may be ``"step"``: the metric over all logged steps."""
+        da = self._data(metric, sel)
+        steps = da["step"].values.tolist()
+        if step != -1 and step not in steps:
+            raise ValueError(f"step={step} was not logged; the logged steps are {steps}.")
+        at = steps[-1] if step == -1 else step
+        over_steps = "step" in (x, y)
+        if not over_steps:
+            da = da.sel(step=at)
+        slots, seeds = self._arrange(da, metric, {"x": x, "y": y, "col": col, "row": row}, fixed=())
+        if slots["y"] is None:
+            raise ValueError(f"A heat map needs two dimensions besides the seeds; {metric} has {', '.join(map(str, da.dims))}.")
+        mean = da.mean(seeds, skipna=True) if seeds else da
+        fig = _heatmap(mean, **slots, label=pretty(metric))
+        when = "over steps" if over_steps else f"at step {at}"
+        _suptitle(fig, _title(self.ds, f"{pretty(metric)} {when}", seeds, sel, spread="mean over"))
+        return _finish(fig)
+
+    # -- files ------------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path, metric: str = "test_acc", hue: str | None = None) -> Path:
         """Draw ``curves`` into a PNG file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.curves(metric, hue).savefig(path, dpi=120)
-        return path
+        return save_figure(self.curves(metric, hue), path)
 
     def save_all(self, folder: str | Path) -> list[Path]:
-        """One PNG per metric in ``folder``."""
-        return [self.save(Path(folder) / f"{m}.png", m) for m in self.ds.data_vars if "step" in self.ds[m].dims]
+        """Every plot worth drawing, as PNGs in ``folder``: ``curves_<metric>.png`` for each metric,
+        ``scaling_control_distance.png`` when learners have controls, ``heatmap_<metric>.png`` of the test
+        accuracy (else train loss) at the last step when two coordinates vary; a metric with a dimension of its
+        own of more than 12 values (a custom metric per unit) is a heat map over it and the steps. A dimension
+        beyond what a plot shows (lines, columns, rows) gets one file per value (``curves_<metric>_<dim>=<value>.png``)."""
+        folder = Path(folder)
+        paths = []
+        grid_dims = set(self.ds["learner"].dims) if "learner" in self.ds.coords else set()
+        for metric in self.metrics():
+            dims = self._non_seed_dims(metric)
+            big = [d for d in dims if d not in grid_dims and self.ds.sizes[d] > MAX_FACETS]
+            if big:  # a metric's own dimension with many values (units...): a heat map over it and the steps
+                others = [d for d in dims if d != big[0]]
+                paths += self._save_each(folder, f"heatmap_{metric}", metric, others[2:],
+                                         lambda sel, m=metric, d=big[0]: self.heatmap(m, x=d, y="step", sel=sel))
+                continue
+            paths += self._save_each(folder, f"curves_{metric}", metric, dims[3:],
+                                     lambda sel, m=metric: self.curves(m, sel=sel))
+        if "control_distance" in self.metrics():
+            dims = self._non_seed_dims("control_distance")
+            first = [d for d in ("epsilon", *WINDOW_DIMS) if d in dims]
+            beyond = [d for d in dims if d not in first][3 - len(first):]
+            paths += self._save_each(folder, "scaling_control_distance", "control_distance", beyond,
+                                     lambda sel: self.scaling("control_distance", sel=sel))
+        summary = next((m for m in ("test_acc", "train_loss") if m in self.metrics()), None)
+        if summary and len(self._non_seed_dims(summary)) >= 2:
+            paths += self._save_each(folder, f"heatmap_{summary}", summary, self._non_seed_dims(summary)[4:],
+                                     lambda sel: self.heatmap(summary, sel=sel))
+        return paths
+
+    def _non_seed_dims(self, metric: str) -> list[str]:
+        da = self.ds[metric]
+        return [str(d) for d in da.dims if d != "step" and da.sizes[d] > 1 and d not in seed_dims(da)]
+
+    def _save_each(self, folder: Path, stem: str, metric: str, beyond: list[str], draw) -> list[Path]:
+        """Save ``draw(sel)`` once per combination of values of the ``beyond`` dimensions (those with data)."""
+        paths = []
+        for values in itertools.product(*(self.ds[d].values.tolist() for d in beyond)):
+            sel = dict(zip(beyond, values, strict=True))
+            try:
+                fig = draw(sel)
+            except NothingToDraw:
+                continue  # an empty corner of the grid
+            name = stem + "".join(f"_{d}={_slug(v)}" for d, v in sel.items())
+            paths.append(save_figure(fig, folder / f"{name}.png"))
+        return paths
+
+
+# -- drawing with xarray ---------------------------------------------------------------------------------------
+
+def _lines(da: xr.DataArray, hue: str | None, col: str | None, row: str | None, seeds: list[str], label: str) -> Figure:
+    """Mean over ``seeds`` against step, a line per ``hue``, panels by ``col``/``row``, +- one std band."""
+    if not bool(da.notnull().any()):
+        raise NothingToDraw(f"nothing to draw: {label} holds no number here")
+    for dim in (hue, col, row):  # values without any number would only add empty lines or panels
+        if dim is not None:
+            da = da.sel({dim: da.notnull().any([d for d in da.dims if d != dim])})
+    mean = da.mean(seeds, skipna=True) if seeds else da
+    std = da.std(seeds, skipna=True) if seeds else xr.zeros_like(da)
+    count = da.notnull().any("step").sum(seeds) if seeds else xr.ones_like(da.isel(step=0), dtype=int)
+    mean = mean.rename(label)
+    if hue is not None:
+        labels = [_with_count(v, count.sel({hue: v})) for v in mean[hue].values.tolist()]
+        mean, std = (a.assign_coords({hue: labels}) for a in (mean, std))
+    if col or row:
+        wrap = 4 if col and not row and mean.sizes[col] > 4 else None
+        grid = xr.plot.FacetGrid(mean, col=col, row=row, col_wrap=wrap, sharey=True, size=3, aspect=1.3)
+        fig, panels = grid.fig, [(ax, sel) for ax, sel in zip(grid.axs.flat, grid.name_dicts.flat, strict=True) if sel]
+        for ax, sel in zip(grid.axs.flat, grid.name_dicts.flat, strict=True):
+            ax.set_visible(sel is not None)  # the places a wrapped grid leaves over
+        grid.set_titles()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+        panels = [(ax, {})]
+    for ax, sel in panels:
+        part, spread = mean.sel(sel), std.sel(sel)
+        if not bool(part.notnull().any()):
+            ax.text(0.5, 0.5, "no learners here", ha="center", va="center", transform=ax.transAxes, color="gray")
+            continue
+        part.plot.line(x="step", hue=hue, ax=ax, add_legend=False, _labels=False)
+        values = [None] if hue is None else part[hue].values.tolist()
+        for line, value in zip(ax.get_lines(), values, strict=True):
+            m, s = (part, spread) if value is None else (part.sel({hue: value}), spread.sel({hue: value}))
+            line.set_label(str(value))
+            line.set_marker("o")  # a value logged once (or between gaps) still shows
+            line.set_markersize(3)
+            ax.fill_between(m["step"].values, (m - s).values, (m + s).values, color=line.get_color(), alpha=0.2,
+                            linewidth=0)
+        ax.grid(alpha=0.3)
+    for ax, _ in panels:
+        ax.set_title(ax.get_title() if (col or row) else "")
+        if ax.get_subplotspec().is_last_row() or not (col or row):
+            ax.set_xlabel(STEP_LABEL)
+        if ax.get_subplotspec().is_first_col() or not (col or row):
+            ax.set_ylabel(label)
+    if hue is not None:
+        handles, names = next(((a.get_lines(), [ln.get_label() for ln in a.get_lines()]) for a, _ in panels
+                               if len(a.get_lines()) == mean.sizes[hue]), ([], []))
+        if col or row:
+            fig.legend(handles, names, title=hue, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        else:
+            panels[0][0].legend(handles, names, title=hue, fontsize="small")
+    return fig
+
+
+def _log_axes(ax, steps: np.ndarray) -> None:
+    """Log-log axes labelled with plain numbers: 1, 2, 5, 10, 20... or, where fewer than three of those fall in
+    the steps' range, the logged steps themselves."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    lo, hi = float(steps.min()), float(steps.max())
+    rounds = [m * 10**d for d in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1) for m in (1, 2, 5)]
+    ticks = [v for v in rounds if lo <= v <= hi]
+    if len(ticks) < 3:
+        ticks = sorted({int(s) for s in steps})
+        ticks = ticks[:: -(-len(ticks) // 6)]
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _with_count(value: object, count: xr.DataArray) -> str:
+    counts = np.unique(count.values[count.values > 0])
+    n = "0" if len(counts) == 0 else str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{value} (n={n})"
+
+
+def _heatmap(mean: xr.DataArray, x: str, y: str, col: str | None, row: str | None, label: str) -> Figure:
+    """Cells by position (coordinates may be uneven or strings), ticks labelled with the values."""
+    xs, ys = mean[x].values.tolist(), mean[y].values.tolist()
+    grid_ = mean.assign_coords({x: np.arange(len(xs)), y: np.arange(len(ys))})
+    panels = {k: v for k, v in (("col", col), ("row", row)) if v}
+    out = grid_.plot.imshow(x=x, y=y, cmap="viridis", cbar_kwargs={"label": label}, **panels,
+                            **({"size": 3.2, "aspect": 1.2} if panels else {}))
+    if panels:
+        fig, axes = out.fig, [(ax, sel) for ax, sel in zip(out.axs.flat, out.name_dicts.flat, strict=True) if sel]
+    else:
+        fig, axes = out.figure, [(out.axes, {})]
+        out.axes.set_title("")
+        fig.set_size_inches(min(12, max(5, 1.1 * len(xs) + 2.5)), min(8, max(3.5, 0.6 * len(ys) + 2)))
+    finite = mean.values[np.isfinite(mean.values)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for ax, sel in axes:
+        values = grid_.sel(sel).transpose(y, x).values
+        if values.size <= MAX_LABELLED_CELLS:
+            for (i, j), v in np.ndenumerate(values):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8,
+                            color="black" if v > middle else "white")
+        for axis, labels in ((ax.xaxis, xs), (ax.yaxis, ys)):
+            every = -(-len(labels) // MAX_TICKS)  # at most MAX_TICKS labels
+            axis.set_ticks(range(0, len(labels), every), [str(v) for v in labels[::every]])
+        spec = ax.get_subplotspec()
+        ax.set_xlabel(x if spec.is_last_row() else "")
+        ax.set_ylabel(y if spec.is_first_col() else "")
+    return fig
+
+
+def _title(ds: xr.Dataset, what: str, seeds: list[str], sel: Mapping | None, note: str = "",
+           spread: str = "mean ± 1 std over") -> str:
+    name = ds.attrs.get("experiment")
+    chosen = ", ".join(f"{k}={v}" for k, v in (sel or {}).items())
+    spread = f"{spread} {', '.join(seeds)}" if seeds else "one learner each (no seed dimension)"
+    diverged = int(ds["diverged_at"].notnull().sum()) if "diverged_at" in ds else 0
+    if diverged:
+        note = "; ".join(p for p in (note, f"{diverged} learner(s) diverged: left out from then on") if p)
+    parts = [p for p in (chosen, spread, note) if p]
+    return (f"{name}: " if name else "") + what + "\n" + "; ".join(parts)
+
+
+def _suptitle(fig: Figure, text: str) -> None:
+    """A title above everything: layout engines make room for it; on facet grids (no engine) it goes above
+    the top edge, which tight saving and Jupyter's display include."""
+    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
+        fig.suptitle(text)
+        return
+    renderer = fig.canvas.get_renderer()
+    top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes if ax.get_visible()) / fig.bbox.height
+    fig.suptitle(text, y=top + 0.01, va="bottom")
+
+
+def _finish(fig: Figure) -> Figure:
+    """Every figure passes here: it leaves pyplot (so that notebooks show it once, and figures do not pile
+    up) and is returned to the caller."""
+    plt.close(fig)
+    return fig
+
+
+def _slug(value: object) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value)).strip("_") or "none"
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (folders made as needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def show(paths: Sequence[Path]) -> None:
+    """Show PNG files inline when running in a Jupyter kernel (nothing elsewhere)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or not hasattr(shell, "kernel"):
+        return
+    for path in paths:
+        display(Image(filename=str(path)))

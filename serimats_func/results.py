@@ -1,4 +1,5 @@
-"""From stored learners to a labelled result: one dimension per varied axis, plus ``step``.
+"""From stored learners to a labelled result: one dimension per varied axis, plus ``step``, plus a metric's
+own dimensions last (``layer`` for ``control_layer_distance``; those a custom metric names).
 
 Cells of the grid that hold no learner are NaN, never invented. Non-dimension coordinates:
 ``learner`` (the id in the store, "" for empty cells), ``control`` (whether the cell's learner is a
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 
 from .grid import Grid
-from .metrics import DEFAULT_METRICS
+from .metrics import BUILTIN_METRICS, DEFAULT_METRICS
+from .store import Store
 
 
 def _labels(values: list) -> np.ndarray:
@@ -52,13 +55,15 @@ def assemble(grid: Grid, stored: xr.Dataset, steps: Sequence[int], attrs: dict |
     metrics = [m for m in stored.data_vars if "step" in stored[m].dims]
     known = [m for m in order if m in metrics]
     for name in known + [m for m in metrics if m not in known]:
-        values = np.full(shape + (len(steps),), np.nan)
-        source = stored[name].values[rows[filled]]  # (filled cells, stored steps)
+        own = list(stored[name].dims[2:])
+        own_shape = tuple(stored.sizes[d] for d in own)
+        values = np.full(shape + (len(steps),) + own_shape, np.nan)
+        source = stored[name].values[rows[filled]]  # (filled cells, stored steps, *own)
         present = take >= 0
-        block = np.full((source.shape[0], len(steps)), np.nan)
+        block = np.full((source.shape[0], len(steps)) + own_shape, np.nan)
         block[:, present] = source[:, take[present]]
         values[filled] = block
-        data_vars[name] = (dims + ["step"], values)
+        data_vars[name] = (dims + ["step"] + own, values)
     diverged = np.full(shape, np.nan)
     if "diverged_at" in stored:
         at = stored["diverged_at"].values[rows[filled]].astype(float)
@@ -66,9 +71,62 @@ def assemble(grid: Grid, stored: xr.Dataset, steps: Sequence[int], attrs: dict |
     data_vars["diverged_at"] = (dims, diverged)
     coords = {name: _labels(labels) for name, labels in grid.dims.items()}
     coords["step"] = steps
+    coords.update({d: stored[d].values for d in stored.dims if d not in ("learner", "step")})
     coords["learner"] = (dims, ids.astype(str))
     coords["control"] = (dims, control)
     if controls:
         coords["control_learner"] = (dims, control_ids.astype(str))
     coords.update(grid.scalars)
     return xr.Dataset(data_vars, coords=coords, attrs=attrs or {})
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A stored learner, as ``assemble`` reads it."""
+
+    id: str
+    control: bool
+    control_id: str | None = None
+
+
+def store_results(store: Store) -> xr.Dataset:
+    """Every learner of ``store`` laid out on the coordinates its configuration names (without the experiment
+    that made it): one dimension per coordinate with several values, plus ``step``. A learner stored in several
+    batches is read from all of them (the oldest value at a step). Two learners with the same coordinates (they differ in
+    something that is not a coordinate, such as the model) are refused: open them through their ``Experiment``."""
+    steps_of: dict[str, set[int]] = {}
+    configs: dict[str, dict] = {}
+    metrics: list[str] = []
+    for source in store.sources(checkpoints=False):
+        for learner_id, config in zip(source.ids, source.attrs["configs"], strict=True):
+            steps_of.setdefault(learner_id, set()).update(int(s) for s in source.steps)
+            configs.setdefault(learner_id, config)
+        metrics += [m for m in source.metric_keys if m not in metrics]
+    chosen = {i: sorted(st) for i, st in steps_of.items()}
+    if not chosen:
+        raise ValueError(f"{store.path} holds no learner yet.")
+    labelled = [(configs[i].get("coords", {}), _Stored(i, bool(configs[i].get("control", False)))) for i in chosen]
+    names = list(dict.fromkeys(name for coords, _ in labelled for name in coords))
+    labels = {n: _ordered(list(dict.fromkeys(coords.get(n) for coords, _ in labelled))) for n in names}
+    dims = {n: v for n, v in labels.items() if len(v) > 1}
+    grid = Grid(dims=dims, scalars={n: v[0] for n, v in labels.items() if len(v) == 1})
+    seen: dict[tuple[int, ...], str] = {}
+    for coords, spec in labelled:
+        cell = tuple(dims[n].index(coords.get(n)) for n in dims)
+        if cell in seen:
+            where = ", ".join(f"{n}={coords.get(n)!r}" for n in dims) or "no coordinate"
+            raise ValueError(f"Learners {seen[cell]} and {spec.id} of {store.path} have the same coordinates ({where}); "
+                             "they differ in something that is not a coordinate. Read them through their Experiment.")
+        seen[cell] = spec.id
+        grid.cells.append((cell, spec))
+    metrics = [m for m in BUILTIN_METRICS if m in metrics] + [m for m in metrics if m not in BUILTIN_METRICS]
+    stored = store.read([(spec.id, chosen[spec.id], dict.fromkeys(metrics)) for _, spec in grid.cells], metrics)
+    steps = sorted({s for st in chosen.values() for s in st})
+    return assemble(grid, stored, steps, {"store": str(store.path)}, order=metrics)
+
+
+def _ordered(labels: list) -> list:
+    """Numbers in increasing order (None, no such axis, first); anything else in order of first appearance."""
+    if all(v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)) for v in labels):
+        return sorted(labels, key=lambda v: (v is not None, v or 0))
+    return labels

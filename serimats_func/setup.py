@@ -32,7 +32,7 @@ from torch import nn
 from . import optimizers as twins
 from .data import as_tensors, fingerprint
 from .identity import describe_callable, describe_module
-from .learners import behaviour_fingerprint, prepare_template
+from .learners import PROBE_KEY, behaviour_fingerprint, prepare_template, reset
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -208,8 +208,8 @@ class Setup:
         training data, the batch size, the loss and the dtype."""
         info = self.template_info
         if info._digest is None:
-            description = {
-                "model": describe_module(info.module),
+            description = {  # buffers as each learner starts with them: BatchNorm statistics are reset
+                "model": describe_module(reset(copy.deepcopy(info.module), PROBE_KEY)),
                 "parameters": {n: [list(p.shape), p.requires_grad] for n, p in info.module.named_parameters()},
                 "behaviour": behaviour_fingerprint(info.module, self.loss, self.data.x, self.data.y),
                 "loss": self.context.loss_description(),

@@ -315,29 +315,35 @@ def make_logits(template: nn.Module, layers: Mapping[str, str] | None = None) ->
 
 
 def evaluate_dataset(logits_fn: Callable, loss_fn: LossFn, params, buffers, x: torch.Tensor, y: torch.Tensor,
-                     batch_size: int, learners_per_pass: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     batch_size: int, predictions: bool = False,
+                     learners_per_pass: int | None = None) -> tuple[torch.Tensor, ...]:
     """Loss and accuracy (fraction) of every learner on all of (x, y), two (N,) float64 tensors. The loss
     is ``loss_fn`` on the logits of the whole set, whatever the evaluation batch size, so it is exact for
     any loss (weighted, summed...). A learner with non-finite logits has accuracy NaN, not the accuracy of
-    argmax over NaN. ``learners_per_pass`` (at least 2; default all) evaluates the learners in groups, each
-    over the whole set: less memory, sometimes faster, the same numbers (each learner's logits are computed
-    alone within the vmapped operations; tests/test_speed.py checks they are bitwise the same)."""
-    n = len(pytrees.leaves(params)[0])
-    group = n if learners_per_pass is None else max(2, min(n, learners_per_pass))
-    losses, accuracies = [], []
+    argmax over NaN. With ``predictions=True``, also each learner's argmax predictions (N, n).
+    ``learners_per_pass`` (at least 2; default all) evaluates the learners in groups, each over the whole set:
+    less memory, sometimes faster, the same numbers (each learner's logits are computed alone within the
+    vmapped operations; tests/test_speed.py checks they are bitwise the same)."""
+    def one_pass(p, b) -> tuple[torch.Tensor, ...]:
+        logits = torch.cat([logits_fn(p, b, x[s : s + batch_size]) for s in range(0, len(x), batch_size)], dim=1)
+        loss = vmap(loss_fn, in_dims=(0, None))(logits, y)  # (k,)
+        finite = torch.isfinite(logits).flatten(1).all(dim=1)  # (k,)
+        predicted = logits.argmax(dim=-1)  # (k, n)
+        accuracy = (predicted == y).sum(dim=1).to(torch.float64) / len(y)
+        return (loss.to(torch.float64), torch.where(finite, accuracy, torch.nan)) + ((predicted,) if predictions else ())
+
+    n = None if learners_per_pass is None else len(pytrees.leaves(params)[0])
+    if n is None or learners_per_pass >= n:
+        return one_pass(params, buffers)
+    group = max(2, learners_per_pass)
+    parts = []
     for start in range(0, n, group):
         part = slice(start, min(n, start + group))
         if part.stop - part.start == 1:  # a lone last learner: evaluate it with its neighbour (same numbers)
             part = slice(part.start - 1, part.stop)
-        p, b = pytrees.index(params, part), pytrees.index(buffers, part)
-        logits = torch.cat([logits_fn(p, b, x[s : s + batch_size]) for s in range(0, len(x), batch_size)], dim=1)
-        loss = vmap(loss_fn, in_dims=(0, None))(logits, y)  # (k,)
-        finite = torch.isfinite(logits).flatten(1).all(dim=1)  # (k,)
-        accuracy = (logits.argmax(dim=-1) == y).sum(dim=1).to(torch.float64) / len(y)
-        keep = slice(start - part.start, None)
-        losses.append(loss.to(torch.float64)[keep])
-        accuracies.append(torch.where(finite, accuracy, torch.nan)[keep])
-    return torch.cat(losses), torch.cat(accuracies)
+        out = one_pass(pytrees.index(params, part), pytrees.index(buffers, part))
+        parts.append(tuple(t[start - part.start :] for t in out))
+    return tuple(torch.cat(ts) for ts in zip(*parts, strict=True))
 
 
 HOST_SYNC_SIGNS = ("item()", "meta tensor", "data-dependent", "to numpy", "Cannot copy out of meta")
@@ -353,14 +359,21 @@ def check_pure(step: Callable, state: dict, x: torch.Tensor, y: torch.Tensor, ho
     try:
         step(pytrees.tree_map(meta, state), meta(x), meta(y), torch.zeros((), dtype=torch.int64, device="meta"))
     except Exception as error:
-        if not any(sign in str(error) for sign in HOST_SYNC_SIGNS):
-            return
-        names = sorted({h.name for point in (hooks.batch, hooks.activations, hooks.gradients, hooks.hyperparameters,
-                                             hooks.params) for h in point})
-        where = f" (interventions in this step: {', '.join(names)})" if names else ""
-        raise ValueError(
-            f"The training step reads a tensor's value in Python or copies it to the host{where}: "
-            f"{type(error).__name__}: {error}. One step serves every learner of a group at once, so hooks, models "
-            "and losses must not branch on a tensor's value (`if step > 100:`), call .item(), float(tensor), .cpu() "
-            "or .numpy(): use torch.where on tensors instead (e.g. torch.where(ctx.step >= 100, new, old))."
-        ) from error
+        refusal = host_sync_error(error, hooks)
+        if refusal is not None:
+            raise refusal from error
+
+
+def host_sync_error(error: Exception, hooks: Hooks) -> ValueError | None:
+    """The refusal of a step that failed because it reads a tensor's value in Python (None for other errors)."""
+    if not any(sign in str(error) for sign in HOST_SYNC_SIGNS):
+        return None
+    names = sorted({h.name for point in (hooks.batch, hooks.activations, hooks.gradients, hooks.hyperparameters,
+                                         hooks.params) for h in point})
+    where = f" (interventions in this step: {', '.join(names)})" if names else ""
+    return ValueError(
+        f"The training step reads a tensor's value in Python or copies it to the host{where}: "
+        f"{type(error).__name__}: {error}. One step serves every learner of a group at once, so hooks, models "
+        "and losses must not branch on a tensor's value (`if step > 100:`), call .item(), float(tensor), .cpu() "
+        "or .numpy(): use torch.where on tensors instead (e.g. torch.where(ctx.step >= 100, new, old))."
+    )

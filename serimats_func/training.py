@@ -5,8 +5,8 @@ learner's values, and nothing is copied to the host until the chunk ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -15,14 +15,16 @@ from torch.func import vmap
 
 from . import acceleration, convolutions, pytrees
 from .acceleration import ChunkSpeed, Speed
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, flatten, restore
 from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec, class_name
 from .interventions.base import STEP_HOOKS, Intervention, Numbers
 from .learners import initial_model_states
-from .metrics import DEFAULT_METRICS, MetricFn, vmapped_metrics
+from .metrics import MetricFn
 from .optimizers import functional_twin
-from .step import Hook, Hooks, LossFn, check_pure, evaluate_dataset, initial_hooks, make_logits, make_train_step
+from .recording import Recorder
+from .step import Hook, Hooks, LossFn, check_pure, initial_hooks, make_logits, make_train_step
+from .store import FlatState
 
 POINTS = {"on_batch": "batch", "on_activations": "activations", "on_gradients": "gradients",
           "on_hyperparameters": "hyperparameters", "on_params": "params"}
@@ -34,19 +36,23 @@ class Schedule:
 
     >>> Schedule(total_steps=10, steps_per_epoch=4, log_every=None).log_steps
     (0, 4, 8, 10)
+    >>> Schedule(total_steps=10, steps_per_epoch=4, log_every=5, log_at=(1, 2)).log_steps
+    (0, 1, 2, 4, 5, 8, 10)
     """
 
     total_steps: int
     steps_per_epoch: int
     log_every: int | None = None
+    log_at: tuple[int, ...] = ()
 
     @property
     def log_steps(self) -> tuple[int, ...]:
         """Steps (updates done) at which metrics are recorded: 0, each epoch end, the last step,
-        and every ``log_every``."""
+        every ``log_every`` and the steps of ``log_at``."""
         steps = {0, self.total_steps, *range(self.steps_per_epoch, self.total_steps + 1, self.steps_per_epoch)}
         if self.log_every:
             steps.update(range(0, self.total_steps + 1, self.log_every))
+        steps.update(s for s in self.log_at if s <= self.total_steps)
         return tuple(sorted(steps))
 
 
@@ -198,6 +204,29 @@ def chunk_optimizer(specs: Sequence[LearnerSpec]):
     return functional_twin(setup.optimizer_class, varied, **setup.optimizer_values)
 
 
+@dataclass
+class ChunkStart:
+    """Where a chunk starts: after ``step`` updates, from each learner's stored state (None, or no ``states``:
+    its initial state), carrying the metric values of earlier logged ``steps`` (``records`` {name: (N,
+    len(steps))}) into its batch."""
+
+    step: int = 0
+    states: Sequence[FlatState | None] | None = None
+    steps: tuple[int, ...] = ()
+    records: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk's batch holds: metrics (N, len(steps)) at ``steps``, ``diverged_at`` (N,), and full states
+    {step: flat state (N, ...)} at the kept steps and the last one."""
+
+    steps: tuple[int, ...]
+    metrics: dict[str, np.ndarray]
+    diverged_at: np.ndarray
+    states: dict[int, FlatState]
+
+
 def train_chunk(
     specs: Sequence[LearnerSpec],
     data: TrainingData,
@@ -208,27 +237,41 @@ def train_chunk(
     metrics: Mapping[str, MetricFn] | None = None,
     checkpoints: Checkpoints | None = None,
     evaluate: bool = True,
+    start: ChunkStart | None = None,
+    keep: Sequence[int] = (),
+    controls: bool = False,
+    reads_control: Collection[str] = (),
     speed: Speed | None = None,
     report: list[ChunkSpeed] | None = None,
     evaluation_learners: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Train one chunk of learners of one structure; returns each metric as (N, len(log_steps)), and
-    ``diverged_at`` (N,). With ``checkpoints``, resume from the last one and save new ones when due.
-    ``speed`` says how the step may be accelerated (default ``Speed()``); what was chosen, and what choosing
-    and compiling cost, is appended to ``report``. ``evaluation_learners`` caps the learners of one evaluation
-    pass (memory: ``planning.evaluation_learners``).
+) -> ChunkResult:
+    """Train one chunk of learners of one structure from ``start`` (default: their initial states) to the end
+    of ``schedule``, recording metrics (N, steps, *their dims) at its logged steps from ``start.step`` on and
+    keeping full states at the ``keep`` steps. With ``checkpoints``, save the chunk when they are due, and when
+    interrupted (Ctrl-C) before re-raising (see ``Checkpoints.interrupted``). ``controls``: record the metrics
+    against each learner's control (NaN for learners whose control is not in ``specs``); ``reads_control``: the
+    custom metrics that read ``learner.control``. ``speed`` says how the step may be accelerated (default
+    ``Speed()``); what was chosen, and what choosing and compiling cost, is appended to ``report``.
+    ``evaluation_learners`` caps the learners of one evaluation pass (memory: ``planning.evaluation_learners``).
 
     A lone learner is trained as two identical copies: with a learner axis of 1, torch turns batched
     matmuls into plain ones whose rounding differs, and a learner must give the same numbers whether it
     trains alone or in a batch."""
     n_learners = len(specs)
+    start = start or ChunkStart()
     specs = list(specs) * 2 if n_learners == 1 else list(specs)
     setup = specs[0].setup
     template = setup.template
     hooks = chunk_hooks(specs)
     twin = chunk_optimizer(specs)
-    resumed = checkpoints.load(device) if checkpoints is not None else None
-    start, state, records = resumed if resumed else (0, initial_state(specs, hooks, device), None)
+    state = initial_state(specs, hooks, device)
+    initial_params = state["params"]  # for the distance to init
+    if start.states is not None:
+        state = restore(state, list(start.states) * (2 if n_learners == 1 else 1))
+        state = pytrees.tree_map(lambda t: t.contiguous(), state)
+    records = {m: [torch.from_numpy(np.concatenate([v, v]) if n_learners == 1 else v)[:, j].to(device)
+                   for j in range(len(start.steps))] for m, v in start.records.items()}
+    recorded = list(start.steps)
 
     data_keys = list(dict.fromkeys(s.data_key for s in specs))
     shared = len(data_keys) == 1
@@ -248,48 +291,44 @@ def train_chunk(
         xb, yb = xb.expand(len(specs), *xb.shape), yb.expand(len(specs), *yb.shape)
     check_pure(build("vmap")[0], state, xb, yb, hooks)
     structure = _structure_key(specs, hooks, twin, shared, loss_fn, speed)
-    long_run = schedule.total_steps - start >= acceleration.MEASURE_MIN_STEPS
+    steps_left = schedule.total_steps - start.step
     with acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
-        step_fn = acceleration.prepare_step(build, template, structure, (state, xb, yb, torch.tensor(start, device=device)),
-                                            schedule.total_steps - start, len(specs), device, speed)
+        step_fn = acceleration.prepare_step(build, template, structure, (state, xb, yb, torch.tensor(start.step, device=device)),
+                                            steps_left, len(specs), device, speed)
     if report is not None:
         report.append(step_fn.report)
-    logits_fn = step_fn.logits
 
-    custom = vmapped_metrics(template, metrics) if metrics else None
-    records = records or {m: [] for m in (DEFAULT_METRICS if evaluate else ())}
+    def learners_per_pass(state: dict, x: torch.Tensor) -> int | None:
+        return acceleration.evaluation_group(step_fn.logits, state["params"], state["buffers"], x, data.eval_batch_size,
+                                             (structure, len(specs), tuple(x.shape)), device,
+                                             measure=steps_left >= acceleration.MEASURE_MIN_STEPS, cap=evaluation_learners)
+
+    record = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
+                      metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
+                      records=records, logits_fn=step_fn.logits, learners_per_pass=learners_per_pass)
     log_steps = set(schedule.log_steps)
 
-    def record() -> None:
-        template.eval()
-        diverged = state["diverged_at"] >= 0  # (N,): metrics of a diverged learner are NaN from then on
-        values = {}
-        if evaluate:
-            for name, x, y in (("train", data.x, data.y), ("test", data.x_test, data.y_test)):
-                if x is None:
-                    nan = torch.full((len(specs),), float("nan"), dtype=torch.float64, device=device)
-                    loss, acc = nan, nan
-                else:
-                    group = acceleration.evaluation_group(logits_fn, state["params"], state["buffers"], x,
-                                                          data.eval_batch_size, (structure, len(specs), tuple(x.shape)),
-                                                          device, measure=long_run, cap=evaluation_learners)
-                    loss, acc = evaluate_dataset(logits_fn, loss_fn, state["params"], state["buffers"], x, y,
-                                                 data.eval_batch_size, learners_per_pass=group)
-                values[f"{name}_loss"], values[f"{name}_acc"] = loss, acc
-        if custom is not None:
-            values.update({k: v.to(torch.float64) for k, v in custom(state["params"], state["buffers"]).items()})
-        for name, value in values.items():
-            records.setdefault(name, []).append(torch.where(diverged, torch.nan, value))
-        template.train()
+    def snapshot() -> tuple[list[int], dict[str, np.ndarray]]:
+        """The logged steps recorded in full so far, and their metrics (N, steps)."""
+        k = len(recorded)
+        if not k:
+            return [], {}
+        return list(recorded), {m: torch.stack(v[:k], dim=1)[:n_learners].cpu().numpy() for m, v in record.records.items()}
 
+    kept: dict[int, FlatState] = {}
+    if checkpoints is not None:
+        checkpoints.follow(start.step, state, snapshot)
     template.train()
     step_numbers = torch.arange(schedule.total_steps + 1, device=device)  # on the device: no copy per step
     with torch.no_grad(), acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
-        if start == 0 and 0 in log_steps:
-            record()
-        on_step(start * n_learners)
+        if start.step in log_steps:
+            record(state, start.step)
+            recorded.append(start.step)
+        if start.step in keep:
+            kept[start.step] = flatten(state, n_learners)
+        on_step(start.step * n_learners)
         orders = None
-        for step in range(start, schedule.total_steps):
+        for step in range(start.step, schedule.total_steps):
             epoch, position = divmod(step, schedule.steps_per_epoch)
             if position == 0 or orders is None:
                 orders = _orders(data_keys, epoch, len(data.x), device)  # (K, n)
@@ -300,11 +339,16 @@ def train_chunk(
                 idx = idx[which_order]  # (N, B)
                 xb, yb = data.x[idx], data.y[idx]  # (N, B, ...)
             state, _ = step_fn(state, xb, yb, step_numbers[step])
+            if checkpoints is not None:
+                checkpoints.track(step + 1, state)  # what a Ctrl-C saves
             if step + 1 in log_steps:
-                record()
+                record(state, step + 1)
+                recorded.append(step + 1)
+            if step + 1 in keep:
+                kept[step + 1] = flatten(state, n_learners)
             on_step(n_learners)
             if checkpoints is not None and step + 1 < schedule.total_steps and checkpoints.due(step + 1):
-                checkpoints.save(step + 1, state, records)
-    out = {m: torch.stack(v, dim=1)[:n_learners].cpu().numpy() for m, v in records.items()}  # (N, n_log)
-    out["diverged_at"] = state["diverged_at"][:n_learners].cpu().numpy()  # (N,)
-    return out
+                checkpoints.save(step + 1, state, *snapshot())
+    steps, out = snapshot()
+    kept[schedule.total_steps] = flatten(state, n_learners)
+    return ChunkResult(tuple(steps), out, state["diverged_at"][:n_learners].cpu().numpy(), kept)  # (N,)

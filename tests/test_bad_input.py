@@ -6,7 +6,19 @@ import pytest
 import torch
 
 from serimats_func import Experiment
-from serimats_func.interventions import InitWeights, Optimizer, PerturbWeights
+from serimats_func.interventions import (
+    BatchSize,
+    InitWeights,
+    Intervention,
+    Model,
+    Optimizer,
+    PerturbActivations,
+    PerturbGradients,
+    PerturbHyperparameter,
+    PerturbMomentum,
+    PerturbWeights,
+)
+from serimats_func.loggers import Logger, register_metric
 from serimats_func.models import MLP, Lenet5
 
 
@@ -196,3 +208,220 @@ def test_a_loss_that_fails_or_does_not_return_a_scalar_is_refused(build):
         build(loss=lambda logits: logits.sum())
     with pytest.raises(ValueError, match="must return a scalar float tensor"):
         build(loss=torch.nn.CrossEntropyLoss(reduction="none"))
+
+
+# --- Every mistake in one table: refused before anything is trained or written, with the problem and the fix --
+
+
+class NoParameters(torch.nn.Module):
+    def forward(self, x):
+        return x[:, :10]
+
+
+class Frozen(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(40, 10).requires_grad_(False)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class HiddenInAList(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = [torch.nn.Linear(40, 10)]  # a plain list: PyTorch does not see the layer
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+class BatchNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.out = torch.nn.Linear(40, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.out(self.bn(self.fc(x)))
+
+
+class BranchesOnValues(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(40, 10)
+
+    def forward(self, x):
+        out = self.fc(x)
+        return out if out.abs().max() < 100 else out / 100  # a Python branch on a tensor's value
+
+
+def item_loss(logits, y):
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    return loss if loss.item() < 100 else loss * 0
+
+
+def host_loss(logits, y):
+    weights = torch.ones(10)
+    weights[int(y.max().cpu())] = 2.0  # reads a label on the host: fine alone, not in a vmapped step
+    return torch.nn.functional.cross_entropy(logits, y, weight=weights)
+
+
+class ItemInHook(Intervention):
+    axes = {"scale": 1.0}
+
+    def on_gradients(self, grads, n, ctx):
+        return {k: g * float(n.scale) for k, g in grads.items()}
+
+
+class WrongKeysHook(Intervention):
+    axes = {"scale": 1.0}
+
+    def on_gradients(self, grads, n, ctx):
+        return {k + "_renamed": g * n.scale for k, g in grads.items()}
+
+
+class MyInit(InitWeights):
+    pass
+
+
+class BrokenMetric(Logger):
+    @register_metric
+    def broken(self, learner):
+        return learner.model.no_such_layer.weight.norm()
+
+
+def bad_factory(width):
+    raise RuntimeError("out of widths")
+
+
+NAN, INF = float("nan"), float("inf")
+
+# (what goes wrong, how the experiment is built, what the message must say: the problem, then the fix)
+MISTAKES = [
+    ("lr=nan in Optimizer", dict(interventions=lambda: [Optimizer.make_variations(lr=(0.1, NAN))]),
+     "Optimizer lr must be a finite number; got nan"),
+    ("lr=inf in the experiment's optimizer=", dict(optimizer=lambda: Optimizer(torch.optim.SGD, lr=INF)),
+     "Optimizer lr must be a finite number; got inf"),
+    ("momentum=inf", dict(interventions=lambda: [Optimizer.make_variations(momentum=INF)]),
+     "Optimizer momentum must be a finite number"),
+    ("weight_decay=nan for Adam", dict(optimizer=lambda: Optimizer(torch.optim.Adam, lr=1e-3, weight_decay=NAN)),
+     "weight_decay must be a finite number"),
+    ("lr=inf in PerturbHyperparameter", dict(interventions=lambda: [PerturbHyperparameter.make_variations(lr=INF)]),
+     "PerturbHyperparameter lr must be a finite number; got inf"),
+    ("momentum=nan in PerturbMomentum", dict(interventions=lambda: [PerturbMomentum.make_variations(momentum=NAN)]),
+     "PerturbMomentum momentum must be a finite number"),
+    ("a derived lr that is not finite",
+     dict(interventions=lambda: [PerturbHyperparameter.make_variations(lr=lambda lr: lr * INF)]),
+     "PerturbHyperparameter lr must be a finite number; got inf"),
+    ("betas with nan", dict(optimizer=lambda: Optimizer(torch.optim.Adam, lr=1e-3, betas=(0.9, NAN))),
+     r"betas must be a pair of finite numbers \(beta1, beta2\), e.g. betas=\(0.9, 0.999\)"),
+    ("one number for betas", dict(optimizer=lambda: Optimizer(torch.optim.Adam, lr=1e-3, betas=0.9)),
+     r"betas must be a pair of finite numbers \(beta1, beta2\), e.g. betas=\(0.9, 0.999\); got 0.9"),
+    ("a string for nesterov", dict(optimizer=lambda: Optimizer(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov="yes")),
+     "nesterov must be True or False; got 'yes'"),
+    ("nesterov without momentum", dict(optimizer=lambda: Optimizer(torch.optim.SGD, lr=0.1, nesterov=True)),
+     "Nesterov momentum requires a momentum"),
+    ("a string for the optimizer", dict(optimizer=lambda: "SGD"),
+     r"optimizer= takes a torch.optim class or Optimizer\(torch.optim.Adam, lr=1e-3\)"),
+    ("an optimizer without a twin", dict(optimizer=lambda: torch.optim.RMSprop),
+     "No functional twin of 'RMSprop'; supported optimizers: torch.optim.SGD"),
+    ("a string dtype", dict(dtype=lambda: "float64"),
+     "dtype must be a floating point torch.dtype such as torch.float32 or torch.float64; got 'float64'"),
+    ("an integer dtype", dict(dtype=lambda: torch.int64), "dtype must be a floating point torch.dtype"),
+    ("logger=Logger, the class", dict(logger=lambda: Logger), r"got the class Logger: use logger=Logger\(\)"),
+    ("a logger that is not a Logger", dict(logger=lambda: print), "logger= takes a Logger instance"),
+    ("a metric that fails", dict(logger=lambda: BrokenMetric()), "Metric 'broken' failed on a learner"),
+    ("a model with no parameters", dict(model=lambda: NoParameters()),
+     r"NoParameters has no parameters, so there is nothing to train. Give it layers with weights"),
+    ("a model whose layers are in a plain list", dict(model=lambda: HiddenInAList()),
+     r"HiddenInAList has no parameters.*a plain Python list hides them"),
+    ("a model with every parameter frozen", dict(model=lambda: Frozen()),
+     "Every parameter of Frozen has requires_grad=False.*Leave at least one parameter trainable"),
+    (".item() in the loss", dict(loss=lambda: item_loss),
+     r"reads a tensor's value in Python.*call .item\(\).*use torch.where"),
+    ("the loss copies a label to the host", dict(loss=lambda: host_loss),
+     r"reads a tensor's value in Python or copies it to the host.*\.cpu\(\)"),
+    ("a model that branches on a tensor's value", dict(model=lambda: BranchesOnValues()),
+     r"BranchesOnValues cannot be trained under torch.func.vmap.*must not branch on a tensor's value; use torch.where"),
+    ("float() of a number in a hook", dict(interventions=lambda: [ItemInHook.make_variations(scale=(1.0, 2.0))]),
+     r"reads a tensor's value in Python.*interventions in this step: .*ItemInHook"),
+    ("a hook that returns other keys", dict(interventions=lambda: [WrongKeysHook.make_variations(scale=(1.0, 2.0))]),
+     r"A trial training step \(2 learners with .*WrongKeysHook.*failed.*fix the model, the loss or the intervention"),
+    ("BatchNorm with a last batch of one example", dict(model=lambda: BatchNormNet(), batch_size=lambda: 73, epochs=lambda: 1),
+     r"holds 1 example \(512 examples in batches of 73\).*Pick a batch size that leaves no batch of one "
+     r"\(e.g. batch_size=74\), or drop the last example"),
+    ("BatchNorm with a BatchSize variation that leaves one example",
+     dict(model=lambda: BatchNormNet(), epochs=lambda: 1, interventions=lambda: [BatchSize.make_variations(batch_size=(32, 73))]),
+     r"failed on a batch of 1 example.*batch_size=74"),
+    ("the same epsilon twice", dict(interventions=lambda: [PerturbWeights.make_variations(epsilon=(0.01, 0.01))]),
+     "axis 'epsilon' repeats the value 0.01; give each value once"),
+    ("the same seed twice", dict(interventions=lambda: [InitWeights.make_variations(seed=(0, 0, 1))]),
+     "axis 'seed' repeats the value 0; give each value once"),
+    ("a subclass of InitWeights next to InitWeights",
+     dict(interventions=lambda: [InitWeights.make_variations(seed=(0, 1)), MyInit.make_variations(seed=(2, 3))]),
+     "MyInit and InitWeights both seed the 'init' random stream, so one would silently override the other; use one"),
+    ("an intervention class instead of variations", dict(interventions=lambda: [PerturbWeights]),
+     r"got the class PerturbWeights; give variations: PerturbWeights.make_variations\(...\)"),
+    ("a string among the interventions", dict(interventions=lambda: ["epsilon"]),
+     r"interventions must be made by make_variations\(...\)"),
+    ("an unknown axis", dict(interventions=lambda: [PerturbWeights.make_variations(eps=0.1)]),
+     "PerturbWeights has no axis 'eps'; its axes are: epsilon, seed"),
+    ("an empty axis", dict(interventions=lambda: [InitWeights.make_variations(seed=[])]),
+     "axis 'seed' is empty; give it at least one value"),
+    ("a negative epsilon", dict(interventions=lambda: [PerturbWeights.make_variations(epsilon=-0.1)]),
+     "epsilon must be a finite number >= 0"),
+    ("layers that match nothing", dict(interventions=lambda: [PerturbWeights.make_variations(epsilon=0.1, layers="conv*")]),
+     "layers='conv\\*' matches no parameter; the parameters are: 1.weight"),
+    ("a window that ends before it starts",
+     dict(interventions=lambda: [PerturbGradients.make_variations(noise=0.1, when=(10, 5))]),
+     r"when= takes step windows \(start, end\) with 0 <= start < end"),
+    ("a submodule that does not exist", dict(interventions=lambda: [PerturbActivations.make_variations(module="fc9", noise=0.1)]),
+     "The model has no submodule 'fc9'.*its submodules: 0, 1, 2, 3"),
+    ("momentum perturbed under Adam", dict(optimizer=lambda: torch.optim.Adam,
+                                           interventions=lambda: [PerturbMomentum.make_variations(momentum=0.5)]),
+     "PerturbMomentum changes momentum, which torch.optim.Adam does not have; it has: lr"),
+    ("a model factory that fails", dict(interventions=lambda: [Model.make_variations(factory=bad_factory, width=(8, 16))]),
+     r"Model factory 'bad_factory' failed with \{'width': 8\}: RuntimeError: out of widths"),
+    ("batch_size=2.5", dict(batch_size=lambda: 2.5), "batch_size must be a positive integer; got 2.5"),
+    ("log_every=0", dict(log_every=lambda: 0), "log_every must be a positive integer; got 0"),
+    ("eval_batch_size=-1", dict(eval_batch_size=lambda: -1), "eval_batch_size must be a positive integer"),
+    ("max_learners_per_chunk=0", dict(max_learners_per_chunk=lambda: 0), "max_learners_per_chunk must be a positive integer"),
+    ("checkpoint_every=True", dict(checkpoint_every=lambda: True), "checkpoint_every must be a positive integer; got True"),
+    ("epochs=0", dict(epochs=lambda: 0), "epochs must be a positive integer; got 0"),
+    ("a loss that takes one argument", dict(loss=lambda: (lambda logits: logits.mean())), r"loss\(logits, y\) failed on a batch"),
+    ("a loss per example", dict(loss=lambda: torch.nn.CrossEntropyLoss(reduction="none")),
+     r"must return a scalar float tensor \(the batch mean\)"),
+]
+
+
+@pytest.mark.parametrize("settings, message", [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_each_mistake_is_refused_before_anything_is_written_with_the_problem_and_the_fix(small_mnist1d, tmp_path,
+                                                                                         settings, message):
+    train, test = small_mnist1d
+    store = tmp_path / "runs" / "mistake.zarr"
+    kw = {"steps": 16, "batch_size": 32, "progress": False, "store": store}
+    with pytest.raises((ValueError, TypeError), match=message):
+        built = {k: make() for k, make in settings.items()}  # make_variations refuses some mistakes itself
+        if "epochs" in built:
+            kw.pop("steps")
+        model = built.pop("model", None) or MLP(widths=(32,))
+        Experiment(model, train, built.pop("interventions", []), test_dataset=test, **{**kw, **built})
+    assert not store.exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_table_holds_at_least_30_distinct_mistakes():
+    assert len({m[0] for m in MISTAKES}) == len(MISTAKES) >= 30
+
+
+def test_a_list_for_betas_is_the_pair_a_user_means(experiment):
+    exp = experiment([Optimizer.make_variations(optimizer=torch.optim.Adam, lr=1e-3, betas=[0.9, 0.99])])
+    assert exp.grid.learners[0].setup.optimizer_values["betas"] == (0.9, 0.99)
+    pairs = Optimizer.make_variations(optimizer=torch.optim.Adam, betas=[[0.9, 0.99], (0.8, 0.9)])
+    assert [v.values["betas"] for v in pairs] == [(0.9, 0.99), (0.8, 0.9)]
+    same = experiment([], optimizer=Optimizer(torch.optim.Adam, lr=1e-3, betas=[0.9, 0.99]))
+    assert same.grid.learners[0].id == exp.grid.learners[0].id
+
+
+def test_batchnorm_with_a_last_batch_of_one_is_fine_when_the_schedule_never_reaches_it(experiment):
+    exp = experiment(model=BatchNormNet(), batch_size=73, steps=6)  # 7 batches of 73 per epoch, then 1
+    assert exp.plan().to_train == 1

@@ -6,25 +6,91 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from serimats_func.cli import main
+from serimats_func.interventions import PerturbWeights
+from serimats_func.plotter import save_figure as real_save
+from tests.readable import assert_png_not_blank, assert_readable
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_trains_31_learners_writes_store_and_plot_then_reuses_them(tmp_path, monkeypatch, capsys):
+def test_demo_trains_31_learners_writes_store_and_plots_then_reuses_them(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    figures = checked_figures(monkeypatch)
     assert main(["demo", "--epochs", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "31 learners in the grid" in out and "trained 31 learners, 0 reused" in out
-    rows = re.findall(r"^\s+(0\.?\d*)\s+(\d+)\s+(0\.\d+) ± (0\.\d+)", out, flags=re.M)
-    assert [(eps, n) for eps, n, _, _ in rows] == [("0", "1"), ("0.001", "10"), ("0.01", "10"), ("0.1", "10")]
-    assert all(float(acc) > 0.2 for _, _, acc, _ in rows)  # one epoch is well above chance (0.1)
-    png = tmp_path / "runs" / "demo_test_acc.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = re.findall(r"^\s+(0\.?\d*)\s+(\d+)\s+(0\.\d+) ± (0\.\d+)\s+(\d\.\d+)\s+(\d+\.\d+)$", out, flags=re.M)
+    assert [(eps, n) for eps, n, *_ in rows] == [("0", "1"), ("0.001", "10"), ("0.01", "10"), ("0.1", "10")]
+    assert all(float(acc) > 0.2 for _, _, acc, *_ in rows)  # one epoch is well above chance (0.1)
+    distances = [float(d) for *_, d in rows]
+    assert distances[0] == 0 and distances[1] < distances[2] < distances[3]  # ||w - wc|| grows with epsilon
+    assert sorted(p.name for p in figures) == ["demo_control_distance.png", "demo_test_acc.png"]
+    for png in figures:
+        assert_png_not_blank(png)
 
     assert main(["demo", "--epochs", "1", "--no-progress"]) == 0
     assert "trained 0 learners, 31 reused" in capsys.readouterr().out
+
+
+def checked_figures(monkeypatch) -> list:
+    """Check every figure the command line saves (labelled, titled) and collect the PNG paths."""
+    saved = []
+
+    def save(fig, path):
+        assert_readable(fig)
+        saved.append(real_save(fig, path))
+        return saved[-1]
+
+    monkeypatch.setattr("serimats_func.cli.save_figure", save)
+    return saved
+
+
+GRID = [PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
+        PerturbWeights.make_variations(epsilon=(0.01, 0.1), seed=(1, 2))]
+
+
+@pytest.fixture
+def stored(experiment):
+    exp = experiment(GRID, steps=8, log_every=4)
+    exp.run()
+    return exp
+
+
+def test_ls_lists_each_learner_with_its_coordinates_and_steps_done(stored, capsys):
+    assert main(["ls", str(stored.store.path)]) == 0
+    out = capsys.readouterr().out
+    assert "5 learners; coordinates: epsilon (3), seed (3)" in out and "control_distance" in out
+    for spec in stored.grid.learners:
+        line = next(line for line in out.splitlines() if line.startswith(spec.id))
+        eps, seed, done, logged, *control = line.split()[1:]
+        assert (float(eps), int(seed), done, logged) == (spec.coords["epsilon"], spec.coords["seed"], "8", "3")
+        assert control == (["yes"] if spec.control else [])
+
+
+def test_plot_draws_a_stored_metric_by_a_coordinate_into_a_readable_png(stored, tmp_path, monkeypatch, capsys):
+    figures = checked_figures(monkeypatch)
+    path = str(stored.store.path)
+    assert main(["plot", path, "test_loss", "--by", "epsilon"]) == 0
+    assert capsys.readouterr().out.strip() == str(stored.store.path.with_name(f"{stored.store.path.stem}_test_loss.png"))
+    assert main(["plot", path, "control_layer_distance", "--by", "layer", "--sel", "epsilon=0.1",
+                 "--out", str(tmp_path / "layers.png")]) == 0
+    assert main(["plot", path, "control_distance", "--kind", "scaling", "--out", str(tmp_path / "scaling.png")]) == 0
+    assert [p.name for p in figures] == [f"{stored.store.path.stem}_test_loss.png", "layers.png", "scaling.png"]
+    for png in figures:
+        assert_png_not_blank(png)
+
+
+def test_plot_refuses_what_the_store_does_not_have_with_what_it_has(stored):
+    path = str(stored.store.path)
+    with pytest.raises(SystemExit, match=r"epsilon has no value '0\.5'; its values: \[0\.0, 0\.01, 0\.1\]"):
+        main(["plot", path, "test_loss", "--sel", "epsilon=0.5"])
+    with pytest.raises(SystemExit, match="The result has no metric 'accuracy'; it has: train_loss"):
+        main(["plot", path, "accuracy"])
+    with pytest.raises(SystemExit, match="no such store"):
+        main(["ls", str(stored.store.path.with_name("missing.zarr"))])
 
 
 def test_python_dash_m_runs_the_command_line():
@@ -43,22 +109,8 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     for block in readme_python_blocks():
         exec(compile(block, "README.md", "exec"), namespace)
     ds = namespace["ds"]
-    assert dict(ds.sizes) == {"epsilon": 4, "seed": 10, "step": 2}
+    assert dict(ds.test_acc.sizes) == {"epsilon": 4, "seed": 10, "step": 2}
     assert int(ds.test_acc.isel(step=-1).notnull().sum()) == 31
     assert np.isnan(ds.test_acc.sel(epsilon=0, seed=1)).all()
     assert namespace["fig"].axes[0].get_ylabel() == "test accuracy"
     assert (tmp_path / "runs" / "perturb.zarr" / "zarr.json").exists()
-
-
-def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
-    import json
-
-    monkeypatch.chdir(tmp_path)
-    notebook = json.loads((ROOT / "notebooks" / "first_sweep.ipynb").read_text())
-    namespace: dict = {}
-    for cell in notebook["cells"]:
-        if cell["cell_type"] == "code":
-            source = "".join(cell["source"]).replace("epochs=5", "epochs=1")  # shorter, same code
-            exec(compile(source, "first_sweep.ipynb", "exec"), namespace)
-    assert dict(namespace["ds"].sizes) == {"epsilon": 4, "seed": 10, "step": 2}
-    assert len(namespace["final"].sel(epsilon=[0.001, 0.01, 0.1]).seed) == 10

@@ -177,7 +177,7 @@ def test_data_orders_differ_by_data_seed_and_are_shared_otherwise(experiment):
                       PerturbWeights.make_variations(epsilon=1e-5)], steps=8, log_every=1)
     ds = exp.run()
     loss = ds.train_loss
-    assert dict(ds.sizes) == {"seed": 2, "epsilon": 2, "step": 9}
+    assert dict(ds.test_acc.sizes) == {"seed": 2, "epsilon": 2, "step": 9}
     assert loss.sel(step=0, seed=0).values.tolist() == loss.sel(step=0, seed=1).values.tolist()  # same init
     assert not np.allclose(loss.sel(seed=0, epsilon=0).values[1:], loss.sel(seed=1, epsilon=0).values[1:])
     # a 1e-5 perturbation with the same data order stays close to its control

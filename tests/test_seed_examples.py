@@ -29,7 +29,7 @@ def test_first_example_perturbation_at_init_gives_31_labelled_learners(mnist_roo
     )
     ds = exp.run()
 
-    assert dict(ds.sizes) == {"epsilon": 4, "seed": 10, "step": 2}  # step 0 and the end of the one epoch (2 steps)
+    assert dict(ds.train_loss.sizes) == {"epsilon": 4, "seed": 10, "step": 2}  # step 0 and the end of the one epoch (2 steps)
     assert ds.epsilon.values.tolist() == [0.0, 0.001, 0.01, 0.1]
     trained = ~np.isnan(ds.train_loss.isel(step=-1).values)
     assert trained.sum() == 31
@@ -115,3 +115,37 @@ def test_third_example_momentum_windows_gives_540_learners_and_54_without_init_w
     assert dict(big.sizes) == {"seed": 10, "momentum": 3, "momentum_change": 6, "when": 3, "step": 3}
     assert int(big.train_loss.isel(step=-1).notnull().sum()) == 540
     np.testing.assert_array_equal(big.train_loss.sel(seed=0).values, ds.train_loss.values)
+
+
+def test_third_example_without_init_weights_then_with_two_init_seeds_reuses_the_54_unchanged(mnist_digits, tmp_path):
+    """The seed's story: validate 54 learners for one weight initialization, then add InitWeights back with
+    seed=range(2): the store serves the 54 (init seed 0 is the default) and only the other 54 train."""
+    x, y = mnist_digits
+    store = tmp_path / "story.zarr"
+
+    def third_example(init_seeds: range | None) -> Experiment:
+        interventions = [
+            OptimizerIntervention.make_variations(momentum=(0.9, 0.99, 0.999)),
+            PerturbMomentumIntervention.make_variations(
+                momentum=lambda m: (m * (1 + epsilon) for epsilon in (0.001, -0.001, 0.01, -0.01, 0.1, -0.1)),
+                when=((0, 1), (1, 2), (2, 3)),
+            ),
+        ]
+        if init_seeds is not None:
+            interventions.insert(0, InitWeightsIntervention.make_variations(seed=init_seeds))
+        return Experiment(model=Lenet5(), dataset=(x[:32], y[:32]), interventions=interventions, batch_size=16, steps=3,
+                          store=store, progress=False)
+
+    first = third_example(None)
+    assert first.plan().to_train == 54
+    validated = first.run()
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and ".claims" not in p.parts}
+
+    plan = third_example(range(2)).plan()
+    assert (plan.learners, plan.in_store, plan.to_train) == (108, 54, 54)
+    assert "108 learners in the grid (108 cells); 54 already in" in str(plan)
+    both = third_example(range(2)).run()
+    np.testing.assert_array_equal(both.train_loss.sel(seed=0).values, validated.train_loss.values)
+    assert int(both.train_loss.isel(step=-1).notnull().sum()) == 108
+    assert not np.array_equal(both.train_loss.sel(seed=1).values, validated.train_loss.values)
+    assert all(p.read_bytes() == data for p, data in before.items())  # nothing stored before was touched

@@ -49,14 +49,15 @@ def test_a_killed_run_resumes_with_only_the_missing_chunks_and_the_same_numbers(
     with pytest.raises(KeyboardInterrupt):
         exp.run()
     assert calls == [3, 3]
-    # the store opens, and holds the 6 learners of the two finished chunks
-    assert len(Store(tmp_path / "run.zarr").index()) == 6
+    # the store opens, and holds the 5 learners of the two finished chunks (each chunk trains the control
+    # beside its learners: [control, a, b], [control again, c, d])
+    assert len(Store(tmp_path / "run.zarr").index()) == 5
     zarr.open_group(tmp_path / "run.zarr", mode="r")
 
     monkeypatch.setattr("serimats_func.experiments.train_chunk", real_train_chunk)
     resumed = experiment(small_mnist1d, tmp_path / "run.zarr", max_learners_per_chunk=3)
     plan = resumed.plan()
-    assert (plan.in_store, plan.to_train) == (6, 3)
+    assert (plan.in_store, plan.to_train) == (5, 4)
     ds = resumed.run()
     for metric in ds.data_vars:
         np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
@@ -141,7 +142,7 @@ def test_a_group_too_large_for_memory_is_split_into_chunks_with_the_same_numbers
     per_learner = next(iter(whole.plan().bytes_per_learner.values()))
     monkeypatch.setattr("serimats_func.planning.memory_budget", lambda device: 4 * per_learner + whole.data_bytes)
     small = experiment(small_mnist1d, tmp_path / "small.zarr")
-    assert [len(c.learners) for c in small.plan().chunks] == [4, 4, 1]
+    assert [len(c.learners) for c in small.plan().chunks] == [4, 4, 3]  # the control trains beside each chunk
     assert "3 chunk(s) of up to 4" in str(small.plan())
     xr.testing.assert_equal(small.run().drop_vars("learner"), whole.run().drop_vars("learner"))
 
@@ -149,32 +150,44 @@ def test_a_group_too_large_for_memory_is_split_into_chunks_with_the_same_numbers
 def test_run_with_plot_saves_one_png_per_metric_beside_the_store(small_mnist1d, tmp_path):
     experiment(small_mnist1d, tmp_path / "p.zarr").run(plot=True)
     pngs = sorted(p.name for p in (tmp_path / "p_plots").iterdir())
-    assert pngs == ["test_acc.png", "test_loss.png", "train_acc.png", "train_loss.png"]
+    assert {"curves_test_acc.png", "curves_test_loss.png", "curves_train_acc.png", "curves_train_loss.png",
+            "curves_control_distance.png", "scaling_control_distance.png"} <= set(pngs)
 
 
-def test_a_run_killed_mid_chunk_resumes_from_its_checkpoint_with_the_same_numbers(small_mnist1d, tmp_path, monkeypatch):
-    reference = experiment(small_mnist1d, tmp_path / "ref.zarr").run()
+def failing_at_step_call(monkeypatch, n: int, error: BaseException) -> list:
+    """Make the n-th call of the training step (not the purity check's) raise ``error``; returns the calls."""
     real_make_train_step = training.make_train_step
     calls = []
 
-    def make_step_killed_at_call_11(*args, **kw):
+    def make_step(*args, **kw):
         step = real_make_train_step(*args, **kw)
 
         def counted(*a):
             if a[1].device.type == "meta":  # the purity check's run on shapes alone
                 return step(*a)
             calls.append(1)
-            if len(calls) == 11:
-                raise KeyboardInterrupt("killed")
+            if len(calls) == n:
+                raise error
             return step(*a)
 
         return counted
 
-    monkeypatch.setattr(training, "make_train_step", make_step_killed_at_call_11)
+    monkeypatch.setattr(training, "make_train_step", make_step)
+    return calls
+
+
+def checkpoints_in(store) -> list[str]:
+    return sorted(p.name for p in (store / "checkpoints").iterdir() if p.name != "zarr.json")
+
+
+def test_a_run_that_crashes_mid_chunk_resumes_from_its_last_checkpoint_with_the_same_numbers(small_mnist1d, tmp_path,
+                                                                                              monkeypatch):
+    reference = experiment(small_mnist1d, tmp_path / "ref.zarr").run()
+    calls = failing_at_step_call(monkeypatch, 11, RuntimeError("the machine went down"))
     store = tmp_path / "run.zarr"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="went down"):
         experiment(small_mnist1d, store, checkpoint_every=4).run()
-    assert len(list((store / "checkpoints").glob("*.pt"))) == 1  # saved after steps 4 and 8
+    assert len(checkpoints_in(store)) == 1  # saved after steps 4 and 8: the older one is gone
     assert Store(store).index() == {}
 
     calls.clear()
@@ -182,7 +195,25 @@ def test_a_run_killed_mid_chunk_resumes_from_its_checkpoint_with_the_same_number
     assert len(calls) == 16 - 8  # resumed from step 8
     for metric in ds.data_vars:
         np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
-    assert list((store / "checkpoints").glob("*.pt")) == []  # removed once the results are stored
+    assert checkpoints_in(store) == []  # removed once the results are stored
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_rerun_goes_on_from_there(small_mnist1d, tmp_path,
+                                                                                      monkeypatch):
+    reference = experiment(small_mnist1d, tmp_path / "ref.zarr").run()
+    calls = failing_at_step_call(monkeypatch, 11, KeyboardInterrupt())
+    store = tmp_path / "run.zarr"
+    with pytest.raises(KeyboardInterrupt, match=r"Interrupted at step 10 of 16: the chunk is saved in .*checkpoints.* "
+                                                r"Run the same experiment again \(exp.run\(\)\) to resume from step 10"):
+        experiment(small_mnist1d, store).run()  # no checkpoint_every: only the interruption saves one
+    assert len(checkpoints_in(store)) == 1
+
+    calls.clear()
+    ds = experiment(small_mnist1d, store).run()
+    assert len(calls) == 16 - 10
+    for metric in ds.data_vars:
+        np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
+    assert checkpoints_in(store) == []
 
 
 def test_a_different_dropout_rate_or_loss_setting_makes_new_learners(small_mnist1d, tmp_path):

@@ -193,6 +193,8 @@ class Intervention:
         else:
             single = isinstance(value, (str, bytes, type, numbers.Number)) or value is None or (
                 name in cls.tuple_axes and isinstance(value, tuple) and not any(isinstance(v, (tuple, list)) for v in value)
+            ) or (  # a list of numbers for a tuple axis is one value: betas=[0.9, 0.99]
+                name in cls.tuple_axes and isinstance(value, list) and value and all(isinstance(v, numbers.Number) for v in value)
             )
         values = [value] if single else list(value) if isinstance(value, Iterable) else [value]
         if not values:

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -44,6 +46,8 @@ class Optimizer(Intervention):
             if not isinstance(value, type):
                 raise ValueError(f"Optimizer optimizer must be a torch.optim class such as torch.optim.SGD; got {value!r}.")
             twins.hyperparameter_names(value)  # refuses classes without a twin
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+            raise ValueError(f"Optimizer {axis} must be a finite number; got {value!r}.")
         return value
 
     @property

@@ -1,0 +1,156 @@
+"""Recording a chunk's metrics at its logged steps, on the device, without copying to the host until the
+chunk ends.
+
+At each logged step the ``Recorder`` computes, for all N learners of the chunk at once: loss and accuracy on
+the whole train and test sets; weight norm, distance and cosine to each learner's own initial weights; for
+learners whose control trains in the same chunk, the metrics against it (each learner's control is a row of
+the same stacked state, gathered with a control index (N,): ``tree_map(lambda p: p[idx], params)``); and the
+logger's own metrics, vmapped. A diverged learner's metrics are NaN from its divergence on, and so are its
+metrics against a control that diverged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import batch_indices, epoch_orders
+from .grid import LearnerSpec
+from .metrics import (
+    DEFAULT_METRICS,
+    WEIGHT_METRICS,
+    Data,
+    MetricFn,
+    agreement,
+    control_metrics,
+    gather,
+    layer_norms,
+    vmapped_metrics,
+    weight_metrics,
+)
+from .step import LossFn, evaluate_dataset, make_logits
+
+if TYPE_CHECKING:
+    from .training import TrainingData
+
+EVALUATION_CONTROL_METRICS = ("control_agreement", "control_test_loss_diff")
+WEIGHT_CONTROL_METRICS = ("control_distance", "control_layer_distance", "control_cosine")
+
+
+def builtin_metric_names(evaluate: bool, controls: bool) -> list[str]:
+    """The built-in metrics an experiment records, in the result's order.
+
+    >>> builtin_metric_names(evaluate=False, controls=True)
+    ['param_norm', 'init_distance', 'init_cosine', 'control_distance', 'control_layer_distance', 'control_cosine']
+    """
+    names = (list(DEFAULT_METRICS) if evaluate else []) + list(WEIGHT_METRICS)
+    if controls:
+        names += list(WEIGHT_CONTROL_METRICS) + (list(EVALUATION_CONTROL_METRICS) if evaluate else [])
+    return names
+
+
+def control_index(specs: Sequence[LearnerSpec]) -> torch.Tensor:
+    """Each learner's control as a row of the chunk (N,), -1 where it has none in the chunk.
+
+    >>> from types import SimpleNamespace as S
+    >>> control_index([S(id="c", control_id="c"), S(id="a", control_id="c"), S(id="b", control_id="z")]).tolist()
+    [0, 0, -1]
+    """
+    row: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        row.setdefault(spec.id, i)
+    return torch.tensor([row.get(s.control_id, -1) if s.control_id else -1 for s in specs], dtype=torch.int64)
+
+
+class Recorder:
+    """Computes and keeps a chunk's metrics: call it with the state after ``step`` updates."""
+
+    def __init__(self, specs: Sequence[LearnerSpec], data: TrainingData, template: nn.Module, loss_fn: LossFn,
+                 device: torch.device, initial_params: Mapping[str, torch.Tensor], *, evaluate: bool = True,
+                 controls: bool = False, metrics: Mapping[str, MetricFn] | None = None,
+                 reads_control: Collection[str] = (), steps_per_epoch: int = 1,
+                 records: dict[str, list[torch.Tensor]] | None = None, logits_fn: Callable | None = None,
+                 learners_per_pass: Callable[[dict, torch.Tensor], int | None] | None = None):
+        self.template, self.loss_fn, self.data, self.device = template, loss_fn, data, device
+        self.initial = initial_params  # (N, ...), kept on the device
+        self.initial_norms = layer_norms(initial_params)  # (N, L)
+        self.evaluate, self.controls, self.steps_per_epoch = evaluate, controls, steps_per_epoch
+        self.logits_fn = logits_fn or make_logits(template)  # the training step's (accelerated) layers, if given
+        self.learners_per_pass = learners_per_pass  # (state, x) -> learners per evaluation pass (None: all)
+        index = control_index(specs).to(device)  # (N,)
+        self.has_control = index >= 0  # (N,)
+        self.control = torch.where(self.has_control, index, torch.arange(len(specs), device=device))  # (N,)
+        self.data_keys = list(dict.fromkeys(s.data_key for s in specs))
+        self.which_order = torch.tensor([self.data_keys.index(s.data_key) for s in specs], device=device)  # (N,)
+        self.shared = len(self.data_keys) == 1
+        self.reads_control = set(reads_control)
+        self.custom = None
+        if metrics:
+            train = Data(data.x, data.y)
+            test = None if data.x_test is None else Data(data.x_test, data.y_test)
+            self.custom = vmapped_metrics(template, metrics, train, test, shared_batch=self.shared)
+        self.records: dict[str, list[torch.Tensor]] = records if records is not None else {}
+
+    def batch(self, step: int) -> Data:
+        """The training batch of update ``step`` (what a learner trains on next): (B, ...) shared, else (N, B, ...)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        idx = batch_indices(epoch_orders(self.data_keys, epoch, len(self.data.x), self.device), position,
+                            self.data.batch_size)  # (K, B)
+        idx = idx[0] if self.shared else idx[self.which_order]
+        return Data(self.data.x[idx], self.data.y[idx])
+
+    def __call__(self, state: dict, step: int) -> None:
+        """Record every metric of the N learners in ``state`` after ``step`` updates."""
+        self.template.eval()
+        try:
+            values, control_values = self._compute(state, step)
+        finally:
+            self.template.train()
+        diverged = state["diverged_at"] >= 0  # (N,)
+        control_off = diverged | diverged[self.control] | ~self.has_control  # (N,)
+        for name, value in {**values, **control_values}.items():
+            off = control_off if name in control_values else diverged
+            off = off.view(-1, *([1] * (value.ndim - 1)))
+            self.records.setdefault(name, []).append(torch.where(off, torch.nan, value.to(torch.float64)))
+
+    def _compute(self, state: dict, step: int) -> tuple[dict, dict]:
+        params, buffers = state["params"], state["buffers"]
+        n = len(self.control)
+        nan = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
+        values: dict[str, torch.Tensor] = {}
+        against: dict[str, torch.Tensor] = {}  # metrics against the control
+        predictions = None
+        if self.evaluate:
+            for split, x, y in (("train", self.data.x, self.data.y), ("test", self.data.x_test, self.data.y_test)):
+                if x is None:
+                    values[f"{split}_loss"], values[f"{split}_acc"] = nan, nan
+                    continue
+                group = self.learners_per_pass(state, x) if self.learners_per_pass else None
+                out = evaluate_dataset(self.logits_fn, self.loss_fn, params, buffers, x, y, self.data.eval_batch_size,
+                                       predictions=self.controls and split == "test", learners_per_pass=group)
+                values[f"{split}_loss"], values[f"{split}_acc"] = out[:2]
+                if len(out) == 3:
+                    predictions = out[2]  # (N, n_test)
+        norms = layer_norms(params)  # (N, L)
+        values.update(weight_metrics(params, self.initial, norms, self.initial_norms))
+        if self.controls:
+            against.update(control_metrics(params, self.control, norms))
+            if self.evaluate:
+                test_loss, test_acc = values["test_loss"], values["test_acc"]
+                finite = ~torch.isnan(test_acc) & ~torch.isnan(test_acc[self.control])  # non-finite logits: NaN
+                agree = nan if predictions is None else agreement(predictions, self.control)
+                against["control_agreement"] = torch.where(finite, agree, torch.nan)
+                against["control_test_loss_diff"] = test_loss - test_loss[self.control]
+        if self.custom is not None:
+            control = (gather(params, self.control), gather(buffers, self.control))
+            for name, value in self.custom(params, buffers, control=control, batch=self.batch(step)).items():
+                (against if name in self.reads_control else values)[name] = value
+        return values, against
+
+    def results(self, n: int) -> dict[str, np.ndarray]:
+        """Each metric of the first ``n`` learners as (n, logged steps, *its own dims), on the host."""
+        return {m: torch.stack(v, dim=1)[:n].cpu().numpy() for m, v in self.records.items()}
