@@ -637,10 +637,14 @@ def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int |
     def run(limit: int | None = None) -> list:
         exp.template.eval()
         try:
-            return [lib_step.evaluate_dataset(logits_fn, exp.loss, state["params"], state["buffers"], x[:limit],
-                                              y[:limit], exp.eval_batch_size) for state in states for x, y in sets]
+            with lib_acceleration.keep_freed_memory(device):  # as the library's training loop evaluates
+                return evaluate(limit)
         finally:
             exp.template.train()
+
+    def evaluate(limit: int | None) -> list:
+        return [lib_step.evaluate_dataset(logits_fn, exp.loss, state["params"], state["buffers"], x[:limit],
+                                          y[:limit], exp.eval_batch_size) for state in states for x, y in sets]
 
     return run
 
@@ -671,13 +675,20 @@ class Context:
 
 
 def choose_steps(n: int, estimates: dict, args: argparse.Namespace) -> int:
-    """Steps so that the slowest way takes about ``--seconds`` (``estimates``: seconds per step of all N)."""
+    """Steps so that the slowest way takes about ``--seconds`` and ours at least ``--ours-seconds`` (its fixed
+    costs, the store write above all, amortized as in a real run), the slowest at most 4 x ``--seconds``
+    (``estimates``: seconds per step of all N; the compiled way's warm-up estimate holds its fixed costs and is
+    left out)."""
     if args.steps:
         return args.steps
-    finite = [t for t in estimates.values() if t and math.isfinite(t)]
+    finite = {k: t for k, t in estimates.items() if t and math.isfinite(t) and k != "compiled"}
     if not finite:
         return args.min_steps
-    return max(args.min_steps, min(MAX_STEPS, round(args.seconds / max(finite))))
+    slowest = max(finite.values())
+    steps = args.seconds / slowest
+    if "ours" in finite:
+        steps = min(max(steps, args.ours_seconds / finite["ours"]), 4 * args.seconds / slowest)
+    return max(args.min_steps, min(MAX_STEPS, round(steps)))
 
 
 def make_ways(workload: Workload, n: int, data: tuple, ctx: Context) -> dict:
@@ -767,7 +778,11 @@ def measure_cell(workload: Workload, n: int, data: tuple, sets: list, ctx: Conte
     cell = {"workload": workload.name, "n": n, **measure_training(workload, n, data, ctx)}
     cell["loss"] = loss_summary(cell["ways"], workload.classes)
     if not ctx.args.no_eval:
-        cell["evaluation"] = measure_evaluation(workload, n, sets, ctx)
+        cell["evaluation"] = ev = measure_evaluation(workload, n, sets, ctx)
+        ours = cell["ways"]["ours"]
+        if "ours_s" in ev and "us" in ours:  # metrics at every epoch end: one evaluation per epoch of training
+            epoch_s = math.ceil(len(data[0]) / workload.batch_size) * n * ours["us"] / 1e6
+            ev["share_of_epoch"] = ev["ours_s"] / epoch_s
     return cell
 
 
@@ -829,8 +844,10 @@ def eval_line(ev: dict) -> str:
     speedup = f" (serial/ours {serial / ev['ours_s']:.2f}x)" if serial else ""
     flag = "!" if contended(ev.get("ours_other_cpu_s"), ev["ours_s"]) or contended(
         ev.get("serial_other_cpu_s"), ev.get("serial_s") or 0) else ""
+    share = (f"; ours' evaluation = {100 * ev['share_of_epoch']:.0f}% of its epoch of training (the default logs "
+             f"every epoch end)") if "share_of_epoch" in ev else ""
     return (f"  evaluation, train+test loss and accuracy (eval batch {ev['batch_size']}): serial "
-            f"{fmt(serial, '.3f')} s{mark}, ours {ev['ours_s']:.3f} s{speedup}{flag}")
+            f"{fmt(serial, '.3f')} s{mark}, ours {ev['ours_s']:.3f} s{speedup}{flag}{share}")
 
 
 def print_cell(cell: dict, flops: int, ctx: Context) -> None:
@@ -906,6 +923,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", help="comma-separated learner counts (default: 1..128 on a CPU, 1..4096 on CUDA)")
     p.add_argument("--steps", type=int, help="fixed steps per cell (default: chosen from --seconds)")
     p.add_argument("--seconds", type=float, default=2.0, help="target seconds of the slowest way per cell")
+    p.add_argument("--ours-seconds", type=float, default=1.5, help="at least this many seconds of ours' steps per cell")
     p.add_argument("--min-steps", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--max-serial", type=int, help=f"largest N the serial loop runs (default: all on a CPU, "
