@@ -923,7 +923,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", help="comma-separated learner counts (default: 1..128 on a CPU, 1..4096 on CUDA)")
     p.add_argument("--steps", type=int, help="fixed steps per cell (default: chosen from --seconds)")
     p.add_argument("--seconds", type=float, default=2.0, help="target seconds of the slowest way per cell")
-    p.add_argument("--ours-seconds", type=float, default=1.5, help="at least this many seconds of ours' steps per cell")
+    p.add_argument("--ours-seconds", type=float, default=3.0, help="at least this many seconds of ours' steps per cell")
     p.add_argument("--min-steps", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--max-serial", type=int, help=f"largest N the serial loop runs (default: all on a CPU, "

@@ -57,14 +57,30 @@ def _zeros_like(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
 
 
+@torch.library.custom_op("serimats_func::materialize", mutates_args=())
+def _materialize(t: torch.Tensor) -> torch.Tensor:
+    """A copy that torch.compile cannot fuse into its consumers (an opaque operator)."""
+    return t.clone()
+
+
+@_materialize.register_fake
+def _(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
 def _per_dtype(make: Callable[[torch.dtype], dict]) -> Callable[[torch.dtype], dict]:
     """``make(dtype)``, computed once per dtype: the hyperparameters (float64) each parameter's arithmetic needs,
-    converted once per update rather than once per parameter."""
+    converted once per update rather than once per parameter. Under torch.compile they are computed apart:
+    fused into the elementwise update, each learner's bias corrections (float64 powers) would be recomputed
+    for every vector of every parameter."""
     cache: dict[torch.dtype, dict] = {}
 
     def get(dtype: torch.dtype) -> dict:
         if dtype not in cache:
-            cache[dtype] = make(dtype)
+            values = make(dtype)
+            if torch.compiler.is_compiling():
+                values = {k: _materialize(v) for k, v in values.items()}
+            cache[dtype] = values
         return cache[dtype]
 
     return get
