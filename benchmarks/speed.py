@@ -592,6 +592,15 @@ class Compiled(Ours):
     kernels in inductor's cache: both are reported apart and left out of its time."""
 
     compile = True
+    extra_steps = 10
+
+    def warmup(self, steps: int, batches: Batches) -> float:
+        """Seconds of one compiled step of all N learners: the slope between a warm-up run of ``steps`` steps (which
+        compiles) and one of ``steps + 10`` (fixed costs cancel)."""
+        first = run_experiment(self.workload, self.n, steps, self.device, compile=True)
+        longer = run_experiment(self.workload, self.n, steps + self.extra_steps, self.device, compile=True)
+        self.warm = {**first, "steps": steps}
+        return max(1e-9, (longer["seconds"] - first["seconds"]) / self.extra_steps)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -675,19 +684,19 @@ class Context:
 
 
 def choose_steps(n: int, estimates: dict, args: argparse.Namespace) -> int:
-    """Steps so that the slowest way takes about ``--seconds`` and ours at least ``--ours-seconds`` (its fixed
-    costs, the store write above all, amortized as in a real run), the slowest at most 4 x ``--seconds``
-    (``estimates``: seconds per step of all N; the compiled way's warm-up estimate holds its fixed costs and is
-    left out)."""
+    """Steps so that the slowest way takes about ``--seconds`` and the fastest of the library's ways at least
+    ``--ours-seconds`` (its fixed costs, the store write above all, amortized as in a real run), the slowest at most
+    ``--max-seconds`` (``estimates``: seconds per step of all N)."""
     if args.steps:
         return args.steps
-    finite = {k: t for k, t in estimates.items() if t and math.isfinite(t) and k != "compiled"}
+    finite = {k: t for k, t in estimates.items() if t and math.isfinite(t)}
     if not finite:
         return args.min_steps
     slowest = max(finite.values())
     steps = args.seconds / slowest
-    if "ours" in finite:
-        steps = min(max(steps, args.ours_seconds / finite["ours"]), 4 * args.seconds / slowest)
+    library = [finite[k] for k in ("ours", "compiled") if k in finite]
+    if library:
+        steps = min(max(steps, args.ours_seconds / min(library)), args.max_seconds / slowest)
     return max(args.min_steps, min(MAX_STEPS, round(steps)))
 
 
@@ -923,7 +932,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", help="comma-separated learner counts (default: 1..128 on a CPU, 1..4096 on CUDA)")
     p.add_argument("--steps", type=int, help="fixed steps per cell (default: chosen from --seconds)")
     p.add_argument("--seconds", type=float, default=2.0, help="target seconds of the slowest way per cell")
-    p.add_argument("--ours-seconds", type=float, default=3.0, help="at least this many seconds of ours' steps per cell")
+    p.add_argument("--ours-seconds", type=float, default=2.0,
+                   help="at least this many seconds of steps of the library's fastest way per cell")
+    p.add_argument("--max-seconds", type=float, default=40.0, help="at most this many seconds of the slowest way")
     p.add_argument("--min-steps", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--max-serial", type=int, help=f"largest N the serial loop runs (default: all on a CPU, "
