@@ -66,10 +66,11 @@ def _children(pid: int) -> list[int]:
 
 
 class KillsOneShard:
-    """A local executor whose shard 1 is killed with SIGKILL once its job has started."""
+    """A local executor whose shard 1 is killed with SIGKILL once training has written a checkpoint."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, store):
         self.inner = local_executor(folder)
+        self.store = store
         self.killed: list[int] = []
 
     def map_array(self, fn, indices):
@@ -78,31 +79,28 @@ class KillsOneShard:
         return jobs
 
     def _kill(self, job):
-        for _ in range(200):
-            children = _children(job._process.pid)
-            if children:
-                time.sleep(1.0)  # let it import and start training
-                for child in children:
-                    os.kill(child, signal.SIGKILL)
-                self.killed.extend(children)
-                return
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any((self.store / "checkpoints").glob("*")):
             time.sleep(0.05)
+        for child in _children(job._process.pid):
+            os.kill(child, signal.SIGKILL)
+            self.killed.append(child)
 
 
 def test_a_killed_shard_is_reported_with_its_log_and_a_rerun_trains_only_what_is_missing(experiment, tmp_path):
     store = tmp_path / "runs" / "sharded.zarr"
-    executor = KillsOneShard(tmp_path / "jobs")
+    executor = KillsOneShard(tmp_path / "jobs", store)
     with pytest.raises(ShardError) as error:
-        experiment(GRID, store=store, steps=200, checkpoint_every=50).run(executor=executor, shards=2)
+        experiment(GRID, store=store, steps=300, checkpoint_every=20).run(executor=executor, shards=2)
     assert executor.killed
     message = str(error.value)
     assert "1 of 2 shards failed" in message and "shard 1 (7 learners)" in message and "_log.err" in message
     assert "trains only what is missing" in message
-    again = experiment(GRID, store=store, steps=200, checkpoint_every=50)
+    again = experiment(GRID, store=store, steps=300, checkpoint_every=20)
     plan = again.plan()
     assert (plan.in_store, plan.to_train) == (7, 7)
     ds = again.run()
-    reference = experiment(GRID, steps=200).run()
+    reference = experiment(GRID, steps=300).run()
     for metric in METRICS:
         np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
 
