@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,7 @@ from . import convolutions
 # a small convolutional step on a 2-core CPU), seconds when it is warm
 AUTO_COMPILE_SECONDS = {"cpu": 1800.0, "cuda": 300.0}
 COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager": the same graphs without generating kernels
-MEASURE_MIN_STEPS = 200  # measure (convolution plans, eager step time) only for chunks at least this long
+MEASURE_MIN_STEPS = 1000  # measure (convolution plans, eager step time) only for chunks this long: about 20 steps, 2% of it
 PRECISIONS = ("float32", "tf32", "bf16")
 PLANS = (*convolutions.PLANS, "serial")  # "serial": each learner's forward and backward in turn, without vmap
 SERIAL_MAX_LEARNERS = {"cpu": 4}
@@ -110,6 +111,7 @@ class PreparedStep:
 
 
 _COMPILED: dict[tuple, Callable] = {}
+_COMPILE_FAILED: dict[tuple, Exception] = {}  # structures whose step failed to compile in this process: not retried
 
 
 def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: torch.nn.Module, key: tuple,
@@ -164,19 +166,37 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
         report.reason += "; the serial plan does not compile: a vmapped plan is compiled"
         step, logits = built(report.plan)
     compiled_key = (key, report.plan, str(device))
-    if compiled_key not in _COMPILED:
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        _COMPILED[compiled_key] = torch.compile(step, fullgraph=True, mode=mode if COMPILE_BACKEND == "inductor" else None,
-                                                backend=COMPILE_BACKEND)
-        # Each experiment's step is a new closure of the same code, which dynamo compiles anew; past its default
-        # limit of 8 per code object it would silently run the step eagerly.
-        dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    compiled = PreparedStep(_COMPILED[compiled_key], logits, report, cuda_graphs=device.type == "cuda")
     start = time.perf_counter()
-    with torch.no_grad():
-        compiled(*run_args)  # compiles now (or finds it in the caches), apart from the training time
-    _synchronize(device)
+    try:
+        if compiled_key in _COMPILE_FAILED:
+            raise _COMPILE_FAILED[compiled_key]
+        if compiled_key not in _COMPILED:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            _COMPILED[compiled_key] = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND,
+                                                    mode=mode if COMPILE_BACKEND == "inductor" else None)
+            # Each experiment's step is a new closure of the same code, which dynamo compiles anew; past its default
+            # limit of 8 per code object it would silently run the step eagerly.
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        compiled = PreparedStep(_COMPILED[compiled_key], logits, report, cuda_graphs=device.type == "cuda")
+        with torch.no_grad():
+            compiled(*run_args)  # compiles now (or finds it in the caches), apart from the training time
+        _synchronize(device)
+    except Exception as error:  # no C++ compiler, an operation dynamo cannot trace in a user's hook or model...
+        _COMPILED.pop(compiled_key, None)
+        _COMPILE_FAILED[compiled_key] = error
+        summary = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        if speed.compile is True:
+            raise RuntimeError(f"compile=True: torch.compile of the training step failed ({summary}). Pass "
+                               f"compile=False, or compile='auto', which trains with the eager step when compiling "
+                               f"fails.") from error
+        report.compile_s = time.perf_counter() - start
+        report.reason += f"; compiling failed ({summary}): eager step"
+        warnings.warn(f"torch.compile of the training step failed ({summary}); training with the eager step "
+                      f"(same numbers to float32 rounding). compile=False skips the attempt.", stacklevel=2)
+        if eager.step is not step:
+            report.plan, report.layers = eager_plan, eager_layers
+        return eager
     report.compile_s = time.perf_counter() - start
     if speed.compile == "auto":  # keep it only if it is faster than the eager step
         def run_compiled() -> None:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from serimats_func import acceleration, convolutions, planning, pytrees
-from serimats_func.interventions import InitWeights, PerturbGradients
+from serimats_func.interventions import InitWeights, Intervention, PerturbGradients
 from serimats_func.learners import initial_model_states, prepare_template
 from serimats_func.models import MLP, Lenet5
 from serimats_func.optimizers import functional_twin
@@ -195,6 +195,32 @@ def test_an_experiment_with_compile_reports_the_compile_time_apart_and_matches_e
     assert report.compiled and report.compile_s > 0
     eager = experiment(grid, compile=False, steps=6).run()
     np.testing.assert_allclose(ds.train_loss.values, eager.train_loss.values, rtol=1e-5)
+
+
+class GraphBreakingNoise(Intervention):
+    """Gradient noise whose hook breaks torch.compile's graph (as a print or a numpy call in a user's hook would)."""
+
+    axes = {"scale": 0.0}
+
+    def on_gradients(self, grads, n, ctx):
+        torch._dynamo.graph_break()
+        return {k: g + n.scale * ctx.normal(g.shape, g.dtype, k) for k, g in grads.items()}
+
+
+def test_a_step_that_cannot_compile_trains_eagerly_under_auto_and_fails_clearly_when_forced(experiment, monkeypatch):
+    monkeypatch.setattr(acceleration, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(acceleration, "MEASURE_MIN_STEPS", 1)  # measure and compile even a short chunk
+    monkeypatch.setattr(acceleration, "AUTO_COMPILE_SECONDS", {"cpu": 0.0, "cuda": 0.0})
+    grid = [GraphBreakingNoise.make_variations(scale=(0.0, 0.01))]
+    auto = experiment(grid, steps=6)
+    with pytest.warns(UserWarning, match="torch.compile of the training step failed .*eager step"):
+        ds = auto.run()
+    (report,) = auto.speed_report
+    assert not report.compiled and "compiling failed" in report.reason
+    eager = experiment(grid, steps=6, compile=False).run()
+    np.testing.assert_array_equal(ds.train_loss.values, eager.train_loss.values)
+    with pytest.raises(RuntimeError, match="compile=True: torch.compile of the training step failed.*compile=False"):
+        experiment(grid, steps=6, compile=True).run()
 
 
 def test_speed_options_are_checked_with_the_valid_values_named(experiment):
