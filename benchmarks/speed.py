@@ -657,11 +657,13 @@ def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int |
     chunks = exp.plan().chunks
     states = [lib_training.initial_state(c.learners, lib_training.chunk_hooks(c.learners), device) for c in chunks]
     data = exp._training_data(exp.base)
-    layers = {}
+    layers, plan = {}, None
     if convolutions_of(exp.template):  # the default plan, as a short run() takes it
         plan = lib_acceleration.default_plan(device, max(2, len(chunks[0].learners)))
         layers = lib_convolutions.plan_for(exp.template, plan) if plan in lib_convolutions.PLANS else {}
-    logits_fn = lib_step.make_logits(exp.template, layers)
+    looped = plan == "serial" and "per_learner" in inspect.signature(lib_step.make_logits).parameters
+    per_learner = {"per_learner": True} if looped else {}
+    logits_fn = lib_step.make_logits(exp.template, layers, **per_learner)
     sets = [(data.x, data.y), (data.x_test, data.y_test)]
 
     def run(limit: int | None = None) -> list:

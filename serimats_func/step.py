@@ -316,10 +316,18 @@ def initial_hooks(hooks: Hooks, state: dict) -> dict:
     return {**state, **model, "interventions": inter}
 
 
-def make_logits(template: nn.Module, layers: Mapping[str, str] | None = None) -> Callable:
+def make_logits(template: nn.Module, layers: Mapping[str, str] | None = None, per_learner: bool = False) -> Callable:
     """``logits(params, buffers, x) -> (N, B, classes)`` for a shared batch x (B, ...). Call with the
     template in eval mode (``layers``: as for ``make_train_step``; the accelerated copy follows the
-    template's mode)."""
+    template's mode). ``per_learner``: one learner after another, as the ``"serial"`` plan trains them."""
+    if per_learner:
+        def looped(p, b, x):
+            layout = _channels_last if x.device.type == "cpu" and x.ndim == 4 else _same
+            x = layout(x)
+            return torch.stack([forward(template, {k: layout(v[i]) for k, v in p.items()}, {k: v[i] for k, v in b.items()}, x)
+                                for i in range(len(next(iter(p.values()))))])
+
+        return looped
     if not layers:
         return vmap(lambda p, b, x: forward(template, p, b, x), in_dims=(0, 0, None))
     model = convolutions.accelerate(template, layers)

@@ -283,7 +283,7 @@ def train_chunk(
         layers = convolutions.plan_for(template, plan) if plan in convolutions.PLANS else {}
         return (make_train_step(template, twin, loss_fn, hooks, shared_batch=shared, trainable=setup.trainable_names,
                                 layers=layers, autocast=autocast, per_learner=plan == "serial"),
-                make_logits(template, layers))
+                make_logits(template, layers, per_learner=plan == "serial"))
 
     first = batch_indices(_orders(data_keys[:1], 0, len(data.x), device), 0, data.batch_size)[0]
     xb, yb = data.x[first], data.y[first]

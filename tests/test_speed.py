@@ -108,6 +108,11 @@ def test_the_serial_plan_gives_the_vmapped_steps_numbers(experiment):
         for t in range(3):
             (a, _), (b, _) = steps[False](a, x, y, torch.tensor(t)), steps[True](b, x, y, torch.tensor(t))
     assert _relative(b["params"], a["params"]) < 1e-12
+    template = specs[0].setup.template.eval()  # and its evaluation, one learner after another
+    vmapped, looped = (training.make_logits(template, per_learner=per)(a["params"], a["buffers"], x) for per in (False, True))
+    template.train()
+    assert looped.shape == vmapped.shape == (len(specs), 8, 10)
+    torch.testing.assert_close(looped, vmapped, rtol=1e-12, atol=1e-12)
 
 
 def _image_data():
