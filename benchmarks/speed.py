@@ -675,7 +675,7 @@ def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int |
             exp.template.train()
 
     def evaluate(limit: int | None) -> list:
-        return [lib_step.evaluate_dataset(logits_fn, exp.loss, state["params"], state["buffers"], x[:limit],
+        return [lib_step.evaluate_dataset(logits_fn, exp.loss, state.params, state.buffers, x[:limit],
                                           y[:limit], exp.eval_batch_size) for state in states for x, y in sets]
 
     return run

@@ -26,10 +26,20 @@ import torch
 from torch import nn
 
 from . import pytrees
+from .optimizers import family_of
 from .store import FlatState, Store
 
-OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 DERIVED_PARTS = ("n", "key", "active", "windows")  # interventions' data rebuilt from each learner's spec
+
+
+def _names(accessor: Any) -> tuple[str, ...]:
+    """A leaf's path as names: a NamedTuple's field by its name (``opt/exp_avg/1.weight``), a dict's by its key."""
+    return tuple(str(getattr(entry, "field", None) or entry.entry) for entry in accessor)
+
+
+def _paths(state: Any) -> tuple[list[tuple[str, ...]], list, Any]:
+    accessors, leaves, treedef = optree.tree_flatten_with_accessor(state, none_is_leaf=pytrees.NONE_IS_LEAF)
+    return [_names(a) for a in accessors], leaves, treedef
 
 
 def _path(keys: Sequence[Any]) -> str:
@@ -38,7 +48,7 @@ def _path(keys: Sequence[Any]) -> str:
 
 def flatten(state: Any, learners: int | None = None) -> FlatState:
     """A state pytree as {path: (numpy array, torch dtype name)}, the first ``learners`` along the learner axis."""
-    paths, leaves, _ = optree.tree_flatten_with_path(state, none_is_leaf=pytrees.NONE_IS_LEAF)
+    paths, leaves, _ = _paths(state)
     out = {}
     for keys, leaf in zip(paths, leaves, strict=True):
         t = leaf.detach()[:learners] if learners is not None else leaf.detach()
@@ -58,7 +68,7 @@ def restore(fresh: Any, stored: Sequence[FlatState | None]) -> Any:
     stored state laid over it: every leaf that the store holds, except interventions' numbers, keys and windows
     (rebuilt from the learner's spec, their shape depends on the chunk). Learner i is ``stored[i]``, None to
     keep its fresh state."""
-    paths, leaves, treedef = optree.tree_flatten_with_path(fresh, none_is_leaf=pytrees.NONE_IS_LEAF)
+    paths, leaves, treedef = _paths(fresh)
     out = []
     for keys, leaf in zip(paths, leaves, strict=True):
         path = _path(keys)
@@ -248,21 +258,16 @@ def _module(model: nn.Module, flat: FlatState) -> nn.Module:
 def _optimizer(config: Mapping, flat: FlatState, module: nn.Module) -> torch.optim.Optimizer:
     """The learner's ``torch.optim`` optimizer over ``module``'s trainable parameters, with its stored state."""
     settings = dict(config["optimizer"])
-    cls = OPTIMIZERS[settings.pop("optimizer")]
-    if "betas" in settings:
-        settings["betas"] = tuple(settings["betas"])
+    family = family_of(settings.pop("optimizer"))
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     opt = _part(flat, "opt")
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    optimizer = cls([p for _, p in trainable], **settings)
-    step = float(opt["step"])
+    optimizer = family.torch_class([p for _, p in trainable], **settings)
     state: dict[int, dict[str, Any]] = {}
     for i, (name, _) in enumerate(trainable):
-        if cls is torch.optim.SGD:
-            if "has_buffer" in opt and bool(opt["has_buffer"]):
-                state[i] = {"momentum_buffer": opt[f"momentum_buffer/{name}"].clone()}
-        elif step > 0:
-            state[i] = {"step": torch.tensor(step, dtype=torch.float32),
-                        **{k: opt[f"{k}/{name}"].clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-                           if f"{k}/{name}" in opt}}
+        per_parameter = {field: v for k, v in opt.items() for field, _, of in [k.partition("/")] if of == name}
+        torch_state = family.torch_state(opt, per_parameter)
+        if torch_state is not None:
+            state[i] = torch_state
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     return optimizer

@@ -219,7 +219,7 @@ class Experiment:
             d = setup.data
             test = None if d.x_test is None else Data(d.x_test, d.y_test)
             batch = Data(d.x[: setup.batch_size], d.y[: setup.batch_size])
-            infos = self.logger.check(setup.template, probe["params"], probe["buffers"], Data(d.x, d.y), test, batch,
+            infos = self.logger.check(setup.template, probe.params, probe.buffers, Data(d.x, d.y), test, batch,
                                       taken=taken)
             reads_control.update(name for name, info in infos.items() if info.reads_control)
         return frozenset(reads_control)

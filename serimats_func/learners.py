@@ -1,6 +1,6 @@
 """One learner's model, functionally: its template, its initial state and its forward pass.
 
-A learner's state is a pytree ``{"params", "buffers"}`` of named tensors; the template
+A learner's state is a ``ModelState(params, buffers)`` of named tensors; the template
 ``nn.Module`` only supplies the code, through ``torch.func.functional_call``.
 
 >>> import torch
@@ -8,7 +8,7 @@ A learner's state is a pytree ``{"params", "buffers"}`` of named tensors; the te
 >>> template = prepare_template(MLP(widths=(8,)), torch.zeros(2, 40))
 >>> a = initial_model_state(template, init_key=1, dropout_key=0)
 >>> b = initial_model_state(template, init_key=1, dropout_key=0)
->>> torch.equal(a["params"]["1.weight"], b["params"]["1.weight"])
+>>> torch.equal(a.params["1.weight"], b.params["1.weight"])
 True
 """
 
@@ -25,8 +25,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import pytrees
 from .dropout import KeyedDropout, swap_dropout
 from .keys import derive_key, seeded_cpu_rng
-
-ModelState = dict[str, dict[str, torch.Tensor]]
+from .state import ModelState
 
 
 class ModelDataMismatch(ValueError):
@@ -76,7 +75,7 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
 def _check_vmappable(template: nn.Module, example_x: torch.Tensor) -> None:
     """Run two learners through one vmapped train-mode step, as training will."""
     stacked = initial_model_states(template, init_keys=(0, 1), dropout_keys=(0, 1))
-    params, buffers = stacked["params"], stacked["buffers"]
+    params, buffers = stacked
 
     def loss(p, b, x):
         return forward(template, p, {k: v.clone() for k, v in b.items()}, x).sum()
@@ -169,7 +168,7 @@ def initial_model_states(template: nn.Module, init_keys: Sequence[int], dropout_
     >>> from serimats_func.models import MLP
     >>> template = prepare_template(MLP(widths=(8,)), torch.zeros(2, 40))
     >>> stacked = initial_model_states(template, [1, 2], [0, 0])
-    >>> torch.equal(stacked["params"]["1.weight"][1], initial_model_state(template, 2, 0)["params"]["1.weight"])
+    >>> torch.equal(stacked.params["1.weight"][1], initial_model_state(template, 2, 0).params["1.weight"])
     True
     """
     n = len(init_keys)
@@ -187,7 +186,7 @@ def initial_model_states(template: nn.Module, init_keys: Sequence[int], dropout_
         if isinstance(m, KeyedDropout):
             buffers[f"{name}.key"] = torch.tensor([derive_key(k, name) for k in dropout_keys], dtype=torch.int64)
             buffers[f"{name}.calls"] = torch.zeros(n, dtype=torch.int64)
-    return {"params": params, "buffers": buffers}
+    return ModelState(params, buffers)
 
 
 PROBE_KEY = derive_key("serimats-func behaviour probe")

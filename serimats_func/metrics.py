@@ -186,7 +186,7 @@ def vmapped_metrics(template: nn.Module, metrics: Mapping[str, MetricFn], train:
     >>> template = prepare_template(MLP(widths=(8,)), torch.zeros(2, 40)).eval()
     >>> state = pytrees.stack([initial_model_state(template, k, 0) for k in range(3)])
     >>> f = vmapped_metrics(template, {"norm": lambda learner: learner.model[1].weight.norm()})
-    >>> f(state["params"], state["buffers"])["norm"].shape
+    >>> f(state.params, state.buffers)["norm"].shape
     torch.Size([3])
     """
     control_module = control_copy(template)

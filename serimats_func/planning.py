@@ -23,7 +23,7 @@ from torch import nn
 
 from . import pytrees
 from .grid import Grid, LearnerSpec
-from .optimizers import functional_twin
+from .optimizers import family_of, functional_twin
 from .resume import Start
 
 
@@ -119,12 +119,7 @@ class Plan:
 def describe_group(spec: LearnerSpec) -> str:
     """A group in words: its optimizer structure, and model, data and batch size where they vary."""
     setup = spec.setup
-    name, *flags = setup.optimizer_structure()
-    if name == "SGD":
-        momentum, nesterov = flags
-        words = "SGD" + (" with momentum" if momentum else "") + (", nesterov" if nesterov else "")
-    else:
-        words = name + (" (amsgrad)" if flags and flags[0] else "")
+    words = family_of(setup.optimizer_class).describe(setup.optimizer_structure())
     extra = []
     if setup.model_label is not None:
         extra.append(f"model {setup.model_label}")

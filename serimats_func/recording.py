@@ -110,7 +110,7 @@ class Recorder:
             values, control_values = self._compute(state, step)
         finally:
             self.template.train()
-        diverged = state["diverged_at"] >= 0  # (N,)
+        diverged = state.diverged_at >= 0  # (N,)
         control_off = diverged | diverged[self.control] | ~self.has_control  # (N,)
         for name, value in {**values, **control_values}.items():
             off = control_off if name in control_values else diverged
@@ -118,7 +118,7 @@ class Recorder:
             self.records.setdefault(name, []).append(torch.where(off, torch.nan, value.to(torch.float64)))
 
     def _compute(self, state: dict, step: int) -> tuple[dict, dict]:
-        params, buffers = state["params"], state["buffers"]
+        params, buffers = state.params, state.buffers
         n = len(self.control)
         nan = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
         values: dict[str, torch.Tensor] = {}

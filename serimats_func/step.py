@@ -1,30 +1,24 @@
 """The vmapped training step and evaluation: pure functions over stacked learner state.
 
-One step, for every learner of a chunk at once: the interventions' batch hooks, the forward pass (with
-their activation hooks), the loss, ``torch.func.grad``, their gradient hooks, their hyperparameter
-hooks, the optimizer's update, their parameter hooks. The step number enters as a tensor and windows
-are ``torch.where`` masks, so one function serves every learner and nothing waits for the host.
-Learners that share a data order get the batch unbatched (``in_dims=None``), which is much cheaper
-than one copy per learner.
-
-The state of N learners::
-
-    {"params": {name: (N, ...)}, "buffers": {name: (N, ...)}, "opt": optimizer state (N, ...),
-     "hparams": {name: (N,) float64}, "diverged_at": (N,) int64 (-1: never),
-     "interventions": {class: {"n": numbers (N, ...), "key": (N,), "active": (N,) bool,
-                               "windows": (N, K, 2) int64, "state": its own state (N, ...) if any}}}
+One step, for every learner of a chunk at once: the interventions' hooks at each point of the table in
+``hook_points`` (batch, activations in the forward pass, gradients after ``torch.func.grad``, this step's
+hyperparameters, the optimizer's state), the optimizer's update, then the parameter hooks. The step number
+enters as a tensor and windows are ``torch.where`` masks, so one function serves every learner and nothing
+waits for the host. Learners that share a data order get the batch unbatched (``in_dims=None``), which is much
+cheaper than one copy per learner. The state of N learners is a ``state.ChunkState``.
 
 >>> import torch
 >>> from serimats_func.models import MLP
 >>> from serimats_func.learners import prepare_template, initial_model_state
 >>> from serimats_func.optimizers import functional_twin
+>>> from serimats_func.state import ChunkState
 >>> from serimats_func import pytrees
 >>> template = prepare_template(MLP(widths=(8,)), torch.zeros(4, 40))
 >>> model = pytrees.stack([initial_model_state(template, k, 0) for k in range(3)])  # N = 3
 >>> twin = functional_twin(torch.optim.SGD, lr=0.1)
->>> opt = pytrees.stack([twin.init(pytrees.index(model["params"], i)) for i in range(3)])
->>> state = {**model, "opt": opt, "hparams": pytrees.stack([twin.hparams(lr=0.1)] * 3),
-...          "diverged_at": torch.full((3,), -1), "interventions": {}}
+>>> opt = pytrees.stack([twin.init(pytrees.index(model.params, i)) for i in range(3)])
+>>> state = ChunkState(model.params, model.buffers, opt, pytrees.stack([twin.hparams(lr=0.1)] * 3),
+...                    torch.full((3,), -1), {})
 >>> step = make_train_step(template, twin, torch.nn.functional.cross_entropy, Hooks(), shared_batch=True)
 >>> state, loss = step(state, torch.randn(4, 40), torch.arange(4), torch.tensor(0))
 >>> loss.shape
@@ -44,9 +38,11 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from . import convolutions, keys, pytrees
-from .interventions.base import Numbers
+from .hook_points import METHODS
+from .interventions.base import Intervention, Numbers
 from .learners import forward
 from .optimizers import FunctionalOptimizer
+from .state import ChunkState, InterventionData, ModelState
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -55,36 +51,55 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class Hook:
     """One intervention class's function at one point of the step."""
 
-    name: str  # the class's key in state["interventions"]
-    fn: Callable  # the bound method, e.g. PerturbGradients().on_gradients
+    name: str  # the class's key in the chunk state's interventions
+    owner: Intervention  # a variation of the class; each learner's hook sees its own view (``for_learner``)
+    method: str  # the point, e.g. "on_gradients"
     windowed: bool
     stateful: bool
     module: str | None = None  # the submodule, for activation hooks
 
+    def __call__(self, value: Any, n: Mapping[str, Any], ctx: StepContext) -> Any:
+        return getattr(self.owner.for_learner(n), self.method)(value, Numbers(n), ctx)
+
 
 @dataclass(frozen=True)
 class Hooks:
-    """The hooks of a chunk's step, in the order they run at each point."""
+    """The hooks of a chunk's step: for each point of ``hook_points.POINTS``, in the order they run."""
 
-    init: tuple[Hook, ...] = ()
-    batch: tuple[Hook, ...] = ()
-    activations: tuple[Hook, ...] = ()
-    gradients: tuple[Hook, ...] = ()
-    hyperparameters: tuple[Hook, ...] = ()
-    params: tuple[Hook, ...] = ()
+    points: Mapping[str, tuple[Hook, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.points) - set(METHODS)
+        if unknown:
+            raise ValueError(f"no hook point {sorted(unknown)[0]!r}; the points are {', '.join(METHODS)}")
+
+    def at(self, method: str) -> tuple[Hook, ...]:
+        return tuple(self.points.get(method, ()))
+
+    @property
+    def in_step(self) -> tuple[Hook, ...]:
+        """Every hook that runs in the training step."""
+        return tuple(h for m, hs in self.points.items() if m != "on_init" for h in hs)
+
+    @property
+    def names(self) -> list[str]:
+        """The classes with a hook anywhere, sorted."""
+        return sorted({h.name for hs in self.points.values() for h in hs})
 
 
 @dataclass
 class StepContext:
     """What a hook sees besides its value and numbers: ``step`` (updates done before this step, int64),
-    its class's ``key`` for this learner, its own ``state``, and, for activation hooks, the ``call`` of
-    the module within this forward pass."""
+    its class's ``key`` for this learner, its own ``state``, for activation hooks the ``call`` of the module
+    within this forward pass, and for optimizer-state hooks the learner's ``params`` and
+    ``new_optimizer_state()``, what a new optimizer would hold (as after ``optimizer.state.clear()``)."""
 
     step: torch.Tensor
     key: torch.Tensor
     state: Any = None
     call: int = 0
-    extra: dict = field(default_factory=dict)
+    params: Mapping[str, torch.Tensor] | None = None
+    optimizer_init: Callable[[Mapping[str, torch.Tensor]], Any] | None = None
 
     def _key(self, stream: Sequence) -> torch.Tensor:
         k = self.key
@@ -101,34 +116,51 @@ class StepContext:
         """Uniform numbers in [0, 1), as ``normal``."""
         return keys.uniform(self._key(stream), tuple(shape), dtype)
 
+    def new_optimizer_state(self) -> Any:
+        """The state a new optimizer holds for this learner's parameters (only in ``on_optimizer_state``)."""
+        if self.optimizer_init is None or self.params is None:
+            raise ValueError("ctx.new_optimizer_state() is only available in on_optimizer_state hooks.")
+        return self.optimizer_init(self.params)
+
 
 def in_windows(step: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     """Whether ``step`` lies in any window (start inclusive, end exclusive) of ``windows`` (K, 2)."""
     return ((windows[:, 0] <= step) & (step < windows[:, 1])).any()
 
 
-def apply_hook(hook: Hook, value: Any, data: dict, step: torch.Tensor, call: int = 0) -> tuple[Any, Any]:
+def apply_hook(hook: Hook, value: Any, data: InterventionData, step: torch.Tensor, call: int = 0,
+               **context: Any) -> tuple[Any, Any]:
     """Run one hook for one learner; where it does not act (an inactive learner, a step outside its
     windows) the result is discarded, so the value is bitwise what it was. Returns (value, its state)."""
-    ctx = StepContext(step, data["key"], data.get("state"), call)
-    out = hook.fn(value, Numbers(data["n"]), ctx)
-    new_state = data.get("state")
+    ctx = StepContext(step, data.key, data.state, call, **context)
+    out = hook(value, data.n, ctx)
+    new_state = data.state
     if hook.stateful:
         out, new_state = out
-    on = data["active"]
+    if isinstance(value, ModelState) and isinstance(out, Mapping):
+        out = ModelState(**out)
+    on = data.active
     if hook.windowed:
-        on = on & in_windows(step, data["windows"])
+        on = on & in_windows(step, data.windows)
     out = pytrees.tree_map(lambda new, old: torch.where(on, new, old), out, value)
     if hook.stateful:
-        new_state = pytrees.tree_map(lambda new, old: torch.where(on, new, old), new_state, data["state"])
+        new_state = pytrees.tree_map(lambda new, old: torch.where(on, new, old), new_state, data.state)
     return out, new_state
 
 
-def _run(hooks: Sequence[Hook], value: Any, inter: dict, step: torch.Tensor) -> tuple[Any, dict]:
+def _with_state(inter: Mapping[str, InterventionData], name: str, new_state: Any) -> dict[str, InterventionData]:
+    return {**inter, name: inter[name]._replace(state=new_state)}
+
+
+def run_hooks(hooks: Sequence[Hook], value: Any, inter: Mapping[str, InterventionData], step: torch.Tensor,
+              **context: Any) -> tuple[Any, dict[str, InterventionData]]:
+    """The hooks of one point, one after another, for one learner; returns the value and the interventions' data
+    with their new states."""
+    inter = dict(inter)
     for hook in hooks:
-        value, new_state = apply_hook(hook, value, inter[hook.name], step)
+        value, new_state = apply_hook(hook, value, inter[hook.name], step, **context)
         if hook.stateful:
-            inter = {**inter, hook.name: {**inter[hook.name], "state": new_state}}
+            inter = _with_state(inter, hook.name, new_state)
     return value, inter
 
 
@@ -150,7 +182,9 @@ class ActivationPoints:
                 return output
             inter, step = self.current
             call = self.calls[hook.name] = self.calls.get(hook.name, -1) + 1
-            data = inter[hook.name] if hook.name not in self.updates else {**inter[hook.name], "state": self.updates[hook.name]}
+            data = inter[hook.name]
+            if hook.name in self.updates:
+                data = data._replace(state=self.updates[hook.name])
             out, new_state = apply_hook(hook, output, data, step, call)
             if hook.stateful:
                 self.updates[hook.name] = new_state
@@ -163,7 +197,7 @@ class ActivationPoints:
 
     def end(self, inter: dict) -> dict:
         for name, new_state in self.updates.items():
-            inter = {**inter, name: {**inter[name], "state": new_state}}
+            inter = _with_state(inter, name, new_state)
         self.current, self.updates = None, {}
         return inter
 
@@ -183,20 +217,22 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
     The forward and backward passes and the hooks run under ``vmap``; the optimizer's update, which is
     elementwise per learner, runs on the stacked tensors directly (``stacked_update``): the same arithmetic
     as vmapping it, without vmap's cost per operation."""
-    points = ActivationPoints(convolutions.accelerate(template, layers) if layers else template, hooks.activations)
+    points = ActivationPoints(convolutions.accelerate(template, layers) if layers else template,
+                              hooks.at("on_activations"))
     model = points.module
     if model is not template:
         model.train()  # a copy for this step: always in training mode
     names = list(dict(template.named_parameters())) if trainable is None else list(trainable)
+    optimizer_hooks = hooks.at("on_optimizer_state")
 
-    def gradients(state, x, y, t, differentiate=grad_and_value):  # one learner
-        inter = state["interventions"]
-        (x, y), inter = _run(hooks.batch, (x, y), inter, t)
-        params = state["params"]
+    def gradients(state: ChunkState, x, y, t, differentiate=grad_and_value):  # one learner
+        inter = state.interventions
+        (x, y), inter = run_hooks(hooks.at("on_batch"), (x, y), inter, t)
+        params = state.params
         train, frozen = {k: params[k] for k in names}, {k: v for k, v in params.items() if k not in names}
 
         def loss_of(p):
-            b = {k: v.clone() for k, v in state["buffers"].items()}  # updated in place by BatchNorm, dropout
+            b = {k: v.clone() for k, v in state.buffers.items()}  # updated in place by BatchNorm, dropout
             points.begin(inter, t)
             try:
                 with autocast():
@@ -206,24 +242,27 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
             return loss_fn(logits.float() if logits.dtype == torch.bfloat16 else logits, y), (b, hooked)
 
         grads, (loss, (buffers, inter)) = differentiate(loss_of, has_aux=True)(train)
-        grads, inter = _run(hooks.gradients, grads, inter, t)
-        hparams, inter = _run(hooks.hyperparameters, state["hparams"], inter, t)
-        return grads, loss, buffers, inter, hparams
+        grads, inter = run_hooks(hooks.at("on_gradients"), grads, inter, t)
+        hparams, inter = run_hooks(hooks.at("on_hyperparameters"), state.hparams, inter, t)
+        opt = ()  # unchanged: the stacked state is used as it is (no leaf: vmap returns no None)
+        if optimizer_hooks:
+            opt, inter = run_hooks(optimizer_hooks, state.opt, inter, t, params=train, optimizer_init=twin.init)
+        return grads, loss, buffers, inter, hparams, opt
 
     def after_update(params, inter, t):  # one learner
-        return _run(hooks.params, params, inter, t)
+        return run_hooks(hooks.at("on_params"), params, inter, t)
 
     data_dim = None if shared_batch else 0
     vmapped_gradients = vmap(gradients, in_dims=(0, data_dim, data_dim, None))
 
-    def looped_gradients(state, x, y, t):  # the learners one after another, with torch.autograd
-        n = len(state["diverged_at"])
+    def looped_gradients(state: ChunkState, x, y, t):  # the learners one after another, with torch.autograd
+        n = len(state.diverged_at)
         layout = _channels_last if x.device.type == "cpu" and x.ndim == (4 if shared_batch else 5) else _same
         x = layout(x) if shared_batch else x
         outs = []
         for i in range(n):
             one = pytrees.index(state, i)
-            one = {**one, "params": {k: layout(v) for k, v in one["params"].items()}}
+            one = one._replace(params={k: layout(v) for k, v in one.params.items()})
             outs.append(gradients(one, x if shared_batch else layout(x[i]), y if shared_batch else y[i], t,
                                   differentiate=autograd_grad_and_value))
         return pytrees.stack(outs)
@@ -232,17 +271,16 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
         vmapped_gradients = looped_gradients  # noqa: F811
     vmapped_after_update = vmap(after_update, in_dims=(0, 0, None))
 
-    def step(state, x, y, t):
-        grads, loss, buffers, inter, hparams = vmapped_gradients(state, x, y, t)  # (N, ...)
-        params = state["params"]
-        train, opt = stacked_update(twin, grads, state["opt"], {k: params[k] for k in names}, hparams)
+    def step(state: ChunkState, x, y, t) -> tuple[ChunkState, torch.Tensor]:
+        grads, loss, buffers, inter, hparams, opt = vmapped_gradients(state, x, y, t)  # (N, ...)
+        params = state.params
+        train, opt = stacked_update(twin, grads, opt if optimizer_hooks else state.opt, {k: params[k] for k in names}, hparams)
         params = {k: train[k] if k in train else v for k, v in params.items()}
-        if hooks.params:
+        if hooks.at("on_params"):
             params, inter = vmapped_after_update(params, inter, t)
-        d = state["diverged_at"]  # (N,)
+        d = state.diverged_at  # (N,)
         diverged_at = torch.where((d < 0) & ~torch.isfinite(loss), t, d)
-        new_state = {**state, "params": params, "buffers": buffers, "opt": opt, "interventions": inter,
-                     "diverged_at": diverged_at}
+        new_state = state._replace(params=params, buffers=buffers, opt=opt, interventions=inter, diverged_at=diverged_at)
         return new_state, loss
 
     return step
@@ -298,22 +336,17 @@ def stacked_update(twin: FunctionalOptimizer, grads: dict, opt: dict, params: di
     return pytrees.tree_map(shaped, new_params, params), pytrees.tree_map(shaped, new_opt, opt)
 
 
-def initial_hooks(hooks: Hooks, state: dict) -> dict:
-    """Run the ``on_init`` hooks on stacked initial states (N, ...): ``state`` holds params, buffers and
-    interventions; returns it with new params and buffers."""
-    if not hooks.init:
-        return state
+def initial_hooks(hooks: Hooks, model: ModelState, inter: Mapping[str, InterventionData]
+                  ) -> tuple[ModelState, dict[str, InterventionData]]:
+    """Run the ``on_init`` hooks on stacked initial model states (N, ...); returns the new model states and the
+    interventions' data (with their new states)."""
+    if not hooks.at("on_init"):
+        return model, dict(inter)
 
     def one_learner(model, inter):
-        for hook in hooks.init:
-            model, new_state = apply_hook(hook, model, inter[hook.name], torch.zeros((), dtype=torch.int64))
-            if hook.stateful:
-                inter = {**inter, hook.name: {**inter[hook.name], "state": new_state}}
-        return model, inter
+        return run_hooks(hooks.at("on_init"), model, inter, torch.zeros((), dtype=torch.int64))
 
-    model = {"params": state["params"], "buffers": state["buffers"]}
-    model, inter = vmap(one_learner)(model, state["interventions"])
-    return {**state, **model, "interventions": inter}
+    return vmap(one_learner)(model, dict(inter))
 
 
 def make_logits(template: nn.Module, layers: Mapping[str, str] | None = None, per_learner: bool = False) -> Callable:
@@ -393,8 +426,7 @@ def host_sync_error(error: Exception, hooks: Hooks) -> ValueError | None:
     """The refusal of a step that failed because it reads a tensor's value in Python (None for other errors)."""
     if not any(sign in str(error) for sign in HOST_SYNC_SIGNS):
         return None
-    names = sorted({h.name for point in (hooks.batch, hooks.activations, hooks.gradients, hooks.hyperparameters,
-                                         hooks.params) for h in point})
+    names = sorted({h.name for h in hooks.in_step})
     where = f" (interventions in this step: {', '.join(names)})" if names else ""
     return ValueError(
         f"The training step reads a tensor's value in Python or copies it to the host{where}: "

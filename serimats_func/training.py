@@ -18,16 +18,15 @@ from .acceleration import ChunkSpeed, Speed
 from .checkpoints import Checkpoints, flatten, restore
 from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec, class_name
-from .interventions.base import STEP_HOOKS, Intervention, Numbers
+from .hook_points import POINTS, implemented
+from .interventions.base import Intervention, Numbers
 from .learners import initial_model_states
 from .metrics import MetricFn
 from .optimizers import functional_twin
 from .recording import Recorder
+from .state import ChunkState, InterventionData
 from .step import Hook, Hooks, LossFn, check_pure, initial_hooks, make_logits, make_train_step
 from .store import FlatState
-
-POINTS = {"on_batch": "batch", "on_activations": "activations", "on_gradients": "gradients",
-          "on_hyperparameters": "hyperparameters", "on_params": "params"}
 
 
 @dataclass(frozen=True)
@@ -72,27 +71,25 @@ class TrainingData:
         return steps_per_epoch(len(self.x), self.batch_size)
 
 
-def _overrides(v: Intervention, name: str) -> bool:
-    return callable(getattr(type(v), name, None))
-
-
 def chunk_hooks(specs: Sequence[LearnerSpec]) -> Hooks:
-    """The hooks of a chunk's step: each class's, at each point it implements, when any learner of the
-    chunk needs them (a class whose learners all leave the step alone is left out of it)."""
-    points: dict[str, list[Hook]] = {"init": [], **{p: [] for p in POINTS.values()}}
+    """The hooks of a chunk's step: each class's, at each point of ``hook_points.POINTS`` it implements, when any
+    learner of the chunk needs them (a class whose learners all leave the step alone is left out of it). The
+    chunk's learners share each class's non-numeric values (``Intervention.structure``), so its first variation
+    stands for the class; each learner's hook sees its own numbers (``Intervention.for_learner``)."""
+    points: dict[str, list[Hook]] = {p.method: [] for p in POINTS}
     by_class = _variations_by_class(specs)
     for name, variations in sorted(by_class.items(), key=lambda kv: (kv[1][0].order, kv[0])):
-        prototype = variations[0]
-        stateful = _stateful(prototype)
-        if _overrides(prototype, "on_init") and any(not v.is_default() for v in variations):
-            points["init"].append(Hook(name, prototype.on_init, False, stateful))
-        if not any(v.active_in_step() for v in variations):
-            continue
-        for hook_name in STEP_HOOKS:
-            if _overrides(prototype, hook_name):
-                module = prototype.values.get("module") if hook_name == "on_activations" else None
-                points[POINTS[hook_name]].append(Hook(name, getattr(prototype, hook_name), prototype.windowed, stateful, module))
-    return Hooks(**{k: tuple(v) for k, v in points.items()})
+        owner = variations[0]
+        stateful = _stateful(owner)
+        in_step = any(v.active_in_step() for v in variations)
+        for point in POINTS:
+            if point.method not in implemented(type(owner)):
+                continue
+            if point.in_step and not in_step or not point.in_step and all(v.is_default() for v in variations):
+                continue
+            module = owner.values.get("module") if point.method == "on_activations" else None
+            points[point.method].append(Hook(name, owner, point.method, owner.windowed and point.in_step, stateful, module))
+    return Hooks({k: tuple(v) for k, v in points.items() if v})
 
 
 def _stateful(v: Intervention) -> bool:
@@ -124,24 +121,21 @@ def _tensor(value: object) -> object:
 def intervention_data(specs: Sequence[LearnerSpec], hooks: Hooks) -> dict:
     """Per class that has hooks in this chunk: its learners' numbers, keys, activity, windows and state,
     stacked (N, ...)."""
-    names = {h.name for point in (hooks.init, hooks.batch, hooks.activations, hooks.gradients,
-                                  hooks.hyperparameters, hooks.params) for h in point}
     by_class = _variations_by_class(specs)
     out = {}
-    for name in sorted(names):
+    for name in hooks.names:
         variations = by_class[name]
         windows = [v.windows() for v in variations]
         k = max(len(w) for w in windows)
         padded = [list(w) + [(0, 0)] * (k - len(w)) for w in windows]
-        data = {
-            "n": pytrees.stack([_tensor(v.numbers(s.setup)) for v, s in zip(variations, specs, strict=True)]),
-            "key": torch.tensor([s.keys[name] for s in specs], dtype=torch.int64),
-            "active": torch.tensor([not v.is_default() for v in variations]),
-            "windows": torch.tensor(padded, dtype=torch.int64).reshape(len(specs), k, 2),
-        }
-        if _stateful(variations[0]):
-            data["state"] = pytrees.stack([_init_state(v, s) for v, s in zip(variations, specs, strict=True)])
-        out[name] = data
+        out[name] = InterventionData(
+            n=pytrees.stack([_tensor(v.numbers(s.setup)) for v, s in zip(variations, specs, strict=True)]),
+            key=torch.tensor([s.keys[name] for s in specs], dtype=torch.int64),
+            active=torch.tensor([not v.is_default() for v in variations]),
+            windows=torch.tensor(padded, dtype=torch.int64).reshape(len(specs), k, 2),
+            state=pytrees.stack([_init_state(v, s) for v, s in zip(variations, specs, strict=True)])
+            if _stateful(variations[0]) else (),
+        )
     return out
 
 
@@ -152,17 +146,20 @@ def _init_state(v: Intervention, spec: LearnerSpec) -> object:
     return pytrees.tree_map(lambda t: t.clone(), v.init_state(params, Numbers(numbers)))
 
 
-def initial_state(specs: Sequence[LearnerSpec], hooks: Hooks, device: torch.device) -> dict:
+def initial_state(specs: Sequence[LearnerSpec], hooks: Hooks, device: torch.device) -> ChunkState:
     """Stacked initial state of the chunk's learners, built on the CPU (so it is the same on any device),
     then moved: params, buffers (N, ...), interventions' data, optimizer state and hyperparameters."""
     setup = specs[0].setup
     model = initial_model_states(setup.template, [s.init_key for s in specs], [s.dropout_key for s in specs])
-    state = {"params": model["params"], "buffers": model["buffers"], "interventions": intervention_data(specs, hooks)}
-    state = initial_hooks(hooks, state)
+    model, inter = initial_hooks(hooks, model, intervention_data(specs, hooks))
     twin = chunk_optimizer(specs)
-    state["opt"] = vmap(twin.init)({k: state["params"][k] for k in setup.trainable_names})
-    state["hparams"] = _hyperparameters(twin, specs)
-    state["diverged_at"] = torch.full((len(specs),), -1, dtype=torch.int64)
+    state = ChunkState(
+        params=model.params, buffers=model.buffers,
+        opt=vmap(twin.init)({k: model.params[k] for k in setup.trainable_names}),
+        hparams=_hyperparameters(twin, specs),
+        diverged_at=torch.full((len(specs),), -1, dtype=torch.int64),
+        interventions=inter,
+    )
     return pytrees.tree_map(lambda t: t.to(device).contiguous(), state)  # no expanded (stride 0) leaves
 
 
@@ -191,11 +188,10 @@ def _structure_key(specs: Sequence[LearnerSpec], hooks: Hooks, twin, shared: boo
     """What a chunk's step is made of, for the caches of convolution plans and compiled steps: chunks with equal
     keys run the same code on the same shapes."""
     setup = specs[0].setup
-    points = tuple((point, tuple((h.name, h.module) for h in getattr(hooks, point)))
-                   for point in ("batch", "activations", "gradients", "hyperparameters", "params"))
+    points = tuple((point.method, tuple((h.name, h.module) for h in hooks.at(point.method))) for point in POINTS)
     return (id(setup.template), tuple(setup.data.x.shape[1:]), setup.batch_size, setup.dtype,
             tuple(setup.trainable_names), twin.name, setup.optimizer_structure(), points, shared, id(loss_fn),
-            speed.precision)
+            speed.precision, specs[0].structure)
 
 
 def chunk_optimizer(specs: Sequence[LearnerSpec]):
@@ -265,7 +261,7 @@ def train_chunk(
     hooks = chunk_hooks(specs)
     twin = chunk_optimizer(specs)
     state = initial_state(specs, hooks, device)
-    initial_params = state["params"]  # for the distance to init
+    initial_params = state.params  # for the distance to init
     if start.states is not None:
         state = restore(state, list(start.states) * (2 if n_learners == 1 else 1))
         state = pytrees.tree_map(lambda t: t.contiguous(), state)
@@ -299,7 +295,7 @@ def train_chunk(
         report.append(step_fn.report)
 
     def learners_per_pass(state: dict, x: torch.Tensor) -> int | None:
-        return acceleration.evaluation_group(step_fn.logits, state["params"], state["buffers"], x, data.eval_batch_size,
+        return acceleration.evaluation_group(step_fn.logits, state.params, state.buffers, x, data.eval_batch_size,
                                              (structure, len(specs), tuple(x.shape)), device,
                                              measure=steps_left >= acceleration.MEASURE_MIN_STEPS, cap=evaluation_learners)
 
@@ -351,4 +347,4 @@ def train_chunk(
                 checkpoints.save(step + 1, state, *snapshot())
     steps, out = snapshot()
     kept[schedule.total_steps] = flatten(state, n_learners)
-    return ChunkResult(tuple(steps), out, state["diverged_at"][:n_learners].cpu().numpy(), kept)  # (N,)
+    return ChunkResult(tuple(steps), out, state.diverged_at[:n_learners].cpu().numpy(), kept)  # (N,)

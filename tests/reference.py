@@ -45,7 +45,7 @@ class Twin:
         state = initial_model_state(setup.template, spec.init_key, spec.dropout_key)
         with torch.no_grad():
             for name, p in self.module.named_parameters():
-                p.copy_(state["params"][name])
+                p.copy_(state.params[name])
         self.base = dict(setup.optimizer_values)
         trainable = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = setup.optimizer_class(trainable, foreach=False, **self.base)

@@ -138,7 +138,7 @@ def test_the_training_step_has_no_branch_on_values_and_no_host_sync(experiment):
                       DataOrder.make_variations(seed=(0, 1))], model=MLP(widths=(32,), dropout=0.2))
     specs = exp.grid.learners
     hooks = chunk_hooks(specs)
-    assert all(len(getattr(hooks, point)) == 1 for point in ("gradients", "hyperparameters", "activations", "params"))
+    assert all(len(hooks.at(point)) == 1 for point in ("on_gradients", "on_hyperparameters", "on_activations", "on_params"))
     step = make_train_step(specs[0].setup.template, chunk_optimizer(specs), torch.nn.functional.cross_entropy, hooks,
                            shared_batch=False)
     meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -148,4 +148,4 @@ def test_the_training_step_has_no_branch_on_values_and_no_host_sync(experiment):
     x, y = torch.empty(len(specs), 32, 40, device="meta"), torch.empty(len(specs), 32, dtype=torch.long, device="meta")
     new_state, loss = step(state, x, y, torch.zeros((), dtype=torch.int64, device="meta"))
     assert loss.shape == (len(specs),) and loss.device.type == "meta"
-    assert new_state["params"]["1.weight"].shape == (len(specs), 32, 40)
+    assert new_state.params["1.weight"].shape == (len(specs), 32, 40)

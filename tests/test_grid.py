@@ -168,7 +168,7 @@ def test_init_seeds_whose_keys_share_their_low_32_bits_give_different_weights(ex
     exp = experiment([InitWeights.make_variations(seed=(27779, 51519))])
     a, b = exp.grid.learners
     assert a.init_key & 0xFFFFFFFF == b.init_key & 0xFFFFFFFF  # torch's CPU generator would see one seed
-    params = initial_state(exp.grid.learners, chunk_hooks(exp.grid.learners), CPU)["params"]
+    params = initial_state(exp.grid.learners, chunk_hooks(exp.grid.learners), CPU).params
     assert not torch.equal(params["1.weight"][0], params["1.weight"][1])
 
 
@@ -189,7 +189,7 @@ def test_data_orders_differ_by_data_seed_and_are_shared_otherwise(experiment):
 
 def initial_params(exp):
     specs = exp.grid.learners
-    return specs, initial_state(specs, chunk_hooks(specs), CPU)["params"]
+    return specs, initial_state(specs, chunk_hooks(specs), CPU).params
 
 
 def test_relative_perturbation_moves_every_tensor_to_relative_distance_epsilon(experiment):

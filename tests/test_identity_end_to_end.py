@@ -414,7 +414,7 @@ def test_whole_set_losses_are_exact_whatever_the_evaluation_batch_size(experimen
         state = initial_model_state(template, spec.init_key, spec.dropout_key)
         with torch.no_grad():
             for name, (x, y) in {"train": train.tensors, "test": test.tensors}.items():
-                logits = torch.func.functional_call(template, (state["params"], state["buffers"]), (x,))
+                logits = torch.func.functional_call(template, (state.params, state.buffers), (x,))
                 expected = float(loss(logits, y))
                 recorded = float(by_seven_ds[f"{name}_loss"].sel(seed=spec.coords["seed"], step=0))
                 assert recorded == pytest.approx(expected, rel=1e-6)

@@ -48,7 +48,7 @@ def test_the_seeds_weight_norm_is_recorded_for_every_learner_of_lenet5(mnist_dig
     ds = exp.run()
     assert "weight_norm" in ds and ds.weight_norm.dims == ("seed", "step")
     specs = exp.grid.learners
-    fc1 = initial_state(specs, chunk_hooks(specs), torch.device("cpu"))["params"]["fc1.weight"]  # (3, 120, 400)
+    fc1 = initial_state(specs, chunk_hooks(specs), torch.device("cpu")).params["fc1.weight"]  # (3, 120, 400)
     np.testing.assert_allclose(ds.weight_norm.sel(step=0).values, fc1.flatten(1).norm(dim=1).numpy(), rtol=1e-6)
     assert (ds.weight_norm.sel(step=2) != ds.weight_norm.sel(step=0)).all()  # training moves it
 
@@ -101,12 +101,12 @@ def test_custom_metrics_read_the_model_data_batch_and_control_and_return_small_t
     state = initial_state(specs, chunk_hooks(specs), torch.device("cpu"))
     for i, spec in enumerate(specs):
         where = dict(epsilon=spec.coords["epsilon"], seed=spec.coords["seed"], step=0)
-        expected = state["params"]["1.weight"][i].norm(dim=1).double().numpy()
+        expected = state.params["1.weight"][i].norm(dim=1).double().numpy()
         np.testing.assert_allclose(ds.unit_norms.sel(where).values, expected, rtol=1e-6)
         # learner.batch is the batch the learner trains on next: at step 0, the first batch of its order
         x, y = exp.base.data.x, exp.base.data.y
         idx = epoch_order(spec.data_key, 0, len(x))[:32]
-        params = {k: v[i] for k, v in state["params"].items()}
+        params = {k: v[i] for k, v in state.params.items()}
         loss = F.cross_entropy(torch.func.functional_call(spec.setup.template, params, (x[idx],)), y[idx])
         assert ds.batch_loss.sel(where).item() == pytest.approx(loss.item(), rel=1e-6)
 

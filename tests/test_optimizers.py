@@ -105,22 +105,26 @@ def test_sgd_with_momentum_changed_between_steps_follows_torch_optim_in_float64(
     assert worst < 1e-10, f"relative difference {worst:.2e} over {TRAJECTORY_STEPS} steps"
 
 
-def _torch_state_as_ours(reference, params, names, twin_state) -> dict:
-    """torch.optim's state for ``params`` in the layout of the twin's state (missing entries: zeros)."""
+def _torch_state_as_ours(reference, params, names, twin_state):
+    """torch.optim's state for ``params`` in the layout of the twin's typed state (missing entries: zeros)."""
     per_param = [reference.state.get(p, {}) for p in params]
-    out = {"step": twin_state["step"].new_tensor(float(per_param[0].get("step", 0)))}  # Adam's; SGD keeps none
+    out = {"step": twin_state.step.new_tensor(float(per_param[0].get("step", 0)))}  # Adam's; SGD keeps none
     for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        if key in twin_state:
+        if getattr(twin_state, key, None):
             out[key] = {n: (s[key].detach().clone() if s.get(key) is not None else torch.zeros_like(p))
                         for n, p, s in zip(names, params, per_param, strict=True)}
-    if "has_buffer" in twin_state:
+    if isinstance(getattr(twin_state, "has_buffer", None), torch.Tensor):
         out["has_buffer"] = torch.tensor(per_param[0].get("momentum_buffer") is not None)
-    return out
+    return twin_state._replace(**out)
 
 
 def _one_ulp_up(tree):
     if isinstance(tree, dict):
         return {k: _one_ulp_up(v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return type(tree)(*(_one_ulp_up(v) for v in tree)) if hasattr(tree, "_fields") else tuple(map(_one_ulp_up, tree))
+    if tree is None:
+        return None
     if tree.is_floating_point() and tree.dtype != torch.float64:  # float64 counters (step) stay exact
         return torch.nextafter(tree, torch.full_like(tree, float("inf")))
     return tree

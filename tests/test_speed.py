@@ -44,7 +44,7 @@ def _setup(model, dtype, n=3, batch=5, shape=(1, 12, 12)):
     x = torch.rand(batch, *shape, generator=gen, dtype=dtype)
     y = torch.randint(0, 10, (batch,), generator=gen)
     template = prepare_template(model, x[:2].float()).to(dtype)
-    params = {k: v.to(dtype) for k, v in initial_model_states(template, list(range(n)), [0] * n)["params"].items()}
+    params = {k: v.to(dtype) for k, v in initial_model_states(template, list(range(n)), [0] * n).params.items()}
     own_x = torch.rand(n, batch, *shape, generator=gen, dtype=dtype)
     return template, params, x, own_x, y
 
@@ -107,9 +107,9 @@ def test_the_serial_plan_gives_the_vmapped_steps_numbers(experiment):
     with torch.no_grad():
         for t in range(3):
             (a, _), (b, _) = steps[False](a, x, y, torch.tensor(t)), steps[True](b, x, y, torch.tensor(t))
-    assert _relative(b["params"], a["params"]) < 1e-12
+    assert _relative(b.params, a.params) < 1e-12
     template = specs[0].setup.template.eval()  # and its evaluation, one learner after another
-    vmapped, looped = (training.make_logits(template, per_learner=per)(a["params"], a["buffers"], x) for per in (False, True))
+    vmapped, looped = (training.make_logits(template, per_learner=per)(a.params, a.buffers, x) for per in (False, True))
     template.train()
     assert looped.shape == vmapped.shape == (len(specs), 8, 10)
     torch.testing.assert_close(looped, vmapped, rtol=1e-12, atol=1e-12)
@@ -144,9 +144,9 @@ def test_evaluating_learners_in_groups_gives_bitwise_the_same_metrics(small_mnis
     template = prepare_template(MLP(widths=(32,)), x[:2]).eval()
     state = initial_model_states(template, list(range(7)), [0] * 7)
     logits = make_logits(template)
-    whole = evaluate_dataset(logits, F.cross_entropy, state["params"], state["buffers"], x, y, 100)
+    whole = evaluate_dataset(logits, F.cross_entropy, state.params, state.buffers, x, y, 100)
     for group in (2, 3, 4):  # 7 = 3 + 3 + 1: a lone last learner is evaluated with its neighbour
-        torch.testing.assert_close(evaluate_dataset(logits, F.cross_entropy, state["params"], state["buffers"], x, y,
+        torch.testing.assert_close(evaluate_dataset(logits, F.cross_entropy, state.params, state.buffers, x, y,
                                                     64, learners_per_pass=group), whole, rtol=0, atol=0)
 
 
@@ -187,7 +187,7 @@ def test_the_compiled_step_agrees_with_the_plain_step_step_by_step(experiment):
             ours, loss = fast(state, x, y, torch.tensor(t))
             reference, reference_loss = plain(state, x, y, torch.tensor(t))
             torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(ours["params"], reference["params"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ours.params, reference.params, rtol=1e-5, atol=1e-6)
             state = reference
 
 

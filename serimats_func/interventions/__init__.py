@@ -17,6 +17,7 @@ from .gradients import PerturbGradients
 from .hyperparameters import PerturbHyperparameter, PerturbMomentum
 from .model import Model
 from .optimizer import Optimizer
+from .optimizer_state import ResetOptimizerState
 from .weights import InitWeights, PerturbWeights, perturb_weights
 
 # The seed's names.
@@ -29,6 +30,7 @@ PerturbHyperparameterIntervention = PerturbHyperparameter
 PerturbGradientsIntervention = PerturbGradients
 PerturbActivationsIntervention = PerturbActivations
 ModelIntervention = Model
+ResetOptimizerStateIntervention = ResetOptimizerState
 
 __all__ = [
     "BatchSize",
@@ -54,6 +56,8 @@ __all__ = [
     "PerturbMomentumIntervention",
     "PerturbWeights",
     "PerturbWeightsIntervention",
+    "ResetOptimizerState",
+    "ResetOptimizerStateIntervention",
     "Variations",
     "perturb_weights",
 ]

@@ -26,6 +26,7 @@ class PerturbActivations(Intervention):
     prefix = "activation"
     structural = frozenset({"module"})
     tuple_axes = frozenset({"zero"})
+    per_learner_axes = frozenset({"zero"})  # numbers() turns them into a mask
     order = 0
     builtin = True
 

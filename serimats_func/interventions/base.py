@@ -6,19 +6,31 @@ more **hooks**, pure functions that the library composes into the training step:
 =====================  =====================================================  ===========================
 hook                   called with                                            returns
 =====================  =====================================================  ===========================
-``on_init``            ``state`` = {"params", "buffers"} of the new learner   the new ``state``
+``on_init``            ``state`` = ``ModelState(params, buffers)`` of the     the new ``state``
+                       new learner
 ``on_batch``           ``(x, y)`` of this step                                ``(x, y)``
 ``on_activations``     the output of the submodule named by axis ``module``   the new output
 ``on_gradients``       ``grads`` (name -> tensor) before the optimizer        the new ``grads``
 ``on_hyperparameters`` ``h`` (name -> float64 scalar) for this step           the new ``h``
+``on_optimizer_state`` the optimizer's state before its update (a NamedTuple  the new state
+                       named after torch.optim's keys: ``momentum_buffer``,
+                       ``exp_avg``, ``exp_avg_sq``, ``step``...)
 ``on_params``          ``params`` after the optimizer's update                the new ``params``
 =====================  =====================================================  ===========================
 
-Every hook also receives ``n``, the learner's own numbers (its axis values as tensors: ``n.scale``),
-and ``ctx``, with ``ctx.step`` (updates done before this step, an int64 tensor), ``ctx.key`` (this
-class's random key for this learner) and ``ctx.normal(shape, dtype, stream)`` for noise. Hooks are
-written for one learner and vmapped over all learners of a group: no Python branch on a tensor's
-value, no ``.item()``. A class that keeps its own per-learner state defines
+(The table lives in ``serimats_func.hook_points``.) Every hook also receives ``n``, the learner's own
+numbers (its numeric axis values as tensors: ``n.scale``), and ``ctx``, with ``ctx.step`` (updates done
+before this step, an int64 tensor), ``ctx.key`` (this class's random key for this learner) and
+``ctx.normal(shape, dtype, stream)`` for noise; ``on_optimizer_state`` hooks also get ``ctx.params`` and
+``ctx.new_optimizer_state()`` (what a new optimizer would hold). Hooks are written for one learner and
+vmapped over all learners of a group: no Python branch on a tensor's value, no ``.item()``.
+
+**Every hook sees its own learner's values.** Inside a hook, ``self`` is a view of the learner's own
+variation: a numeric axis reads as the learner's tensor (``self.values["max_norm"]`` is ``n.max_norm``),
+and every other axis (a string, a layer name, a class) is the same for all learners of the step, because
+learners whose non-numeric values differ train in separate groups (as structural axes do). A class that turns
+a non-numeric axis into numbers itself (``numbers()``) lists it in ``per_learner_axes`` so that it does not
+split groups. A class that keeps its own per-learner state defines
 ``init_state(params, n) -> pytree``; its hooks then read ``ctx.state`` and return
 ``(value, new_state)``.
 
@@ -48,14 +60,16 @@ import copy
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-STEP_HOOKS = ("on_batch", "on_activations", "on_gradients", "on_hyperparameters", "on_params")
-HOOKS = ("on_init",) + STEP_HOOKS
+from ..hook_points import METHODS as HOOKS
+from ..hook_points import STEP_METHODS as STEP_HOOKS
+from ..hook_points import implemented
+
 FOREVER = 2**62  # the end of an open window
 
 
@@ -67,6 +81,23 @@ class Numbers(dict):
             return self[name]
         except KeyError:
             raise AttributeError(f"this intervention has no number {name!r}; it has: {', '.join(self)}") from None
+
+
+class LearnerValues(dict):
+    """``self.values`` inside a hook: the learner's own numbers where it has them, shared values for the axes
+    the step's group shares; other axes raise, since their Python value would be another learner's."""
+
+    def __init__(self, owner: str, values: Mapping[str, Any], n: Mapping[str, Any], shared: set[str]):
+        super().__init__({k: n[k] for k in values if k in n})
+        self.update({k: values[k] for k in values if k in shared and k not in n})
+        self._owner, self._axes = owner, tuple(values)
+
+    def __missing__(self, key: str) -> Any:
+        if key in self._axes:
+            raise KeyError(f"{self._owner}: inside a hook, the axis {key!r} cannot be read from self.values: it "
+                           f"differs between the learners of one step. Read the learner's own number from n "
+                           f"(n.{key}), adding it in numbers() if needed.")
+        raise KeyError(key)
 
 
 class Derived:
@@ -122,6 +153,7 @@ class Intervention:
     streams: ClassVar[dict[str, str]] = {}
     derived_axes: ClassVar[frozenset[str]] = frozenset()
     order: ClassVar[int] = 0
+    per_learner_axes: ClassVar[frozenset[str]] = frozenset()  # non-numeric axes that numbers() turns into tensors
     windowed: ClassVar[bool] = False  # set for classes with step hooks: they take when=
     builtin: ClassVar[bool] = False  # library classes: named by class name in ids, not by code
 
@@ -130,7 +162,7 @@ class Intervention:
         if "defaults" in vars(cls) and "axes" not in vars(cls):
             cls.axes = dict(vars(cls)["defaults"])  # the older name
         cls.builtin = vars(cls).get("builtin", False)
-        step_hooks = [h for h in STEP_HOOKS if callable(getattr(cls, h, None))]
+        step_hooks = [h for h in implemented(cls) if h in STEP_HOOKS]
         if "windowed" not in vars(cls):
             cls.windowed = bool(step_hooks)
         if cls.windowed and "when" not in cls.axes:
@@ -268,8 +300,35 @@ class Intervention:
         return {k: _json(v) for k, v in self.values.items()}
 
     def structure(self) -> tuple:
-        """What learners must share to train in one vmapped step."""
-        return tuple((k, _json_key(self.values[k])) for k in sorted(self.structural))
+        """What learners must share to train in one vmapped step: the structural axes and, for a class with
+        hooks, every value a hook could read that is not one of the learner's numbers (see ``group_axes``)."""
+        out = tuple((k, _json_key(self.values[k])) for k in sorted(self.structural | set(self.group_axes())))
+        attributes = self._own_attributes()
+        return out + ((("attributes", repr(sorted(attributes.items()))),) if attributes else ())
+
+    def group_axes(self) -> tuple[str, ...]:
+        """The axes that every learner of one step shares, for a class with hooks: those whose values are not
+        numbers (strings, names, classes, None), apart from ``when``, seeds of streams and ``per_learner_axes``."""
+        if not implemented(type(self)):
+            return ()
+        skip = set(self.streams.values()) | set(self.per_learner_axes) | {"when"}
+        return tuple(k for k, v in self.values.items() if k not in skip and not _numeric(v))
+
+    def _own_attributes(self) -> dict[str, Any]:
+        """Attributes a subclass set on its instances (beyond the protocol's), which its hooks could read:
+        learners that differ in them train apart."""
+        if not implemented(type(self)):
+            return {}
+        return {k: v for k, v in vars(self).items() if k not in _PROTOCOL_ATTRIBUTES and not k.startswith("_")}
+
+    def for_learner(self, n: Mapping[str, Any]) -> Intervention:
+        """This variation as one learner's hooks see it: numeric axes read as the learner's own numbers ``n``
+        (tensors under vmap); axes shared by the step's group keep their values; any other axis (a seed, a
+        value ``numbers()`` turned into tensors) cannot be read from ``self`` (read it from ``n``)."""
+        view = copy.copy(self)
+        view.values = LearnerValues(type(self).__name__, {k: v for k, v in self.values.items()}, n,
+                                    shared=set(self.group_axes()) | set(self.structural))
+        return view
 
     def label(self, axis: str) -> Any:
         """The coordinate label of ``axis`` in results."""
@@ -285,6 +344,9 @@ class Intervention:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.values.items() if not _same(v, self.axes.get(k)) or k in self.given)
         return f"{type(self).__name__}({args}{', control=True' if self.control else ''})"
+
+
+_PROTOCOL_ATTRIBUTES = frozenset({"values", "given", "control", "derived"})
 
 
 def _numeric(value: Any) -> bool:

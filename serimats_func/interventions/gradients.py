@@ -24,6 +24,7 @@ class PerturbGradients(Intervention):
     axes = {"noise": 0.0, "scale": 1.0, "seed": 0, "layers": None}
     prefix = "gradient"
     tuple_axes = frozenset({"layers"})
+    per_learner_axes = frozenset({"layers"})  # numbers() turns them into a mask
     order = 0
     builtin = True
 

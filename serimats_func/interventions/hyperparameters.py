@@ -32,6 +32,7 @@ class PerturbHyperparameter(Intervention):
     prefix = "perturb"
     tuple_axes = frozenset({"betas"})
     derived_axes = frozenset(PERTURBABLE)
+    per_learner_axes = frozenset(PERTURBABLE)  # numbers() gives every hyperparameter (NaN: unchanged)
     order = 0
     builtin = True
 
@@ -89,7 +90,8 @@ class PerturbHyperparameter(Intervention):
         """Every numeric hyperparameter of the learner's optimizer: the value in the window, NaN to keep."""
         new = twins.numeric_hparams(setup.optimizer_class, {**setup.optimizer_values, **self.changes()})
         keep = twins.numeric_hparams(setup.optimizer_class, setup.optimizer_values)
-        changed = {k for k in new if new[k] != keep[k] or _names(k) & set(self.changes())}
+        family = twins.family_of(setup.optimizer_class)
+        changed = {k for k in new if new[k] != keep[k] or family.source_of(k) in self.changes()}
         return {k: (new[k] if k in changed else math.nan) for k in new}
 
     def on_hyperparameters(self, h: dict, n: Any, ctx: Any) -> dict:
@@ -105,13 +107,10 @@ class PerturbMomentum(PerturbHyperparameter):
 
     axes = {"momentum": None}
     derived_axes = frozenset({"momentum"})
+    per_learner_axes = frozenset({"momentum"})
     builtin = True
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
-
-def _names(numeric: str) -> set[str]:
-    """The hyperparameter a numeric name comes from (beta1 -> betas)."""
-    return {"betas"} if numeric in ("beta1", "beta2") else {numeric}

@@ -26,7 +26,7 @@ class Optimizer(Intervention):
     (nesterov, amsgrad, SGD with or without momentum) are structural: each makes its own group.
     """
 
-    axes = {"optimizer": None, **{k: None for c in twins.SUPPORTED for k in twins.hyperparameter_names(c)}}
+    axes = {"optimizer": None, **{k: None for c in twins.supported() for k in twins.hyperparameter_names(c)}}
     prefix = "optimizer"
     tuple_axes = frozenset({"betas"})
     aliases = {"optimizers": "optimizer"}

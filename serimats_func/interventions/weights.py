@@ -85,6 +85,7 @@ class PerturbWeights(Intervention):
     axes = {"epsilon": 0.0, "seed": 0, "mode": "relative", "at": 0, "layers": None}
     prefix = "perturb"
     tuple_axes = frozenset({"layers"})
+    per_learner_axes = frozenset({"mode", "layers"})  # numbers() turns them into tensors
     windowed = False
     order = 10
     builtin = True
@@ -137,11 +138,10 @@ class PerturbWeights(Intervention):
             "layers": layer_mask(self.values["layers"], setup.param_names, "PerturbWeights"),
         }
 
-    def on_init(self, state: dict, n: Any, ctx: Any) -> dict:
-        moved = perturb_weights(state["params"], directions(state["params"], ctx), n.epsilon, n.relative, n.layers)
+    def on_init(self, state: Any, n: Any, ctx: Any) -> Any:
+        moved = perturb_weights(state.params, directions(state.params, ctx), n.epsilon, n.relative, n.layers)
         at_init = n.at == 0
-        params = {k: torch.where(at_init, moved[k], w) for k, w in state["params"].items()}
-        return {**state, "params": params}
+        return state._replace(params={k: torch.where(at_init, moved[k], w) for k, w in state.params.items()})
 
     def on_params(self, params: dict, n: Any, ctx: Any) -> dict:
         moved = perturb_weights(params, directions(params, ctx), n.epsilon, n.relative, n.layers)
