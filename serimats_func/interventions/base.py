@@ -54,6 +54,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .. import labels
+
 STEP_HOOKS = ("on_batch", "on_activations", "on_gradients", "on_hyperparameters", "on_params")
 HOOKS = ("on_init",) + STEP_HOOKS
 FOREVER = 2**62  # the end of an open window
@@ -280,7 +282,7 @@ class Intervention:
             return self.derived[axis][0]
         if isinstance(value, type):
             return value.__name__
-        return str(value) if isinstance(value, (tuple, list)) else value
+        return labels.label(value) if isinstance(value, (tuple, list)) else value
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.values.items() if not _same(v, self.axes.get(k)) or k in self.given)
