@@ -131,6 +131,9 @@ def _refuse_shared_streams(groups: list[_ClassGroup]) -> None:
 def _refuse_shared_names(groups: list[_ClassGroup]) -> None:
     named: dict[str, type] = {}
     for g in groups:
+        if class_name(g.cls) in (*DEFAULT_STREAMS, "dropout"):
+            raise ValueError(f"An intervention class must not be named {class_name(g.cls)!r}, the name of a random "
+                             "stream of every learner; rename it.")
         other = named.setdefault(class_name(g.cls), g.cls)
         if other is not g.cls:
             raise ValueError(f"Two intervention classes of the experiment are named {class_name(g.cls)!r} (from "

@@ -109,3 +109,5 @@ def test_two_user_classes_of_one_name_are_refused(experiment):
         experiment([first.make_variations(noise=(0.0, 0.1)), second.make_variations(noise=0.1)])
     with pytest.raises(ValueError, match="named 'PerturbWeights'"):
         experiment([PerturbWeights.make_variations(epsilon=0.1), _named("PerturbWeights", "sweep")(noise=0.1)])
+    with pytest.raises(ValueError, match="must not be named 'dropout', the name of a random stream"):
+        experiment([_named("dropout", "sweep").make_variations(noise=0.1)])
