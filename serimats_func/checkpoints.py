@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import pytrees
+from .labels import selects
 from .optimizers import family_of
 from .store import FlatState, Store
 
@@ -177,9 +178,7 @@ def select_learner(configs: Mapping[str, dict], coords: Mapping[str, Any], where
 
 
 def _same(stored: Any, given: Any) -> bool:
-    if isinstance(stored, (int, float)) and isinstance(given, (int, float)) and not isinstance(given, bool):
-        return float(stored) == float(given)
-    return stored == given or str(stored) == str(given)
+    return selects(stored, given)  # a label, its text or the value it labels: layers=("1.weight", "3.weight")
 
 
 def _format(coords: Mapping[str, Any]) -> str:

@@ -114,6 +114,7 @@ def _flatten(interventions: Iterable) -> list[_ClassGroup]:
                             f"got {type(item).__name__}.")
     groups = list(by_class.values())
     _refuse_shared_streams(groups)
+    _refuse_shared_names(groups)
     return groups
 
 
@@ -125,6 +126,19 @@ def _refuse_shared_streams(groups: list[_ClassGroup]) -> None:
                 raise ValueError(f"{g.cls.__name__} and {seeded[stream].__name__} both seed the {stream!r} random stream, "
                                  "so one would silently override the other; use one of them.")
             seeded[stream] = g.cls
+
+
+def _refuse_shared_names(groups: list[_ClassGroup]) -> None:
+    named: dict[str, type] = {}
+    for g in groups:
+        if class_name(g.cls) in (*DEFAULT_STREAMS, "dropout"):
+            raise ValueError(f"An intervention class must not be named {class_name(g.cls)!r}, the name of a random "
+                             "stream of every learner; rename it.")
+        other = named.setdefault(class_name(g.cls), g.cls)
+        if other is not g.cls:
+            raise ValueError(f"Two intervention classes of the experiment are named {class_name(g.cls)!r} (from "
+                             f"{other.__module__} and {g.cls.__module__}); ids and random keys name a class by its name, "
+                             "so rename one of them.")
 
 
 def _coordinate_names(groups: list[_ClassGroup]) -> dict[tuple[type, str], str]:
@@ -145,8 +159,10 @@ def _coordinate_names(groups: list[_ClassGroup]) -> dict[tuple[type, str], str]:
 
 
 def class_name(cls: type) -> str:
-    """How a class is named in ids and state: built-ins by name, user classes by qualified name."""
-    return cls.__name__ if cls.builtin else f"{cls.__module__}.{cls.__qualname__}"
+    """How a class is named in ids, random keys and hook order: built-ins by name, user classes by qualified
+    name without their module (``__main__`` when a script runs, ``sweep`` when it is imported), so that the
+    same code gives the same ids and numbers however it is reached; the id holds the class's code too."""
+    return cls.__name__ if cls.builtin else cls.__qualname__
 
 
 def build_grid(interventions: Sequence, base: Setup, seed: int) -> Grid:

@@ -147,13 +147,19 @@ def _name(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
+def _type_name(cls: type) -> str:
+    """A library class with its module; a user class by its qualified name alone: its module is ``__main__``
+    when its script runs and the script's name when it is imported, and the same code must describe the same."""
+    return _name(cls) if _is_library(cls) else cls.__qualname__
+
+
 def _builtin_name(fn: Any) -> str:
     owner = getattr(fn, "__self__", None)
     if isinstance(owner, type):
-        return f"{_name(owner)}.{fn.__name__}"
+        return f"{_type_name(owner)}.{fn.__name__}"
     objclass = getattr(fn, "__objclass__", None)  # method descriptors: torch.Tensor.add
     if objclass is not None:
-        return f"{_name(objclass)}.{fn.__name__}"
+        return f"{_type_name(objclass)}.{fn.__name__}"
     module = getattr(fn, "__module__", None) or getattr(owner, "__name__", None) or "builtins"
     return f"{module}.{fn.__name__}"
 
@@ -392,9 +398,9 @@ class _Describer:
         if isinstance(v, types.ModuleType):
             return {"module": v.__name__}
         if id(v) in self.active:
-            return {"cycle": _name(t)}
+            return {"cycle": _type_name(t)}
         if self.depth > _MAX_DEPTH:
-            return {"too_deep": _name(t)}
+            return {"too_deep": _type_name(t)}
         self.active.add(id(v))
         self.depth += 1
         try:

@@ -37,6 +37,8 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from .labels import selects
+
 PRETTY = {
     "train_loss": "train loss", "train_acc": "train accuracy", "test_loss": "test loss", "test_acc": "test accuracy",
     "param_norm": "weight norm ||w||", "init_distance": "distance to init ||w - w0||",
@@ -82,8 +84,10 @@ class Plotter:
             if name not in da.coords:
                 raise ValueError(f"sel: {metric} has no coordinate {name!r}; it has: {', '.join(map(str, da.coords))}.")
             values = np.atleast_1d(da[name].values).tolist()
-            if value not in values:
+            match = [v for v in values if selects(v, value)]  # a label or the value it labels
+            if not match:
                 raise ValueError(f"sel: {name}={value!r} is not a value of {name}; its values: {values}.")
+            value = match[0]
             da = da.sel({name: value}) if name in da.dims else da
         single = [d for d in da.dims if d != "step" and da.sizes[d] == 1]
         return da.squeeze(single)

@@ -66,6 +66,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .. import labels
 from ..hook_points import METHODS as HOOKS
 from ..hook_points import STEP_METHODS as STEP_HOOKS
 from ..hook_points import implemented
@@ -339,7 +340,7 @@ class Intervention:
             return self.derived[axis][0]
         if isinstance(value, type):
             return value.__name__
-        return str(value) if isinstance(value, (tuple, list)) else value
+        return labels.label(value) if isinstance(value, (tuple, list)) else value
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.values.items() if not _same(v, self.axes.get(k)) or k in self.given)
