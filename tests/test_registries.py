@@ -3,11 +3,16 @@
 gave before the metrics became a registry, and a member registered from outside (here, from a test) is
 recorded, stored and selectable like the built-in ones."""
 
-import torch
 
+import numpy as np
+import pytest
+
+from serimats_func import metrics
 from serimats_func.identity import digest
 from serimats_func.interventions import PerturbWeights
 from serimats_func.loggers import Logger, register_metric
+from serimats_func.results import store_results
+from serimats_func.store import Store
 
 GRID = [PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
         PerturbWeights.make_variations(epsilon=(0.01,), seed=(1,))]
@@ -72,3 +77,47 @@ def test_metric_keys_are_those_of_the_code_before_the_registry(experiment):
     assert plain.metric_names() == ["param_norm", "init_distance", "init_cosine"]
     (spec,) = plain.grid.learners
     assert plain.metric_keys(spec) == {k: PINNED[k] for k in ("param_norm", "init_distance", "init_cosine")}
+
+
+@pytest.fixture
+def registered():
+    """Register built-in metrics for one test: ``registered(spec)``; they are removed afterwards."""
+    added = []
+
+    def add(spec):
+        added.append(metrics.register(spec).name)
+        return spec
+
+    yield add
+    for name in added:
+        metrics.unregister(name)
+
+
+def test_a_registered_built_in_metric_is_recorded_keyed_and_stored(experiment, registered):
+    registered(metrics.MetricSpec("layer_norms", lambda s: s.norms, dims=("layer",)))
+    registered(metrics.MetricSpec("control_gap", lambda s: s.norms.sum(1) - s.norms.sum(1)[s.control],
+                                  depends_on=("control",)))
+    exp = experiment(GRID, steps=4, compile=False)
+    assert exp.metric_names()[-2:] == ["layer_norms", "control_gap"]
+    keys = exp.metric_keys(exp.grid.learners[0])
+    assert keys["layer_norms"] == digest(["builtin", metrics.METRICS_VERSION, "layer_norms"])
+    control = next(s.id for s in exp.grid.learners if s.control)
+    assert keys["control_gap"] == digest(["builtin", metrics.METRICS_VERSION, "control_gap", control])
+    ds = exp.run()
+    assert ds.layer_norms.dims[-2:] == ("step", "layer")
+    np.testing.assert_allclose(np.sqrt((ds.layer_norms ** 2).sum("layer", skipna=False)), ds.param_norm, rtol=1e-12)
+    gap = ds.control_gap.isel(step=-1).values[ds.learner.values != ""]  # the control's and its learner's
+    assert sorted(gap == 0) == [False, True] and np.isfinite(gap).all()
+    again = experiment(GRID, steps=4, compile=False, store=exp.store.path)
+    assert again.plan().to_train == 0  # stored with its key: reused
+    stored = store_results(Store(exp.store.path))
+    np.testing.assert_array_equal(stored.layer_norms.values.reshape(-1), ds.layer_norms.values.reshape(-1))
+    # without controls the metric against the control is not recorded
+    assert "control_gap" not in experiment([], steps=4, compile=False).metric_names()
+
+
+def test_user_metric_names_may_not_take_a_registered_built_in_name(experiment, registered):
+    registered(metrics.MetricSpec("weight_norm", lambda s: s.norms.sum(1)))
+    exp = experiment(GRID, steps=4, compile=False, logger=PinLogger())
+    with pytest.raises(ValueError, match="taken by a built-in metric"):
+        exp.metric_keys(exp.grid.learners[0])
