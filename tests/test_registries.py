@@ -6,6 +6,7 @@ recorded, stored and selectable like the built-in ones."""
 
 import numpy as np
 import pytest
+import torch
 
 from serimats_func import metrics
 from serimats_func.identity import digest
@@ -121,3 +122,28 @@ def test_user_metric_names_may_not_take_a_registered_built_in_name(experiment, r
     exp = experiment(GRID, steps=4, compile=False, logger=PinLogger())
     with pytest.raises(ValueError, match="taken by a built-in metric"):
         exp.metric_keys(exp.grid.learners[0])
+
+
+def test_a_registered_convolution_plan_is_selectable_and_gives_the_same_numbers(experiment, mnist_digits):
+    from serimats_func import acceleration, convolutions
+    from serimats_func.models import Lenet5
+
+    plan = convolutions.ConvPlan("vmap_again", lambda model: {n: "vmap" for n in convolutions.convolutions_of(model)},
+                                 devices=("cpu",))
+    convolutions.register_plan(plan)
+    try:
+        assert "vmap_again" in convolutions.candidates(torch.device("cpu"))
+        assert "vmap_again" not in convolutions.candidates(torch.device("cuda"))
+        x, y = mnist_digits[0][:96], mnist_digits[1][:96]
+        runs = {}
+        for name in ("vmap", "vmap_again"):
+            exp = experiment(GRID, model=Lenet5(), data=((x, y), (x[:32], y[:32])), steps=3, compile=False,
+                             convolutions=name)
+            runs[name] = exp.run()
+            assert [r.plan for r in exp.speed_report] == [name]
+        for metric in ("train_loss", "test_acc", "param_norm", "control_distance"):
+            np.testing.assert_array_equal(runs["vmap_again"][metric].values, runs["vmap"][metric].values)
+    finally:
+        convolutions.unregister_plan("vmap_again")
+    with pytest.raises(ValueError, match="vmap_again"):
+        acceleration.Speed(convolutions="vmap_again")  # gone with its registration
