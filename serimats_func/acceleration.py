@@ -46,7 +46,7 @@ AUTO_COMPILE_SECONDS = {"cpu": 1800.0, "cuda": 300.0}
 COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager": the same graphs without generating kernels
 MEASURE_MIN_STEPS = 1000  # measure (convolution plans, eager step time) only for chunks this long: about 20 steps, 2% of it
 PRECISIONS = ("float32", "tf32", "bf16")
-PLANS = (*convolutions.PLANS, "serial")  # "serial": each learner's forward and backward in turn, without vmap
+PLANS = convolutions.PLANS  # the convolution plans, by name (a registry: convolutions.register_plan)
 SERIAL_MAX_LEARNERS = {"cpu": 4}
 RECOMPILE_LIMIT = 256  # the default plan of a convolutional model with at most this many learners
 
@@ -63,8 +63,8 @@ class Speed:
     def __post_init__(self) -> None:
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"compile= takes True, False or 'auto'; got {self.compile!r}.")
-        if self.convolutions != "auto" and self.convolutions not in PLANS:
-            raise ValueError(f"convolutions= takes 'auto' or one of {', '.join(PLANS)}; "
+        if self.convolutions != "auto" and self.convolutions not in convolutions.PLANS:
+            raise ValueError(f"convolutions= takes 'auto' or one of {', '.join(convolutions.PLANS)}; "
                              f"got {self.convolutions!r}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision= takes one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
@@ -117,7 +117,7 @@ _COMPILE_FAILED: dict[tuple, Exception] = {}  # structures whose step failed to 
 def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: torch.nn.Module, key: tuple,
                  run_args: tuple, steps_left: int, n: int, device: torch.device, speed: Speed) -> PreparedStep:
     """The step of a chunk of ``n`` learners. ``build(plan)`` makes its eager step and logits functions for a
-    plan of ``PLANS``; ``run_args`` (state, x, y, t) are what one step takes, for measuring (the step is pure:
+    plan of ``convolutions.PLANS``; ``run_args`` (state, x, y, t) are what one step takes, for measuring (the step is pure:
     nothing is changed); ``key`` names the chunk's structure (for the caches of plans and compiled steps)."""
     report = ChunkSpeed(learners=n)
     worth_measuring = steps_left >= MEASURE_MIN_STEPS
@@ -142,7 +142,7 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
         report.plan = choose_plan(run, plan_key, device, n, measure=worth_measuring)
     else:
         report.plan = speed.convolutions
-    report.layers = convolutions.plan_for(template, report.plan) if report.plan in convolutions.PLANS else {}
+    report.layers = convolutions.plan_for(template, report.plan)
     step, logits = built(report.plan)
 
     compile_now = speed.compile is True
@@ -159,11 +159,11 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
     if not compile_now:
         return prepared
     eager = prepared
-    if report.plan == "serial":  # torch.autograd one learner at a time does not trace: compile a vmapped plan
+    if convolutions.PLANS[report.plan].per_learner:  # torch.autograd one learner at a time does not trace: compile a vmapped plan
         eager_plan, eager_layers = report.plan, report.layers
         report.plan = default_plan(device, n=SERIAL_MAX_LEARNERS.get(device.type, 0) + 1)
         report.layers = convolutions.plan_for(template, report.plan)
-        report.reason += "; the serial plan does not compile: a vmapped plan is compiled"
+        report.reason += f"; the {eager_plan} plan does not compile: a vmapped plan is compiled"
         step, logits = built(report.plan)
     compiled_key = (key, report.plan, str(device))
     start = time.perf_counter()
@@ -227,14 +227,16 @@ def default_plan(device: torch.device, n: int) -> str:
 
 
 def choose_plan(run: Callable[[str], None], key: tuple, device: torch.device, n: int, measure: bool,
-                candidates: tuple[str, ...] = PLANS) -> str:
-    """The plan of a convolutional model's step: with ``measure``, each candidate runs one step to warm up and two
-    timed (``run(plan)``), and the fastest wins, cached under ``key`` (structure, learners, device, batch shape);
+                candidates: tuple[str, ...] | None = None) -> str:
+    """The plan of a convolutional model's step: with ``measure``, each candidate (default: the plans that are
+    candidates on ``device``, ``convolutions.candidates``) runs one step to warm up and two timed (``run(plan)``),
+    and the fastest wins, cached under ``key`` (structure, learners, device, batch shape);
     otherwise the cached choice or ``default_plan``."""
     if key in _CHOSEN:
         return _CHOSEN[key]
     if not measure:
         return default_plan(device, n)
+    candidates = convolutions.candidates(device) if candidates is None else candidates
     timings = {plan: _seconds(lambda plan=plan: run(plan), device, repeats=2) for plan in candidates}
     _CHOSEN[key] = min(timings, key=timings.get)
     return _CHOSEN[key]

@@ -21,7 +21,8 @@ exactly as ``F.max_pool2d`` does (its own kernels run).
 
 Numbers: every strategy computes each learner's convolution on its own data and weights; only the
 kernel, hence the order of float additions, differs. In float64 they agree with ``"vmap"`` to about
-1e-12 relative; in float32 one step agrees to float32 rounding (tests/test_speed.py). A plan is chosen per
+1e-12 relative; in float32 one step agrees to float32 rounding (tests/test_speed.py). A plan (a ``ConvPlan`` of the
+registry ``PLANS``: each layer's strategy, or ``"serial"``, one learner after another) is chosen per
 model, device, learner count and input shape (``acceleration.choose_plan``): by a short measurement of
 one step with each candidate when training is long enough to repay it, else by a fixed rule, and cached
 for the process.
@@ -410,23 +411,78 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------- choosing
 
 
-PLANS = {  # candidate plans: strategy for a layer whose input all learners share / whose input is their own
-    "vmap": ("vmap", "vmap"),
-    "grouped": ("fold", "grouped"),
-    "channels_last": ("channels_last", "channels_last"),
-    "gemm": ("gemm", "channels_last"),
-    "loop": ("fold", "loop"),
-}
+# A plan says how a chunk's step batches its convolutions: the strategy of each layer, or one learner after another.
+# Every plan is a ``ConvPlan`` in ``PLANS``, which everything else reads (``Experiment(convolutions=...)``, the
+# plans ``acceleration`` measures, how ``training`` builds the step): adding one is its function of the model plus
+# its ``register_plan`` line below.
+
+
+def by_input(shared: str, own: str) -> Callable[[nn.Module], dict[str, str]]:
+    """Layers for a plan: strategy ``shared`` for the first convolution (whose input is the batch, shared by the
+    learners when they share a data order) and ``own`` for the others (whose input is the learners' own
+    activations)."""
+    def layers(model: nn.Module) -> dict[str, str]:
+        return {name: shared if i == 0 else own for i, name in enumerate(convolutions_of(model))}
+
+    return layers
+
+
+def no_layers(model: nn.Module) -> dict[str, str]:
+    """Layers for a plan that leaves every convolution to torch."""
+    return {}
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """A convolution plan. ``layers(model)``: each convolution's strategy (``STRATEGIES``; those not named are
+    left to torch). ``devices``: the device types on which ``convolutions="auto"`` measures it (None: every
+    one). ``per_learner``: the step runs each learner's forward and backward in turn with ``torch.autograd``
+    instead of under ``vmap`` (it does not compile: a compiled step takes a vmapped plan)."""
+
+    name: str
+    layers: Callable[[nn.Module], dict[str, str]]
+    devices: tuple[str, ...] | None = None
+    per_learner: bool = False
+
+    def candidate_on(self, device_type: str) -> bool:
+        return self.devices is None or device_type in self.devices
+
+
+PLANS: dict[str, ConvPlan] = {}  # by name, in the order they are measured
+
+
+def register_plan(plan: ConvPlan) -> ConvPlan:
+    """Add a plan; refused if its name is taken (or is ``"auto"``, which means: measure the candidates)."""
+    if plan.name in PLANS or plan.name == "auto":
+        raise ValueError(f"A convolution plan named {plan.name!r} exists already.")
+    PLANS[plan.name] = plan
+    return plan
+
+
+def unregister_plan(name: str) -> ConvPlan:
+    """Remove a plan (a test's own, say); returns it."""
+    return PLANS.pop(name)
+
+
+def candidates(device: torch.device) -> tuple[str, ...]:
+    """The plans ``convolutions="auto"`` measures on ``device``."""
+    return tuple(name for name, plan in PLANS.items() if plan.candidate_on(device.type))
+
+
+register_plan(ConvPlan("vmap", by_input("vmap", "vmap")))  # torch.func's own rule: the reference
+register_plan(ConvPlan("grouped", by_input("fold", "grouped")))
+register_plan(ConvPlan("channels_last", by_input("channels_last", "channels_last")))
+register_plan(ConvPlan("gemm", by_input("gemm", "channels_last")))
+register_plan(ConvPlan("loop", by_input("fold", "loop")))
+register_plan(ConvPlan("serial", no_layers, per_learner=True))  # each learner in turn, in channels-last memory
 
 
 def plan_for(model: nn.Module, candidate: str) -> dict[str, str]:
-    """Each convolution's strategy under a candidate plan: the first layer's input is the batch (shared by the
+    """Each convolution's strategy under a plan of ``PLANS``: the first layer's input is the batch (shared by the
     learners when they share a data order), the others' are the learners' own activations.
 
     >>> from serimats_func.models import Lenet5
     >>> plan_for(Lenet5(), "gemm")
     {'conv1': 'gemm', 'conv2': 'channels_last'}
     """
-    names = convolutions_of(model)
-    shared, own = PLANS[candidate]
-    return {name: shared if i == 0 else own for i, name in enumerate(names)}
+    return PLANS[candidate].layers(model)

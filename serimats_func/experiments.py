@@ -28,7 +28,7 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import pytrees, trial
+from . import metrics, pytrees, trial
 from .acceleration import ChunkSpeed, Speed
 from .checkpoints import Checkpoints, load_learner, select_learner
 from .data import as_tensors, steps_per_epoch
@@ -37,11 +37,10 @@ from .identity import describe_callable, digest
 from .interventions.optimizer import Optimizer, as_optimizer
 from .learners import initial_model_state
 from .locks import Claims
-from .loggers import Logger
-from .metrics import BUILTIN_DIMS, METRICS_VERSION, Data
+from .loggers import Logger, metric_specs
+from .metrics import BUILTIN_DIMS, Data
 from .planning import Chunk, Plan, describe_group, make_plan
 from .plotter import Plotter, show
-from .recording import builtin_metric_names
 from .results import assemble
 from .resume import Need, Start, start_of
 from .setup import Setup, SetupContext
@@ -243,26 +242,18 @@ class Experiment:
 
     def metric_names(self) -> list[str]:
         """The recorded metrics, in the result's order: built-in ones, then the logger's."""
-        return builtin_metric_names(self.evaluate, self.grid.has_controls) + self.logger.metric_names()
+        return metrics.names(self.evaluate, self.grid.has_controls) + self.logger.metric_names()
 
     def metric_keys(self, spec: LearnerSpec) -> dict[str, str]:
         """Each metric recorded for ``spec`` and a digest of what decides its values beside the learner itself
-        (code, loss, evaluation data, and for metrics against the control, the control's id)."""
-        setup = spec.setup
-        loss = self._loss_key
-        test = setup.data.test_fingerprint
-        control = self._control_beside(spec)
-        keys = {}
-        if self.evaluate:
-            keys.update({f"train_{m}": digest([loss, setup.data.fingerprint, m]) for m in ("loss", "acc")})
-            keys.update({f"test_{m}": digest([loss, test, m]) for m in ("loss", "acc")})
-        for name in builtin_metric_names(self.evaluate, self.grid.has_controls):
-            if name.startswith("control_"):
-                keys[name] = digest(["builtin", METRICS_VERSION, name, control, loss, test])
-            elif name not in keys:
-                keys[name] = digest(["builtin", METRICS_VERSION, name])
-        for name, code in self._code_keys.items():
-            keys[name] = digest([code, test] + ([control] if name in self.reads_control else []))
+        (each ``MetricSpec``'s ``depends_on``: code, loss, evaluation data, and for metrics against the control,
+        the control's id)."""
+        ingredients = {"loss": self._loss_key, "train": spec.setup.data.fingerprint,
+                       "test": spec.setup.data.test_fingerprint, "control": self._control_beside(spec)}
+        keys = {m.name: digest(m.key_parts(ingredients))
+                for m in metrics.recorded(self.evaluate, self.grid.has_controls)}
+        for name, user in metric_specs(self.logger, self.reads_control).items():
+            keys[name] = digest(user.key_parts({**ingredients, "code": self._code_keys[name]}))
         if self.speed.precision != "float32":  # results of another precision are not float32 results
             keys = {k: digest([v, self.speed.precision]) for k, v in keys.items()}
         return keys

@@ -1,6 +1,6 @@
 """``Logger``: which metrics are recorded. Add your own with ``@register_metric``.
 
-Every experiment records the built-in metrics (``metrics.BUILTIN_METRICS``: train/test loss and
+Every experiment records the built-in metrics (the registry ``metrics.METRICS``: train/test loss and
 accuracy, weight norm and distance to init, and, with controls, distance, cosine and agreement with the
 control). A metric of your own is a method written for one learner, as in the seed: it receives a
 ``learner`` (see ``metrics.Learner``: ``learner.model`` holds this learner's parameters, and
@@ -22,7 +22,7 @@ returns a tensor: a scalar, or a small tensor whose dimensions ``@register_metri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import NamedTuple
 
 import torch
@@ -30,9 +30,27 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import pytrees
-from .metrics import BUILTIN_DIMS, BUILTIN_METRICS, DEFAULT_METRICS, Data, MetricFn, metric_on_one, vmapped_metrics
+from .metrics import (
+    DEFAULT_METRICS,
+    METRICS,
+    Data,
+    MetricFn,
+    MetricSpec,
+    metric_on_one,
+    user_key,
+    vmapped_metrics,
+)
 
 MAX_METRIC_SIZE = 10_000  # entries of one metric for one learner at one step
+
+# The names ``Logger``'s own checks read. ``identity`` describes a user's Logger subclass with the code of its base
+# class and the values that code reads, so these are part of every user metric's key in the store: they stay the
+# built-in metrics of before the registry (``metrics.METRICS`` begins with them), and ``metric_specs`` checks
+# names against the whole registry.
+BUILTIN_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "param_norm", "init_distance", "init_cosine",
+                   "control_distance", "control_layer_distance", "control_cosine", "control_agreement",
+                   "control_test_loss_diff")
+BUILTIN_DIMS = {"control_layer_distance": ("layer",)}
 
 
 def register_metric(fn: Callable | None = None, *, dims: Sequence[str] | None = None) -> Callable:
@@ -150,6 +168,20 @@ class Logger:
             raise ValueError(f"Metric {name!r} returns shape {tuple(value.shape)} for one learner but "
                              f"{tuple(stacked.shape[1:])} per learner under vmap; return the same shape for any learner.")
         return MetricInfo(dims, tuple(value.shape), reads_control)
+
+
+def metric_specs(logger: Logger, reads_control: Collection[str] = ()) -> dict[str, MetricSpec]:
+    """A logger's metrics as ``MetricSpec`` records (the built-in metrics' type), bound to it; ``reads_control``:
+    those that read ``learner.control`` (``Logger.check`` finds them out). (Not a ``Logger`` method: the code of
+    the ``Logger`` class is part of every user metric's key in the store.)"""
+    clash = [n for n in logger.metric_names() if n in METRICS]
+    if clash:
+        raise ValueError(f"Metric name {clash[0]!r} is taken by a built-in metric ({', '.join(METRICS)}); "
+                         "rename the method.")
+    dims = logger.metric_dims()
+    return {name: MetricSpec(name, fn, dims.get(name, ()), key=user_key,
+                             depends_on=("code", "test") + (("control",) if name in reads_control else ()))
+            for name, fn in logger.metrics().items()}
 
 
 class MetricInfo(NamedTuple):

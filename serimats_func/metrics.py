@@ -1,10 +1,18 @@
-"""Metric functions over stacked learner state (N, ...): the built-in metrics on weights and against a
-control, and the machinery that vmaps a metric written for one model over every learner.
+"""Metric functions over stacked learner state (N, ...): the registry of built-in metrics (``METRICS``), and the
+machinery that vmaps a metric written for one model over every learner.
 
-Built-in metrics (besides ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``, which
-``step.evaluate_dataset`` computes), all over the parameters (not buffers) taken as one flat vector,
-in float64:
+A metric is a ``MetricSpec``: its name, its function, the names of its own dimensions and what its values
+depend on besides the learner (``depends_on``: the ``"loss"``, the ``"train"`` or ``"test"`` data, the
+``"control"``, the user's ``"code"``). The built-in ones are registered here, in the result's order, and
+everything else reads them from ``METRICS``: which metrics an experiment records (``recorded``), their keys in
+the store (``MetricSpec.key_parts``: what decides reuse), the store's dimensions (``BUILTIN_DIMS``), the
+result's order and the recording. Adding a built-in metric is one function of a ``Snapshot`` plus its
+``@builtin(...)`` line below (or ``register(MetricSpec(...))`` from anywhere).
 
+Built-in metrics, over the parameters (not buffers) taken as one flat vector, in float64:
+
+- ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``: on the whole train and test sets
+  (``step.evaluate_dataset``; recorded unless ``Experiment(evaluate=False)``).
 - ``param_norm``: ``||w||``; ``init_distance``: ``||w - w0||`` and ``init_cosine``: cos(w, w0), where
   ``w0`` is the learner's own initial weights (after any perturbation at init).
 - With controls: ``control_distance`` ``||w - wc||``, ``control_layer_distance`` (the same per parameter
@@ -14,33 +22,31 @@ in float64:
 
 >>> import torch
 >>> a = {"w": torch.tensor([[3.0, 4.0], [3.0, 4.0]]), "b": torch.tensor([[0.0], [1.0]])}  # N = 2
->>> out = weight_metrics(a, a)
->>> out["param_norm"].tolist(), out["init_distance"].tolist(), out["init_cosine"].tolist()
-([5.0, 5.0990195135927845], [0.0, 0.0], [1.0, 1.0])
->>> control_metrics(a, torch.tensor([0, 0]))["control_layer_distance"].tolist()  # learner 1 vs learner 0
+>>> s = Snapshot(a, a, control=torch.tensor([0, 0]))  # learner 1's control is learner 0
+>>> [METRICS[m].fn(s).tolist() for m in ("param_norm", "init_distance", "init_cosine")]
+[[5.0, 5.0990195135927845], [0.0, 0.0], [1.0, 1.0]]
+>>> METRICS["control_layer_distance"].fn(s).tolist()
 [[0.0, 0.0], [0.0, 1.0]]
+>>> names(evaluate=False, controls=True)
+['param_norm', 'init_distance', 'init_cosine', 'control_distance', 'control_layer_distance', 'control_cosine']
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-DEFAULT_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
-WEIGHT_METRICS = ("param_norm", "init_distance", "init_cosine")
-CONTROL_METRICS = ("control_distance", "control_layer_distance", "control_cosine", "control_agreement",
-                   "control_test_loss_diff")
-BUILTIN_METRICS = DEFAULT_METRICS + WEIGHT_METRICS + CONTROL_METRICS
-BUILTIN_DIMS = {"control_layer_distance": ("layer",)}  # metrics with a dimension of their own
 METRICS_VERSION = 1  # part of the built-in metrics' keys in the store: bump when their definition changes
+DEPENDENCIES = ("loss", "train", "test", "control", "code")  # what a metric's values may depend on besides the learner
 
 
-# -- built-in metrics on weights ------------------------------------------------------------------------
+# -- helpers on weights ---------------------------------------------------------------------------------
 
 def layer_norms(tree: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The norm of each tensor of N learners (N, ...), accumulated in float64: (N, L), L tensors in dict order."""
@@ -59,36 +65,298 @@ def _cosine(norm_a: torch.Tensor, norm_b: torch.Tensor, distance: torch.Tensor) 
     return (1 - gap).clamp(-1.0, 1.0)
 
 
-def weight_metrics(params: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor],
-                   norms: torch.Tensor | None = None, initial_norms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """``param_norm``, ``init_distance``, ``init_cosine`` of N learners: params and initial (N, ...); each (N,).
-    ``norms``, ``initial_norms``: their ``layer_norms`` if already known. Differences are taken in the weights'
-    own dtype (exact for nearby float32 weights), norms accumulated in float64."""
-    norm = _total(layer_norms(params) if norms is None else norms)  # (N,)
-    norm0 = _total(layer_norms(initial) if initial_norms is None else initial_norms)
-    distance = _total(layer_norms({k: params[k] - initial[k] for k in params}))
-    return {"param_norm": norm, "init_distance": distance, "init_cosine": _cosine(norm, norm0, distance)}
-
-
 def gather(tree: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     """Learner ``index[i]``'s tensors in row i: (N, ...) -> (len(index), ...)."""
     return {k: v[index] for k, v in tree.items()}
 
 
-def control_metrics(params: Mapping[str, torch.Tensor], control_index: torch.Tensor,
-                    norms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """``control_distance``, ``control_layer_distance`` (N, L), ``control_cosine`` of N learners against the
-    learners ``control_index`` (N,) names in the same stack; ``norms``: ``layer_norms(params)`` if known."""
-    layers = layer_norms({k: v - v[control_index] for k, v in params.items()})  # (N, L)
-    distance = _total(layers)
-    norm = _total(layer_norms(params) if norms is None else norms)
-    return {"control_distance": distance, "control_layer_distance": layers,
-            "control_cosine": _cosine(norm, norm[control_index], distance)}
-
-
 def agreement(predictions: torch.Tensor, control_index: torch.Tensor) -> torch.Tensor:
     """Fraction of examples where a learner's prediction (N, n) is its control's: (N,) float64."""
     return (predictions == predictions[control_index]).double().mean(1)
+
+
+# -- what a built-in metric reads ---------------------------------------------------------------------------
+
+class Evaluation(NamedTuple):
+    """N learners on a whole data set: ``loss``, ``acc`` (N,) (NaN without that set), ``predictions`` (N, n)
+    argmax or None."""
+
+    loss: torch.Tensor
+    acc: torch.Tensor
+    predictions: torch.Tensor | None = None
+
+
+Evaluate = Callable[[str, bool], Evaluation]  # (split "train" | "test", with predictions) -> Evaluation
+
+
+class Snapshot:
+    """N learners at one logged step, as built-in metric functions read them; each part is computed once, when
+    a metric first asks for it (the metrics of a step share their norms and their pass over the data).
+
+    - ``params`` (N, ...) and ``initial`` (N, ...): the parameters now and at step 0;
+    - ``control`` (N,): the row of each learner's control (its own row where it has none; the recorder
+      makes such a learner's control metrics NaN);
+    - ``norms``, ``initial_norms``, ``init_layers``, ``control_layers``: ``layer_norms`` (N, L) of the
+      parameters, the initial ones, and the differences to the initial ones and to the control's;
+    - ``evaluation("train" | "test")``: loss and accuracy on the whole set; ``predictions``: the test set's
+      argmax predictions (N, n_test), None without a test set.
+
+    ``evaluate(split, predictions)`` computes an ``Evaluation``; ``predict``: evaluate the test set with its
+    predictions in the same pass (when a recorded metric reads them).
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor],
+                 control: torch.Tensor | None = None, evaluate: Evaluate | None = None,
+                 initial_norms: torch.Tensor | None = None, predict: bool = False):
+        self.params, self.initial = params, initial
+        first = next(iter(params.values()))
+        self.control = control if control is not None else torch.arange(len(first), device=first.device)
+        self._evaluate, self._predict = evaluate, predict
+        self._cache: dict[str, Any] = {} if initial_norms is None else {"initial_norms": initial_norms}
+
+    def _once(self, name: str, make: Callable[[], Any]) -> Any:
+        if name not in self._cache:
+            self._cache[name] = make()
+        return self._cache[name]
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return self._once("norms", lambda: layer_norms(self.params))
+
+    @property
+    def initial_norms(self) -> torch.Tensor:
+        return self._once("initial_norms", lambda: layer_norms(self.initial))
+
+    @property
+    def init_layers(self) -> torch.Tensor:
+        return self._once("init_layers", lambda: layer_norms({k: self.params[k] - self.initial[k] for k in self.params}))
+
+    @property
+    def control_layers(self) -> torch.Tensor:
+        return self._once("control_layers",
+                          lambda: layer_norms({k: v - v[self.control] for k, v in self.params.items()}))
+
+    def evaluation(self, split: str) -> Evaluation:
+        if self._evaluate is None:
+            raise ValueError("this snapshot has no data to evaluate the learners on")
+        return self._once(f"evaluation.{split}", lambda: self._evaluate(split, self._predict and split == "test"))
+
+    @property
+    def predictions(self) -> torch.Tensor | None:
+        if self.evaluation("test").predictions is None and not self._predict:
+            self._cache["evaluation.test"] = self._evaluate("test", True)
+        return self.evaluation("test").predictions
+
+
+# -- the registry --------------------------------------------------------------------------------------------
+
+def builtin_key(spec: MetricSpec, ingredients: Mapping[str, Any]) -> list:
+    """The common recipe of a metric's key: its name, version and each ingredient it depends on."""
+    return ["builtin", spec.version, spec.name, *(ingredients[d] for d in spec.depends_on)]
+
+
+def control_key(spec: MetricSpec, ingredients: Mapping[str, Any]) -> list:
+    """The key of the first metrics against the control (before the registry): the control, loss and test set,
+    whatever the metric reads."""
+    return ["builtin", spec.version, spec.name, ingredients["control"], ingredients["loss"], ingredients["test"]]
+
+
+def evaluation_key(split: str, what: str) -> Callable[[MetricSpec, Mapping[str, Any]], list]:
+    """The key of ``<split>_<what>`` (before the registry): the loss, the split's data and ``what``."""
+    return lambda spec, ingredients: [ingredients["loss"], ingredients[split], what]
+
+
+def user_key(spec: MetricSpec, ingredients: Mapping[str, Any]) -> list:
+    """The key of a ``Logger``'s metric: its code, the test set and, if it reads it, the control."""
+    return [ingredients["code"], ingredients["test"]] + ([ingredients["control"]] if spec.against_control else [])
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric. ``fn``: for a built-in metric, ``fn(snapshot) -> (N, *shape)`` over a ``Snapshot`` of N
+    learners; for a ``Logger``'s, ``fn(learner)`` written for one learner. ``dims``: the names of its own
+    dimensions (``()``: a scalar per learner and step). ``depends_on``: what its values depend on besides the
+    learner, from ``DEPENDENCIES``; a metric on ``"train"`` or ``"test"`` data needs the evaluation (not
+    recorded with ``evaluate=False``) and one on the ``"control"`` is recorded only when the experiment has
+    controls (NaN for learners without one). ``key``: what its key in the store is a digest of (see
+    ``key_parts``); ``version``: bump it when the definition changes, so that stored values are not reused."""
+
+    name: str
+    fn: Callable
+    dims: tuple[str, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    key: Callable[[MetricSpec, Mapping[str, Any]], list] = builtin_key
+    version: int = METRICS_VERSION
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.depends_on if d not in DEPENDENCIES]
+        if unknown:
+            raise ValueError(f"Metric {self.name!r}: depends_on={unknown[0]!r} is not one of {', '.join(DEPENDENCIES)}.")
+        object.__setattr__(self, "dims", tuple(self.dims))
+        object.__setattr__(self, "depends_on", tuple(self.depends_on))
+
+    @property
+    def against_control(self) -> bool:
+        return "control" in self.depends_on
+
+    @property
+    def evaluates(self) -> bool:
+        return "train" in self.depends_on or "test" in self.depends_on
+
+    def key_parts(self, ingredients: Mapping[str, Any]) -> list:
+        """What this metric's key in the store is a digest of, given the ``ingredients`` (``"loss"``: the loss's
+        key, ``"train"``, ``"test"``: the data's fingerprints, ``"control"``: the id of the control beside the
+        learner or None, ``"code"``: a digest of a user metric's code)."""
+        return self.key(self, ingredients)
+
+
+METRICS: dict[str, MetricSpec] = {}  # the built-in metrics by name, in the result's order
+
+
+def register(spec: MetricSpec) -> MetricSpec:
+    """Add a built-in metric (after those registered before it); refused if its name is taken."""
+    if spec.name in METRICS:
+        raise ValueError(f"A built-in metric named {spec.name!r} is registered already.")
+    METRICS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> MetricSpec:
+    """Remove a built-in metric (a test's own, say); returns it."""
+    return METRICS.pop(name)
+
+
+def builtin(name: str | None = None, **fields: Any) -> Callable[[Callable], Callable]:
+    """Register ``fn(snapshot) -> (N, ...)`` as a built-in metric named ``name`` (default: the function's
+    name), with the other fields of its ``MetricSpec``."""
+    def add(fn: Callable) -> Callable:
+        register(MetricSpec(name or fn.__name__, fn, **fields))
+        return fn
+
+    return add
+
+
+def recorded(evaluate: bool = True, controls: bool = True) -> list[MetricSpec]:
+    """The built-in metrics an experiment records, in the result's order."""
+    return [s for s in METRICS.values() if (evaluate or not s.evaluates) and (controls or not s.against_control)]
+
+
+def names(evaluate: bool = True, controls: bool = True) -> list[str]:
+    """The names of ``recorded(evaluate, controls)``."""
+    return [s.name for s in recorded(evaluate, controls)]
+
+
+class _Names(Sequence):
+    """The names of the registered metrics that ``keep`` selects, read from the registry when used."""
+
+    def __init__(self, keep: Callable[[MetricSpec], bool]):
+        self._keep = keep
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(n for n, s in METRICS.items() if self._keep(s))
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __add__(self, other) -> tuple[str, ...]:
+        return self._names() + tuple(other)
+
+    def __eq__(self, other) -> bool:
+        return self._names() == tuple(other) if isinstance(other, (Sequence, _Names)) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+class _Dims(Mapping):
+    """The dimension names of the registered metrics that have their own (name -> dims), read when used."""
+
+    def _dims(self) -> dict[str, tuple[str, ...]]:
+        return {n: s.dims for n, s in METRICS.items() if s.dims}
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return self._dims()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dims())
+
+    def __len__(self) -> int:
+        return len(self._dims())
+
+    def __repr__(self) -> str:
+        return repr(self._dims())
+
+
+# views of the registry, by family
+BUILTIN_METRICS = _Names(lambda s: True)
+DEFAULT_METRICS = _Names(lambda s: s.evaluates and not s.against_control)  # train/test loss and accuracy
+WEIGHT_METRICS = _Names(lambda s: not s.evaluates and not s.against_control)
+CONTROL_METRICS = _Names(lambda s: s.against_control)
+BUILTIN_DIMS = _Dims()  # metrics with a dimension of their own
+
+
+# -- the built-in metrics, in the result's order ------------------------------------------------------------
+
+for _split in ("train", "test"):
+    builtin(f"{_split}_loss", depends_on=("loss", _split), key=evaluation_key(_split, "loss"))(
+        lambda s, split=_split: s.evaluation(split).loss)
+    builtin(f"{_split}_acc", depends_on=(_split,), key=evaluation_key(_split, "acc"))(
+        lambda s, split=_split: s.evaluation(split).acc)
+
+
+@builtin()
+def param_norm(s: Snapshot) -> torch.Tensor:
+    return _total(s.norms)
+
+
+@builtin()
+def init_distance(s: Snapshot) -> torch.Tensor:
+    return _total(s.init_layers)
+
+
+@builtin()
+def init_cosine(s: Snapshot) -> torch.Tensor:
+    return _cosine(_total(s.norms), _total(s.initial_norms), _total(s.init_layers))
+
+
+@builtin(depends_on=("control",), key=control_key)
+def control_distance(s: Snapshot) -> torch.Tensor:
+    return _total(s.control_layers)
+
+
+@builtin(dims=("layer",), depends_on=("control",), key=control_key)
+def control_layer_distance(s: Snapshot) -> torch.Tensor:
+    return s.control_layers
+
+
+@builtin(depends_on=("control",), key=control_key)
+def control_cosine(s: Snapshot) -> torch.Tensor:
+    norm = _total(s.norms)
+    return _cosine(norm, norm[s.control], _total(s.control_layers))
+
+
+@builtin(depends_on=("control", "test"), key=control_key)
+def control_agreement(s: Snapshot) -> torch.Tensor:
+    acc = s.evaluation("test").acc
+    finite = ~torch.isnan(acc) & ~torch.isnan(acc[s.control])  # non-finite logits: NaN
+    predictions = s.predictions
+    agree = torch.full_like(acc, torch.nan, dtype=torch.float64) if predictions is None else agreement(predictions, s.control)
+    return torch.where(finite, agree, torch.nan)
+
+
+@builtin(depends_on=("control", "loss", "test"), key=control_key)
+def control_test_loss_diff(s: Snapshot) -> torch.Tensor:
+    loss = s.evaluation("test").loss
+    return loss - loss[s.control]
 
 
 # -- metrics written for one model ------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Recording a chunk's metrics at its logged steps, on the device, without copying to the host until the
 chunk ends.
 
-At each logged step the ``Recorder`` computes, for all N learners of the chunk at once: loss and accuracy on
-the whole train and test sets; weight norm, distance and cosine to each learner's own initial weights; for
-learners whose control trains in the same chunk, the metrics against it (each learner's control is a row of
-the same stacked state, gathered with a control index (N,): ``tree_map(lambda p: p[idx], params)``); and the
-logger's own metrics, vmapped. A diverged learner's metrics are NaN from its divergence on, and so are its
-metrics against a control that diverged.
+At each logged step the ``Recorder`` computes, for all N learners of the chunk at once, every built-in metric of
+the registry (``metrics.METRICS``) that the chunk records, each a function of one ``metrics.Snapshot`` of the
+stacked state: loss and accuracy on the whole train and test sets; weight norm, distance and cosine to each
+learner's own initial weights; for learners whose control trains in the same chunk, the metrics against it
+(each learner's control is a row of the same stacked state, gathered with a control index (N,):
+``tree_map(lambda p: p[idx], params)``); and the logger's own metrics, vmapped. A diverged learner's metrics
+are NaN from its divergence on, and so are its metrics against a control that diverged.
 """
 
 from __future__ import annotations
@@ -21,36 +22,27 @@ from torch import nn
 from .data import batch_indices, epoch_orders
 from .grid import LearnerSpec
 from .metrics import (
-    DEFAULT_METRICS,
-    WEIGHT_METRICS,
     Data,
+    Evaluation,
     MetricFn,
-    agreement,
-    control_metrics,
+    Snapshot,
     gather,
     layer_norms,
+    recorded,
     vmapped_metrics,
-    weight_metrics,
 )
 from .step import LossFn, evaluate_dataset, make_logits
 
 if TYPE_CHECKING:
     from .training import TrainingData
 
-EVALUATION_CONTROL_METRICS = ("control_agreement", "control_test_loss_diff")
-WEIGHT_CONTROL_METRICS = ("control_distance", "control_layer_distance", "control_cosine")
-
-
 def builtin_metric_names(evaluate: bool, controls: bool) -> list[str]:
-    """The built-in metrics an experiment records, in the result's order.
+    """The built-in metrics an experiment records, in the result's order (``metrics.METRICS``).
 
     >>> builtin_metric_names(evaluate=False, controls=True)
     ['param_norm', 'init_distance', 'init_cosine', 'control_distance', 'control_layer_distance', 'control_cosine']
     """
-    names = (list(DEFAULT_METRICS) if evaluate else []) + list(WEIGHT_METRICS)
-    if controls:
-        names += list(WEIGHT_CONTROL_METRICS) + (list(EVALUATION_CONTROL_METRICS) if evaluate else [])
-    return names
+    return [spec.name for spec in recorded(evaluate, controls)]
 
 
 def control_index(specs: Sequence[LearnerSpec]) -> torch.Tensor:
@@ -79,6 +71,7 @@ class Recorder:
         self.initial = initial_params  # (N, ...), kept on the device
         self.initial_norms = layer_norms(initial_params)  # (N, L)
         self.evaluate, self.controls, self.steps_per_epoch = evaluate, controls, steps_per_epoch
+        self.builtins = recorded(evaluate, controls)  # metrics.METRICS that this chunk records
         self.logits_fn = logits_fn or make_logits(template)  # the training step's (accelerated) layers, if given
         self.learners_per_pass = learners_per_pass  # (state, x) -> learners per evaluation pass (None: all)
         index = control_index(specs).to(device)  # (N,)
@@ -119,37 +112,28 @@ class Recorder:
 
     def _compute(self, state: dict, step: int) -> tuple[dict, dict]:
         params, buffers = state.params, state.buffers
-        n = len(self.control)
-        nan = torch.full((n,), torch.nan, dtype=torch.float64, device=self.device)
+        snapshot = Snapshot(params, self.initial, self.control, lambda split, predictions: self._evaluate(
+            state, split, predictions), self.initial_norms, predict=self.controls)
         values: dict[str, torch.Tensor] = {}
         against: dict[str, torch.Tensor] = {}  # metrics against the control
-        predictions = None
-        if self.evaluate:
-            for split, x, y in (("train", self.data.x, self.data.y), ("test", self.data.x_test, self.data.y_test)):
-                if x is None:
-                    values[f"{split}_loss"], values[f"{split}_acc"] = nan, nan
-                    continue
-                group = self.learners_per_pass(state, x) if self.learners_per_pass else None
-                out = evaluate_dataset(self.logits_fn, self.loss_fn, params, buffers, x, y, self.data.eval_batch_size,
-                                       predictions=self.controls and split == "test", learners_per_pass=group)
-                values[f"{split}_loss"], values[f"{split}_acc"] = out[:2]
-                if len(out) == 3:
-                    predictions = out[2]  # (N, n_test)
-        norms = layer_norms(params)  # (N, L)
-        values.update(weight_metrics(params, self.initial, norms, self.initial_norms))
-        if self.controls:
-            against.update(control_metrics(params, self.control, norms))
-            if self.evaluate:
-                test_loss, test_acc = values["test_loss"], values["test_acc"]
-                finite = ~torch.isnan(test_acc) & ~torch.isnan(test_acc[self.control])  # non-finite logits: NaN
-                agree = nan if predictions is None else agreement(predictions, self.control)
-                against["control_agreement"] = torch.where(finite, agree, torch.nan)
-                against["control_test_loss_diff"] = test_loss - test_loss[self.control]
+        for spec in self.builtins:
+            (against if spec.against_control else values)[spec.name] = spec.fn(snapshot)
         if self.custom is not None:
             control = (gather(params, self.control), gather(buffers, self.control))
             for name, value in self.custom(params, buffers, control=control, batch=self.batch(step)).items():
                 (against if name in self.reads_control else values)[name] = value
         return values, against
+
+    def _evaluate(self, state: dict, split: str, predictions: bool) -> Evaluation:
+        """Loss and accuracy of the N learners on the whole ``split`` ("train" or "test"), NaN without it."""
+        x, y = (self.data.x, self.data.y) if split == "train" else (self.data.x_test, self.data.y_test)
+        if x is None:
+            nan = torch.full((len(self.control),), torch.nan, dtype=torch.float64, device=self.device)
+            return Evaluation(nan, nan)
+        group = self.learners_per_pass(state, x) if self.learners_per_pass else None
+        out = evaluate_dataset(self.logits_fn, self.loss_fn, state.params, state.buffers, x, y,
+                               self.data.eval_batch_size, predictions=predictions, learners_per_pass=group)
+        return Evaluation(*out)
 
     def results(self, n: int) -> dict[str, np.ndarray]:
         """Each metric of the first ``n`` learners as (n, logged steps, *its own dims), on the host."""

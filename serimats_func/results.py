@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from .grid import Grid
-from .metrics import BUILTIN_METRICS, DEFAULT_METRICS
+from .metrics import METRICS
 from .store import Store
 
 
@@ -34,9 +34,10 @@ def _labels(values: list) -> np.ndarray:
 
 
 def assemble(grid: Grid, stored: xr.Dataset, steps: Sequence[int], attrs: dict | None = None,
-             order: Sequence[str] = DEFAULT_METRICS, controls: bool = False) -> xr.Dataset:
+             order: Sequence[str] | None = None, controls: bool = False) -> xr.Dataset:
     """Lay the stored learners (dims learner, step) out on the grid's dimensions, over ``steps``; metrics
-    come in ``order``, then any others."""
+    come in ``order`` (default: the built-in metrics' order, ``metrics.METRICS``), then any others."""
+    order = list(METRICS) if order is None else order
     dims = list(grid.dims)
     shape = tuple(len(v) for v in grid.dims.values())
     steps = np.asarray(steps, dtype=np.int64)
@@ -119,7 +120,7 @@ def store_results(store: Store) -> xr.Dataset:
                              "they differ in something that is not a coordinate. Read them through their Experiment.")
         seen[cell] = spec.id
         grid.cells.append((cell, spec))
-    metrics = [m for m in BUILTIN_METRICS if m in metrics] + [m for m in metrics if m not in BUILTIN_METRICS]
+    metrics = [m for m in METRICS if m in metrics] + [m for m in metrics if m not in METRICS]
     stored = store.read([(spec.id, chosen[spec.id], dict.fromkeys(metrics)) for _, spec in grid.cells], metrics)
     steps = sorted({s for st in chosen.values() for s in st})
     return assemble(grid, stored, steps, {"store": str(store.path)}, order=metrics)

@@ -276,10 +276,10 @@ def train_chunk(
     autocast = partial(acceleration.autocast, speed.precision, device)
 
     def build(plan: str) -> tuple[Callable, Callable]:
-        layers = convolutions.plan_for(template, plan) if plan in convolutions.PLANS else {}
+        layers, per_learner = convolutions.plan_for(template, plan), convolutions.PLANS[plan].per_learner
         return (make_train_step(template, twin, loss_fn, hooks, shared_batch=shared, trainable=setup.trainable_names,
-                                layers=layers, autocast=autocast, per_learner=plan == "serial"),
-                make_logits(template, layers, per_learner=plan == "serial"))
+                                layers=layers, autocast=autocast, per_learner=per_learner),
+                make_logits(template, layers, per_learner=per_learner))
 
     first = batch_indices(_orders(data_keys[:1], 0, len(data.x), device), 0, data.batch_size)[0]
     xb, yb = data.x[first], data.y[first]
