@@ -143,6 +143,16 @@ def _is_library(obj: Any) -> bool:
     return _library_module(getattr(obj, "__module__", None))
 
 
+_PROTOCOL_PACKAGES = ("serimats_func.interventions", "serimats_func.loggers")
+
+
+def _is_protocol(cls: type) -> bool:
+    """The library's classes that users subclass (``Intervention`` and the built-ins, ``Logger``): named, not
+    hashed, like torch's, so that a user class's id or metric key does not change with the library's internals
+    (where they live, how the base class is written); its own code is hashed as always."""
+    return (getattr(cls, "__module__", None) or "").startswith(_PROTOCOL_PACKAGES)
+
+
 def _name(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
@@ -574,6 +584,8 @@ class _Describer:
         """A library class by name; a user class by a digest of its description."""
         if _is_library(cls):
             return _name(cls)
+        if _is_protocol(cls):
+            return f"serimats_func:{cls.__qualname__}"
         return self._memo(cls, lambda: {"class": cls.__qualname__, "code": digest(self.klass(cls))},
                           {"class": cls.__qualname__, "cycle": True})
 

@@ -35,7 +35,10 @@ PINNED_TF32 = {
     "control_layer_distance": "5e273a0bd836b981", "control_cosine": "759ed3c7fca20cfb",
     "control_agreement": "4771cf71bdce9abf", "control_test_loss_diff": "48cdd65709a9d0b1",
 }
-PINNED_USER = {"weight_norm": "aef60435a74bf457", "to_control": "66b5cc325c417011"}  # digests of their code
+# Digests of the user metrics' code. They changed once when the library's Logger base class came to be named
+# rather than hashed (identity._is_protocol): from then on they depend on the user's code alone, not on where the
+# library's modules live or how Logger is written (the layout move of "One open core" leaves them as they are).
+PINNED_USER = {"weight_norm": "aea14053a1c2311b", "to_control": "4f41f885f0c91644"}
 
 
 class PinLogger(Logger):
