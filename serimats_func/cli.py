@@ -219,7 +219,8 @@ def submit(args: argparse.Namespace) -> int:
         print("serimats-func submit needs submitit: pip install -e \".[cluster]\" (or pip install submitit)",
               file=sys.stderr)
         return 2
-    from .cluster import ScriptSource, ShardError, run_sharded
+    from .cluster import ShardError, run_sharded
+    from .experiments import ScriptSource
 
     source = ScriptSource(str(Path(args.script).resolve()), args.experiment)
     exp = source.load()
