@@ -593,7 +593,7 @@ def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int |
     each set (all if None)."""
     chunks = exp.plan().chunks
     states = [lib_training.initial_state(c.learners, lib_training.chunk_hooks(c.learners), device) for c in chunks]
-    data = exp._training_data(exp.base)
+    data = exp._runner().training_data(exp.base)  # the train and test tensors on the device
     layers, plan = {}, None
     if convolutions_of(exp.template):  # the default plan, as a short run() takes it
         plan = lib_acceleration.default_plan(device, max(2, len(chunks[0].learners)))

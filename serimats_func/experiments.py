@@ -321,6 +321,7 @@ class Experiment:
                 raise ValueError("shards= needs an executor=, e.g. submitit.AutoExecutor('runs/jobs').")
             plan = self.plan()
             if plan.chunks:
+                self.speed_report = []
                 self._runner().train(plan)
             else:
                 self.store.clean()
@@ -339,6 +340,7 @@ class Experiment:
         learners = [s for s in self.grid.learners if s.id in wanted]
         plan = self.plan(learners)
         if plan.chunks:
+            self.speed_report = []
             self._runner().train(plan, learners)
         return plan.to_train
 
@@ -350,7 +352,6 @@ class Experiment:
     def _runner(self) -> Runner:
         """The run loop, given this experiment's parts and settings as they are now (a shard may have changed
         ``device`` and ``progress``); the chunks it trains report their speed choices into ``speed_report``."""
-        self.speed_report = []
         settings = RunSettings(
             name=self.name, loss=self.loss, device=self.device, eval_batch_size=self.eval_batch_size,
             evaluate=self.evaluate, controls=self.grid.has_controls, reads_control=self.reads_control,
