@@ -10,9 +10,9 @@ For each workload and each N, the three ways train the same N learners for the s
   Serial and naive start each learner from the same seed (``torch.manual_seed(i)``) and see the same batches.
 - ours: ``serimats_func.Experiment(...).run()`` in a fresh temporary store, with
   ``InitWeights.make_variations(seed=range(N))`` and the whole-dataset evaluation switched off
-  (``Experiment(evaluate=False)`` if the library has it, else ``training.evaluate_dataset`` is replaced by a stub
-  that returns NaN). ``run()`` is timed whole (initial states, steps, store write, read-back); building the
-  ``Experiment`` and a first warm-up ``run()`` (first-call costs) are timed apart.
+  (``Experiment(evaluate=False)``). ``run()`` is timed whole (initial states, steps, store write, read-back); its
+  parts are timed by a callback (``StepProbe``) and by timers on ``exp.store``; building the ``Experiment`` and a
+  first warm-up ``run()`` (first-call costs) are timed apart.
 
 Workloads:
 
@@ -52,8 +52,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,9 +69,9 @@ import serimats_func  # noqa: E402
 from serimats_func import Experiment, datasets  # noqa: E402
 from serimats_func import acceleration as lib_acceleration  # noqa: E402
 from serimats_func import convolutions as lib_convolutions  # noqa: E402
-from serimats_func import experiments as lib_experiments  # noqa: E402
 from serimats_func import step as lib_step  # noqa: E402
 from serimats_func import training as lib_training  # noqa: E402
+from serimats_func.callbacks import Callback  # noqa: E402
 from serimats_func.convolutions import convolutions_of  # noqa: E402
 from serimats_func.interventions import InitWeights, Optimizer  # noqa: E402
 from serimats_func.models import MLP, Lenet5  # noqa: E402
@@ -85,7 +84,6 @@ MNIST_ROOT = REPO / ".." / "shared" / "data" / "mnist"
 LENET_TRAIN, LENET_TOTAL = 8000, 10000
 WAYS = ("serial", "naive", "ours", "compiled")
 COMPILED_NS = {"mlp": (32, 64, 128), "lenet": ()}  # where "compiled" runs by default on a CPU (--compiled-n)
-EVALUATE_ARG = "evaluate" in inspect.signature(Experiment).parameters  # Experiment(..., evaluate=False)
 
 
 # ---------------------------------------------------------------------------------------------- workloads
@@ -415,118 +413,61 @@ class Naive:
 
 
 # ---------------------------------------------------------------------------------------------- ours
-# Everything that reaches into serimats_func's internals is in this section (ADAPTERS), so that it is easy to
-# update when they change: evaluation off, the step probe, the breakdown of run(), the compile-time hook and
-# the whole-set evaluation.
+# Everything that reaches beyond serimats_func's user API is in this section (ADAPTERS), so that it is easy to
+# update when it changes: the step probe (a callback, ``Experiment(callbacks=...)``), timers on the experiment's
+# store object, the speed report and the whole-set evaluation. Nothing in the library is patched.
 
 
-def nan_evaluation(evaluate, params, buffers, x, y, batch_size):
-    """Stand-in for ``training.evaluate_dataset`` while the library has no ``evaluate=False``."""
-    leaf = next(iter(params.values()))
-    nan = torch.full((leaf.shape[0],), float("nan"), dtype=torch.float64, device=leaf.device)
-    return nan, nan.clone()
+class StepProbe(Callback):
+    """ADAPTER: a callback (``Experiment(callbacks=[probe])``, see ``serimats_func.callbacks``) that times the run's
+    chunks. Into ``times``: ``train_chunk`` (each chunk's training, from its start to its last update, the store
+    write left out), ``setup`` (the part before its first update: initial state, the check on meta tensors,
+    choosing and compiling the step, the step-0 record) and ``steps``/``step_calls`` (its updates, each timed
+    synchronized from the end of the one before: gathering the batch and the metric records at logged steps
+    included). It keeps each chunk's last loss (for the final losses) and, with ``time_steps``, when each update
+    ended."""
 
-
-class StepProbe:
-    """Wraps ``training.make_train_step``: keeps each chunk's last step output (for the final losses) and,
-    with ``time_steps``, the (synchronized) time at which each step ended. A chunk may build several steps (the
-    library checks one on meta tensors, may measure candidates): the last real output of the chunk counts."""
-
-    def __init__(self, device: torch.device, time_steps: bool = False):
-        self.device, self.time_steps = device, time_steps
-        self.last: list = []  # per chunk: (state, loss) of its last step
+    def __init__(self, device: torch.device, times: dict, time_steps: bool = False):
+        self.device, self.times, self.time_steps = device, times, time_steps
+        self.last: list = []  # per chunk: the loss (N,) of its last update
         self.step_ends: list[float] = []
+        self._began = self._mark = 0.0
 
-    def new_chunk(self) -> None:
+    def _now(self) -> float:
+        sync(self.device)
+        return time.perf_counter()
+
+    def _add(self, key: str, value: float) -> None:
+        self.times[key] = self.times.get(key, 0) + value
+
+    def on_chunk_start(self, chunk) -> None:
         self.last.append(None)
+        self._began = self._now()
 
-    def wrap(self, make_train_step: Callable) -> Callable:
-        def make(*args, **kwargs):
-            step_fn = make_train_step(*args, **kwargs)
+    def on_step(self, chunk, step, state, loss) -> None:
+        now = self._now()
+        if loss is None:  # where the chunk starts: its setup is done
+            self._add("setup", now - self._began)
+        else:
+            self.last[-1] = loss
+            self._add("steps", now - self._mark)
+            self._add("step_calls", 1)
+            if self.time_steps:
+                self.step_ends.append(now)
+        self._mark = now
 
-            def probed(*step_args):
-                out = step_fn(*step_args)
-                if out[-1].device.type != "meta":
-                    if not self.last:
-                        self.new_chunk()
-                    self.last[-1] = out
-                    if self.time_steps:
-                        sync(self.device)
-                        self.step_ends.append(time.perf_counter())
-                return out
-
-            return probed
-
-        return make
-
-    def chunks(self, train_chunk: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            self.new_chunk()
-            return train_chunk(*args, **kwargs)
-
-        return wrapper
+    def on_chunk_end(self, chunk, result) -> None:
+        self._add("train_chunk", self._now() - self._began)
 
     def losses(self, n: int) -> torch.Tensor | None:
-        """The last step's loss of the first ``n`` learners (a lone learner is trained as two copies)."""
-        if not self.last or any(out is None for out in self.last):
+        """The last update's loss of the first ``n`` learners."""
+        if not self.last or any(loss is None for loss in self.last):
             return None
-        return torch.cat([out[-1].detach().cpu() for out in self.last])[:n]
-
-
-@contextmanager
-def patched(patches: list[tuple[object, str, object]]) -> Iterator[None]:
-    """Set ``setattr(owner, name, value)`` for each patch, and put the originals back afterwards."""
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    try:
-        for owner, name, value in patches:
-            setattr(owner, name, value)
-        yield
-    finally:
-        for owner, name, value in reversed(originals):
-            setattr(owner, name, value)
-
-
-def library_patches(probe: StepProbe, times: dict, device: torch.device) -> list[tuple[object, str, object]]:
-    """ADAPTER: evaluation off (if needed), the step probe, and timers around the chunk's training and its
-    initial state; a name the library no longer has is skipped (that part of the breakdown is then missing)."""
-    patches = []
-    if not EVALUATE_ARG and hasattr(lib_training, "evaluate_dataset"):
-        patches.append((lib_training, "evaluate_dataset", nan_evaluation))
-    if hasattr(lib_training, "make_train_step"):
-        patches.append((lib_training, "make_train_step", probe.wrap(lib_training.make_train_step)))
-    if hasattr(lib_training, "initial_state"):
-        patches.append((lib_training, "initial_state", timed(lib_training.initial_state, device, times, "initial_state")))
-    if hasattr(lib_experiments, "train_chunk"):
-        patches.append((lib_experiments, "train_chunk",
-                        timed(probe.chunks(lib_experiments.train_chunk), device, times, "train_chunk")))
-    if hasattr(lib_acceleration, "PreparedStep") and hasattr(lib_acceleration, "prepare_step"):
-        preparing = [False]  # the calls prepare_step makes (compiling, measuring) are not training steps
-        original_prepare, call = lib_acceleration.prepare_step, lib_acceleration.PreparedStep.__call__
-
-        def prepare(*args, **kwargs):
-            preparing[0] = True
-            try:
-                return original_prepare(*args, **kwargs)
-            finally:
-                preparing[0] = False
-
-        def step_call(self, *args):
-            if preparing[0]:
-                return call(self, *args)
-            with Clock(device) as clock:
-                out = call(self, *args)
-            times["steps"] = times.get("steps", 0.0) + clock.seconds
-            times["step_calls"] = times.get("step_calls", 0) + 1
-            return out
-
-        patches += [(lib_acceleration, "prepare_step", prepare), (lib_acceleration.PreparedStep, "__call__", step_call)]
-    return patches
+        return torch.cat([loss.detach().cpu() for loss in self.last])[:n]
 
 
 def evaluation_switch() -> str:
-    if EVALUATE_ARG:
-        return "Experiment(evaluate=False)"
-    return "monkeypatched serimats_func.training.evaluate_dataset (returns NaN; the library has no evaluate= yet)"
+    return "Experiment(evaluate=False)"
 
 
 def library_speed_report(exp: Experiment) -> list[dict]:
@@ -536,8 +477,8 @@ def library_speed_report(exp: Experiment) -> list[dict]:
 
 
 def make_experiment(workload: Workload, n: int, steps: int, device: torch.device, store: Path,
-                    compile: bool | str = "auto") -> Experiment:
-    extra = {"evaluate": False} if EVALUATE_ARG else {}
+                    compile: bool | str = "auto", callbacks: tuple = ()) -> Experiment:
+    extra: dict = {"evaluate": False, "callbacks": list(callbacks)}
     if compile != "auto":
         extra["compile"] = compile
     return Experiment(
@@ -550,22 +491,18 @@ def make_experiment(workload: Workload, n: int, steps: int, device: torch.device
 
 def run_experiment(workload: Workload, n: int, steps: int, device: torch.device, time_steps: bool = False,
                    compile: bool | str = "auto") -> dict:
-    """Build an Experiment in a fresh temporary store and run it, instrumented; times and the final losses. With
-    ``compile=True`` the step probe stays out (torch.compile would trace it), and ``seconds`` leaves out what the
-    library reports as compiling and measuring (``run_s`` has it all)."""
+    """Build an Experiment in a fresh temporary store and run it, watched by a ``StepProbe``; times and the final
+    losses. With ``compile=True``, ``seconds`` leaves out what the library reports as compiling and measuring
+    (``run_s`` has it all), and the time per step is the run's (the probe's step ends are not kept)."""
     times: dict[str, float] = {}
-    probe = StepProbe(device, time_steps and compile is not True)
+    probe = StepProbe(device, times, time_steps and compile is not True)
     with tempfile.TemporaryDirectory(prefix="serimats-speed-") as tmp:
         with Clock(device) as build:
-            exp = make_experiment(workload, n, steps, device, Path(tmp) / "speed.zarr", compile)
+            exp = make_experiment(workload, n, steps, device, Path(tmp) / "speed.zarr", compile, callbacks=(probe,))
         chunks = len(exp.plan().chunks)  # before run(): afterwards every learner is in the store
-        exp.store.write = timed(exp.store.write, device, times, "store_write")
-        reader = "read_found" if hasattr(exp.store, "read_found") else "read"
-        setattr(exp.store, reader, timed(getattr(exp.store, reader), device, times, "store_read"))
-        patches = library_patches(probe, times, device)
-        if compile is True:
-            patches = [p for p in patches if p[1] != "make_train_step"]
-        with patched(patches), Clock(device) as run:
+        exp.store.write = timed(exp.store.write, device, times, "store_write")  # this Store object only
+        exp.store.read = timed(exp.store.read, device, times, "store_read")
+        with Clock(device) as run:
             exp.run()
     report = library_speed_report(exp)
     compile_s = sum(r["compile_s"] for r in report) if report else None
@@ -656,7 +593,7 @@ def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int |
     each set (all if None)."""
     chunks = exp.plan().chunks
     states = [lib_training.initial_state(c.learners, lib_training.chunk_hooks(c.learners), device) for c in chunks]
-    data = exp._training_data(exp.base)
+    data = exp._runner().training_data(exp.base)  # the train and test tensors on the device
     layers, plan = {}, None
     if convolutions_of(exp.template):  # the default plan, as a short run() takes it
         plan = lib_acceleration.default_plan(device, max(2, len(chunks[0].learners)))
@@ -855,7 +792,7 @@ def ours_line(name: str, r: dict) -> str:
     if "seconds" not in r:
         return f"  {name}: -"
     b = r["breakdown"]
-    parts = [f"train_chunk {b['train_chunk']:.3f} s (initial state {b.get('initial_state', 0):.3f} s)"
+    parts = [f"train_chunk {b['train_chunk']:.3f} s (setup {b.get('setup', 0):.3f} s)"
              if "train_chunk" in b else None,
              f"store write {b['store_write']:.3f} s" if "store_write" in b else None,
              f"read-back {b['store_read']:.3f} s" if "store_read" in b else None]

@@ -125,7 +125,7 @@ class Checkpoints:
 
     @property
     def path(self) -> str:
-        return str(self.store.path / "checkpoints" / (self.saved or ""))
+        return str(self.store.layout.checkpoint(self.saved or ""))
 
     def follow(self, step: int, state: Any, snapshot: Callable[[], tuple[Sequence[int], Mapping[str, np.ndarray]]]) -> None:
         """Follow a chunk from ``step``: ``snapshot()`` gives its logged steps recorded in full so far and their

@@ -112,7 +112,7 @@ def list_store(path: str | Path) -> str:
                      "yes" if bool(ds["control"].isel(where)) else ""])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
-    checkpoints = sorted((Path(path) / "checkpoints").glob("*.pt"))
+    checkpoints = Store(path).layout.names("checkpoint")
     lines.append(f"\n{len(checkpoints)} chunk checkpoint(s) of training in progress" if checkpoints else "")
     return "\n".join(lines).rstrip()
 
@@ -219,7 +219,8 @@ def submit(args: argparse.Namespace) -> int:
         print("serimats-func submit needs submitit: pip install -e \".[cluster]\" (or pip install submitit)",
               file=sys.stderr)
         return 2
-    from .cluster import ScriptSource, ShardError, run_sharded
+    from .cluster import ShardError, run_sharded
+    from .experiments import ScriptSource
 
     source = ScriptSource(str(Path(args.script).resolve()), args.experiment)
     exp = source.load()

@@ -18,18 +18,39 @@ learners compared with it) are sorted by id and dealt to the shard with the fewe
 
 from __future__ import annotations
 
-import runpy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import xarray as xr
 
-    from .experiments import Experiment
     from .grid import LearnerSpec
+    from .store import Store
+
+
+class Shardable(Protocol):
+    """What sharding needs of an experiment (``Experiment`` is one; this module does not import it, so that
+    ``Experiment.run(executor=...)`` can import this one)."""
+
+    name: str
+    store: Store
+    progress: bool
+    device: Any
+    requested_device: str | None
+
+    def learners_to_train(self) -> list[LearnerSpec]: ...
+
+    def train_only(self, ids: Sequence[str]) -> int: ...
+
+    def results(self) -> xr.Dataset: ...
+
+
+class Source(Protocol):
+    """Something that makes the experiment again in a job (``experiments.ScriptSource``: runs its script)."""
+
+    def load(self) -> Shardable: ...
 
 
 class ShardError(RuntimeError):
@@ -57,43 +78,17 @@ def split_families(groups: Sequence[Sequence[str]], shards: int) -> list[tuple[s
     return [tuple(sorted(s)) for s in out if s]
 
 
-@dataclass(frozen=True)
-class ScriptSource:
-    """An experiment defined by a Python script: the job runs the script (not as ``__main__``, so an
-    ``if __name__ == "__main__": exp.run()`` block does not run) and takes the Experiment it defines."""
-
-    path: str
-    name: str | None = None
-
-    def load(self) -> Experiment:
-        return find_experiment(runpy.run_path(self.path, run_name="__serimats_func_job__"), self.path, self.name)
-
-
-def find_experiment(namespace: dict[str, Any], where: str, name: str | None = None) -> Experiment:
-    """The Experiment a script defines (the one named ``name`` when it defines several)."""
-    from .experiments import Experiment
-
-    found = {k: v for k, v in namespace.items() if isinstance(v, Experiment)}
-    if name is not None:
-        if name not in found:
-            raise ValueError(f"{where} defines no Experiment named {name!r}; it defines: {', '.join(found) or 'none'}.")
-        return found[name]
-    if len(found) != 1:
-        raise ValueError(f"{where} must define exactly one Experiment at module level (found "
-                         f"{', '.join(found) or 'none'}); name one with --experiment.")
-    return next(iter(found.values()))
-
-
 class ShardJob:
     """One shard's work, as a submitit job: train the learners ``shards[index]`` that are still missing,
     on this node's device (one GPU per shard when a node has several). Requeued on timeout or
     preemption by submitit's checkpoint protocol; the store's checkpoints make it resume."""
 
-    def __init__(self, source: Experiment | ScriptSource, shards: Sequence[tuple[str, ...]]):
+    def __init__(self, source: Shardable | Source, shards: Sequence[tuple[str, ...]]):
         self.source, self.shards = source, list(shards)
 
     def __call__(self, index: int) -> int:
-        exp = self.source.load() if isinstance(self.source, ScriptSource) else self.source
+        load = getattr(self.source, "load", None)
+        exp = load() if callable(load) else self.source
         exp.device = shard_device(exp.requested_device, index)
         exp.progress = False
         return exp.train_only(self.shards[index])
@@ -117,7 +112,7 @@ def shard_device(requested: Any, index: int) -> Any:
     return torch.device("cuda", index % torch.cuda.device_count())
 
 
-def run_sharded(exp: Experiment, executor: Any, shards: int, source: ScriptSource | None = None,
+def run_sharded(exp: Shardable, executor: Any, shards: int, source: Source | None = None,
                 poll_seconds: float = 1.0) -> xr.Dataset:
     """Train ``exp``'s missing learners as ``shards`` jobs of ``executor``; wait; return the results."""
     from tqdm.auto import tqdm
@@ -138,7 +133,7 @@ def run_sharded(exp: Experiment, executor: Any, shards: int, source: ScriptSourc
     return exp.results()
 
 
-def _landed(exp: Experiment, todo: Sequence[LearnerSpec]) -> int:
+def _landed(exp: Shardable, todo: Sequence[LearnerSpec]) -> int:
     index = exp.store.index()
     return sum(1 for s in todo if s.id in index)
 
@@ -166,7 +161,7 @@ def _error(job: Any) -> str:
     return text[-1] if text else "unknown error"
 
 
-def _report(exp: Experiment, failures: list[tuple[int, Any]], parts: list[tuple[str, ...]]) -> str:
+def _report(exp: Shardable, failures: list[tuple[int, Any]], parts: list[tuple[str, ...]]) -> str:
     lines = [f"{len(failures)} of {len(parts)} shards failed; `run()` again trains only what is missing, from the "
              f"shards' checkpoints in {exp.store.path}:"]
     for index, job in failures:

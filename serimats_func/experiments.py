@@ -15,37 +15,36 @@
 from __future__ import annotations
 
 import numbers
-import platform
 import re
-import time
+import runpy
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import xarray as xr
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import metrics, pytrees, trial
 from .acceleration import ChunkSpeed, Speed
-from .checkpoints import Checkpoints, load_learner, select_learner
+from .callbacks import Callbacks, check_callbacks
+from .checkpoints import load_learner, select_learner
 from .data import as_tensors, steps_per_epoch
 from .grid import Grid, LearnerSpec, build_grid
 from .identity import describe_callable, digest
 from .interventions.optimizer import Optimizer, as_optimizer
 from .learners import initial_model_state
-from .locks import Claims
 from .loggers import Logger, metric_specs
-from .metrics import BUILTIN_DIMS, Data
-from .planning import Chunk, Plan, describe_group, make_plan
+from .metrics import Data
+from .planning import Plan, describe_group, make_plan
 from .plotter import Plotter, show
-from .results import assemble
 from .resume import Need, Start, start_of
+from .runner import Learners, Runner, RunSettings, read_results
 from .setup import Setup, SetupContext
 from .store import Store
-from .training import ChunkStart, Schedule, TrainingData, train_chunk
+from .training import Schedule
 
 DEFAULT_OPTIMIZER = Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
 
@@ -87,6 +86,8 @@ class Experiment:
             store at these steps, or every this many steps; ``load_learner`` gives one back. The final state is
             always kept, so that asking for more steps later continues from it. Asking for a state the store
             lacks trains the learner again from the latest state it holds before that step.
+        callbacks: objects watching the training as it goes, called at each chunk's start and end and after each
+            step (see ``serimats_func.callbacks``); they change nothing, and learner ids do not depend on them.
 
     Building an Experiment checks everything it can before anything is written: settings, data, model,
     interventions, metrics, and one trial training step of a few learners of each group on the CPU (see
@@ -123,6 +124,7 @@ class Experiment:
         compile: bool | str = "auto",
         convolutions: str = "auto",
         precision: str = "float32",
+        callbacks: Sequence = (),
     ):
         _positive_int("batch_size", batch_size)
         if eval_batch_size is not None:
@@ -174,6 +176,7 @@ class Experiment:
         self.max_learners_per_chunk, self.progress = max_learners_per_chunk, progress
         self.checkpoint_every = checkpoint_every
         self.keep_states, self.keep_every = sorted({int(k) for k in keep_states}), keep_every
+        self.callbacks = check_callbacks(callbacks)
         self.poll_seconds = 0.5  # how often to look for learners that another process trains
         self._metric_keys: dict[tuple, dict[str, str]] = {}
 
@@ -309,7 +312,8 @@ class Experiment:
                 raise ValueError("shards= needs an executor=, e.g. submitit.AutoExecutor('runs/jobs').")
             plan = self.plan()
             if plan.chunks:
-                self._train(plan)
+                self.speed_report = []
+                self._runner().train(plan)
             else:
                 self.store.clean()
             ds = self.results()
@@ -327,7 +331,8 @@ class Experiment:
         learners = [s for s in self.grid.learners if s.id in wanted]
         plan = self.plan(learners)
         if plan.chunks:
-            self._train(plan, learners)
+            self.speed_report = []
+            self._runner().train(plan, learners)
         return plan.to_train
 
     @property
@@ -335,117 +340,25 @@ class Experiment:
         """Where ``run(plot=True)`` writes its PNGs: ``<store name>_plots`` beside the store."""
         return self.store.path.with_name(self.store.path.stem + "_plots")
 
-    def _training_data(self, setup: Setup) -> TrainingData:
-        d = setup.data
-        return TrainingData(
-            x=d.x.to(self.device), y=d.y.to(self.device),
-            x_test=None if d.x_test is None else d.x_test.to(self.device),
-            y_test=None if d.y_test is None else d.y_test.to(self.device),
-            batch_size=setup.batch_size, eval_batch_size=self.eval_batch_size,
-        )
-
-    def _train(self, plan: Plan, learners: list[LearnerSpec] | None = None) -> None:
-        """Train the plan's chunks (a plan of ``learners``, default the whole grid). Each learner is claimed
-        first (a lock in the store that dies with this process): learners another live process trains are skipped,
-        then waited for, and trained here if that process dies first. A learner is never trained by two processes
-        at once, nor stored twice."""
-        self.store.create()
-        self.speed_report = []
-        total = sum(len(c.learners) * self.schedule_of(c.learners[0].setup).total_steps for c in plan.chunks)
-        data_cache: dict[tuple[int, int], TrainingData] = {}
-        with self.store.claims() as claims, tqdm(total=total, unit=" learner-steps", disable=not self.progress,
-                                                 desc=self.name) as bar:
-            self.store.clean(claims)
-            while plan.chunks:
-                trained = False
-                for i, chunk in enumerate(plan.chunks):
-                    with self.store.writing("claims on learners", claims.folder):
-                        mine = set(claims.claim(s.id for s in chunk.learners))
-                    if not mine:
-                        continue
-                    try:  # the store may have changed before the claims: plan these learners again
-                        again = self.plan([s for s in chunk.learners if s.id in mine])
-                        for part in again.chunks:
-                            bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(part.learners)} learners")
-                            self._train_chunk(part, claims, bar, data_cache, again.evaluation_learners.get(part.structure))
-                            trained = True
-                    finally:
-                        claims.release(mine)
-                plan = self.plan(learners)  # what is left: learners that other processes train
-                if plan.chunks and not trained:
-                    bar.set_postfix_str(f"waiting for {plan.to_train} learners that another process trains")
-                    time.sleep(self.poll_seconds)
-
-    def _train_chunk(self, chunk: Chunk, claims: Claims, bar: tqdm, data_cache: dict,
-                     evaluation_learners: int | None = None) -> None:
-        specs = chunk.learners
-        setup = specs[0].setup
-        schedule = self.schedule_of(setup)
-        data = data_cache.get((id(setup.data), setup.batch_size)) or self._training_data(setup)
-        data_cache[(id(setup.data), setup.batch_size)] = data
-        ids, configs, keys = [s.id for s in specs], [s.config for s in specs], [self.metric_keys(s) for s in specs]
-        environment = _environment(self.device)
-        dims = {**BUILTIN_DIMS, **self.logger.metric_dims()}
-        labels = {"layer": list(setup.param_names)}
-        checkpoints = Checkpoints(self.store, ids, configs, keys, environment, self.checkpoint_every, dims=dims,
-                                  labels=labels)
-        last = schedule.total_steps
-        written = [r for r, s in enumerate(specs) if s.id not in chunk.again]  # controls trained again: stored already
-        try:
-            result = train_chunk(specs, data, schedule, self.loss, self.device, on_step=bar.update,
-                                 metrics=self.logger.metrics(), checkpoints=checkpoints, evaluate=self.evaluate,
-                                 start=self._chunk_start(chunk, schedule, keys), keep=self.keep_steps(schedule),
-                                 controls=self.grid.has_controls, reads_control=self.reads_control,
-                                 speed=self.speed, report=self.speed_report, evaluation_learners=evaluation_learners)
-            checkpoints.follow(chunk.start, None, lambda: (result.steps, result.metrics))
-            checkpoints.track(last, result.states[last])
-            states = {step: {path: (values[written], dtype) for path, (values, dtype) in state.items()}
-                      for step, state in result.states.items()}
-            self.store.write([ids[r] for r in written], [configs[r] for r in written], result.steps,
-                             {m: v[written] for m, v in result.metrics.items()},
-                             per_learner={"diverged_at": result.diverged_at[written]},
-                             metric_keys=[keys[r] for r in written], attrs=environment, states=states, dims=dims,
-                             labels=labels)
-        except KeyboardInterrupt:
-            raise checkpoints.interrupted(last) from None
-        self.store.prune_checkpoints(claims)
-        unserved = [specs[r].id for r in written if self._start(specs[r]) is not None]
-        if unserved:
-            raise RuntimeError(f"Learners {unserved[:3]} were trained but the store does not serve them: a bug, please "
-                               "report it with the experiment's settings.")
-
-    def _chunk_start(self, chunk: Chunk, schedule: Schedule, keys: list[dict[str, str]]) -> ChunkStart:
-        """The chunk's stored states and the metric values of earlier steps that its batch carries: those at
-        logged steps before its start that no batch holds for some of its learners (they are in checkpoints)."""
-        first = min(s.first_unstored for s in chunk.starts)
-        prefix = tuple(t for t in schedule.log_steps if first <= t < chunk.start)
-        records = {}
-        if prefix:
-            names = list(dict.fromkeys(m for k in keys for m in k))
-            held = self.store.read([(s.id, prefix, k) for s, k in zip(chunk.learners, keys, strict=True)], names,
-                                   checkpoints=True)
-            records = {m: held[m].values for m in names}  # (N, len(prefix), *own dims)
-        states = None
-        if chunk.start > 0:
-            states = self.store.read_states([(s.source, s.position, s.step) for s in chunk.starts])
-        return ChunkStart(chunk.start, states, prefix, records)
+    def _runner(self) -> Runner:
+        """The run loop, given this experiment's parts and settings as they are now (a shard may have changed
+        ``device`` and ``progress``); the chunks it trains report their speed choices into ``speed_report``."""
+        settings = RunSettings(
+            name=self.name, loss=self.loss, device=self.device, eval_batch_size=self.eval_batch_size,
+            evaluate=self.evaluate, controls=self.grid.has_controls, reads_control=self.reads_control,
+            metrics=self.logger.metrics(), metric_dims=self.logger.metric_dims(),
+            checkpoint_every=self.checkpoint_every, speed=self.speed, progress=self.progress,
+            poll_seconds=self.poll_seconds)
+        learners = Learners(schedule_of=self.schedule_of, metric_keys=self.metric_keys, keep_steps=self.keep_steps,
+                            start=self._start)
+        return Runner(self.store, settings, learners, self.plan, Callbacks(self.callbacks), self.speed_report)
 
     def results(self) -> xr.Dataset:
         """The grid's results as stored (NaN for learners not trained yet)."""
-        requests, present = [], set()
-        for spec in self.grid.learners:
-            need = self.need(spec)
-            if start_of(self.store, spec.id, need) is None:
-                present.add(spec.id)
-                requests.append((spec.id, need.steps, need.metric_keys))
-        stored = self.store.read(requests, self.metric_names())
-        grid = self.grid
-        if len(present) < len(grid.learners):
-            grid = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in present])
-        steps = sorted({step for s in self.grid.learners for step in self.schedule_of(s.setup).log_steps})
+        steps = {step for s in self.grid.learners for step in self.schedule_of(s.setup).log_steps}
         attrs = {"experiment": self.name, "store": str(self.store.path), "seed": self.seed,
                  "steps": self.schedule.total_steps, "batch_size": self.batch_size}
-        return assemble(grid, stored, steps, attrs, order=self.metric_names(), controls=self.grid.has_controls)
+        return read_results(self.store, self.grid, self.need, self.metric_names(), sorted(steps), attrs)
 
     def load_learner(self, step: int | None = None, **coords) -> tuple[nn.Module, torch.optim.Optimizer]:
         """A learner of this grid, chosen by its coordinates (``epsilon=0.01, seed=3``), as a plain ``nn.Module``
@@ -477,12 +390,6 @@ def _warn_controls_apart(grid: Grid) -> None:
             f"(e.g. the learner at {learner.coords} trains as {describe_group(learner)}, its control as "
             f"{describe_group(control)}): their control_* metrics are NaN. Metrics against a control need the learner "
             "and its control in one vmapped step: the same model, batch size and optimizer class.", stacklevel=3)
-
-def _environment(device: torch.device) -> dict:
-    """Where a batch was trained: recorded with it (ids do not depend on it)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": platform.python_version()}
-
 
 def _check_loss(loss: Callable, template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     template.eval()
@@ -519,3 +426,28 @@ def _default_name(interventions: list) -> str:
             classes.append(cls.__name__)
     words = [re.sub(r"(?<!^)(?=[A-Z])", "-", c).lower() for c in classes]
     return "_".join(words) or "experiment"
+
+
+@dataclass(frozen=True)
+class ScriptSource:
+    """An experiment defined by a Python script: a shard's job runs the script (not as ``__main__``, so an
+    ``if __name__ == "__main__": exp.run()`` block does not run) and takes the Experiment it defines."""
+
+    path: str
+    name: str | None = None
+
+    def load(self) -> Experiment:
+        return find_experiment(runpy.run_path(self.path, run_name="__serimats_func_job__"), self.path, self.name)
+
+
+def find_experiment(namespace: dict[str, Any], where: str, name: str | None = None) -> Experiment:
+    """The Experiment a script defines (the one named ``name`` when it defines several)."""
+    found = {k: v for k, v in namespace.items() if isinstance(v, Experiment)}
+    if name is not None:
+        if name not in found:
+            raise ValueError(f"{where} defines no Experiment named {name!r}; it defines: {', '.join(found) or 'none'}.")
+        return found[name]
+    if len(found) != 1:
+        raise ValueError(f"{where} must define exactly one Experiment at module level (found "
+                         f"{', '.join(found) or 'none'}); name one with --experiment.")
+    return next(iter(found.values()))

@@ -54,10 +54,10 @@ import xarray as xr
 import zarr
 
 from . import locks
+from .store_layout import BATCHES, CHECKPOINTS, CLAIMS, FOLDERS, PENDING, StoreLayout
 
 FORMAT = "serimats-func/2"
 FORMAT_HISTORY = {"serimats-func/1": "learner ids before interventions at any step (version 0.1)"}
-BATCHES, CHECKPOINTS, PENDING, CLAIMS = "batches", "checkpoints", ".pending", ".claims"
 FLAT_CHUNK_KEYS = {"name": "v2", "separator": "."}  # chunk files beside zarr.json: fewer folders
 STATE_CHUNK_BYTES = 4 * 2**20  # learners per stored chunk of a state array: about this many bytes
 
@@ -125,6 +125,11 @@ class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
+    @property
+    def layout(self) -> StoreLayout:
+        """Where things are in this store."""
+        return StoreLayout(self.path)
+
     # -- making and checking -----------------------------------------------------------------------------
 
     def check(self) -> None:
@@ -139,7 +144,7 @@ class Store:
             if not os.access(ancestor, os.W_OK | os.X_OK):
                 raise StoreError(f"Cannot create store {self.path}: {ancestor} is not writable.")
             return
-        if not (self.path / "zarr.json").is_file():
+        if not self.layout.mark.is_file():
             raise StoreError(f"{self.path} exists and is not a serimats-func store; choose another store= path.")
         fmt = zarr.open_group(self.path, mode="r").attrs.get("format")
         if fmt in FORMAT_HISTORY:
@@ -165,10 +170,10 @@ class Store:
             try:
                 with locks.aside(self.path, aside):
                     zarr.create_group(aside, zarr_format=3, attributes={"format": FORMAT})
-                    for name in (BATCHES, CHECKPOINTS, PENDING, CLAIMS):
-                        zarr.create_group(aside / name, zarr_format=3)
+                    for name in FOLDERS:
+                        zarr.create_group(StoreLayout(aside).folder(name), zarr_format=3)
             except OSError:
-                if not (self.path / "zarr.json").is_file():  # else another process made it first
+                if not self.layout.mark.is_file():  # else another process made it first
                     raise
         self.check()
 
@@ -182,8 +187,8 @@ class Store:
 
     def _folder(self, name: str) -> Path:
         """A folder of the store (made, as a Zarr group, if an older version did not make it)."""
-        folder = self.path / name
-        if not (folder / "zarr.json").is_file():
+        folder = self.layout.folder(name)
+        if not self.layout.is_group(folder):
             with self.writing(f"the folder {name}", folder):
                 zarr.open_group(folder, mode="a", zarr_format=3)
         return folder
@@ -194,10 +199,7 @@ class Store:
     # -- what the store holds ----------------------------------------------------------------------------
 
     def _names(self, kind: str) -> list[str]:
-        folder = self.path / (BATCHES if kind == "batch" else CHECKPOINTS)
-        if not folder.is_dir():
-            return []
-        return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
+        return self.layout.names(kind)
 
     def batches(self) -> list[str]:
         """Names of the complete batches, oldest first."""
@@ -209,9 +211,9 @@ class Store:
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != names:
             found = []
-            for kind, folder, kind_names in (("batch", BATCHES, names[0]), ("checkpoint", CHECKPOINTS, names[1])):
+            for kind, kind_names in (("batch", names[0]), ("checkpoint", names[1])):
                 for name in kind_names:
-                    path = self.path / folder / name
+                    path = self.layout.of_kind(kind) / name
                     try:
                         attrs = dict(zarr.open_group(path, mode="r").attrs)
                     except (FileNotFoundError, KeyError):  # a checkpoint removed meanwhile
@@ -285,7 +287,7 @@ class Store:
         return name
 
     def remove_checkpoint(self, name: str) -> None:
-        path = self.path / CHECKPOINTS / name
+        path = self.layout.checkpoint(name)
         if not path.exists():
             return
         with self.writing("the removal of a checkpoint", path):
@@ -324,7 +326,7 @@ class Store:
                                    chunk_key_encoding=FLAT_CHUNK_KEYS,
                                    fill_value=np.nan if values.dtype.kind == "f" else None)
             for step, state in states.items():
-                _write_state(group, f"states/{int(step)}", state)
+                _write_state(group, StoreLayout.state_group(step), state)
         return name
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -415,7 +417,7 @@ class Store:
             grouped.setdefault((source.name, step), []).append((i, position))
             paths[(source.name, step)] = source.path
         for (name, step), members in grouped.items():
-            group = zarr.open_group(paths[(name, step)] / "states" / str(step), mode="r")
+            group = zarr.open_group(paths[(name, step)] / StoreLayout.state_group(step), mode="r")
             positions = sorted({p for _, p in members})
             at = {p: k for k, p in enumerate(positions)}
             arrays = {}
@@ -437,12 +439,12 @@ class Store:
             removed += [str(p) for p in self._clean_asides()]
             if not self.path.is_dir():
                 return removed
-            pending = self.path / PENDING
+            pending = self.layout.pending
             if pending.is_dir():
                 removed += [str(p) for p in locks.remove_left_behind(p for p in pending.iterdir() if p.is_dir())]
                 locks.remove_free_lock_files(p for p in pending.glob("*" + locks.LOCK_SUFFIX)
                                              if not p.with_name(p.name.removesuffix(locks.LOCK_SUFFIX)).exists())
-            claimed = self.path / CLAIMS
+            claimed = self.layout.claims
             if claimed.is_dir():
                 locks.remove_free_lock_files(claimed.glob("*" + locks.LOCK_SUFFIX))
             removed += self.prune_checkpoints(claims)
@@ -461,7 +463,7 @@ class Store:
         for checkpoint in checkpoints:
             others = batches + kept
             if _dominated(checkpoint, others) and not any(
-                    (claims.held_elsewhere(i) if claims is not None else locks.held(self.path / CLAIMS / f"{i}.lock"))
+                    (claims.held_elsewhere(i) if claims is not None else locks.held(self.layout.claim(i)))
                     for i in checkpoint.ids):
                 self.remove_checkpoint(checkpoint.name)
                 removed.append(checkpoint.name)
@@ -577,7 +579,7 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     attributes and arrays only: no code runs, nothing is unpickled.
     """
     store = Store(path)
-    if not (store.path / "zarr.json").is_file():
+    if not store.layout.mark.is_file():
         raise StoreError(f"{store.path} is not a serimats-func store (no zarr.json).")
     store.check()
     batches = store.sources(checkpoints=False)

@@ -229,7 +229,7 @@ def train_chunk(
     schedule: Schedule,
     loss_fn: LossFn,
     device: torch.device,
-    on_step: Callable[[int], None] = lambda n: None,
+    on_step: Callable[[int, dict, torch.Tensor | None], None] = lambda step, state, loss: None,
     metrics: Mapping[str, MetricFn] | None = None,
     checkpoints: Checkpoints | None = None,
     evaluate: bool = True,
@@ -249,6 +249,8 @@ def train_chunk(
     custom metrics that read ``learner.control``. ``speed`` says how the step may be accelerated (default
     ``Speed()``); what was chosen, and what choosing and compiling cost, is appended to ``report``.
     ``evaluation_learners`` caps the learners of one evaluation pass (memory: ``planning.evaluation_learners``).
+    ``on_step(step, state, loss)`` is called where the chunk starts (``loss`` None) and after each update (``step``
+    updates done, the step's loss (N,)): ``runner`` drives the progress bar and the callbacks from it.
 
     A lone learner is trained as two identical copies: with a learner axis of 1, torch turns batched
     matmuls into plain ones whose rounding differs, and a learner must give the same numbers whether it
@@ -322,7 +324,7 @@ def train_chunk(
             recorded.append(start.step)
         if start.step in keep:
             kept[start.step] = flatten(state, n_learners)
-        on_step(start.step * n_learners)
+        on_step(start.step, state, None)
         orders = None
         for step in range(start.step, schedule.total_steps):
             epoch, position = divmod(step, schedule.steps_per_epoch)
@@ -334,7 +336,7 @@ def train_chunk(
             else:
                 idx = idx[which_order]  # (N, B)
                 xb, yb = data.x[idx], data.y[idx]  # (N, B, ...)
-            state, _ = step_fn(state, xb, yb, step_numbers[step])
+            state, loss = step_fn(state, xb, yb, step_numbers[step])
             if checkpoints is not None:
                 checkpoints.track(step + 1, state)  # what a Ctrl-C saves
             if step + 1 in log_steps:
@@ -342,7 +344,7 @@ def train_chunk(
                 recorded.append(step + 1)
             if step + 1 in keep:
                 kept[step + 1] = flatten(state, n_learners)
-            on_step(n_learners)
+            on_step(step + 1, state, loss)
             if checkpoints is not None and step + 1 < schedule.total_steps and checkpoints.due(step + 1):
                 checkpoints.save(step + 1, state, *snapshot())
     steps, out = snapshot()

@@ -19,7 +19,7 @@ import time
 import traceback
 
 
-def experiment(store: str, seeds: list[int], chunk: int):
+def experiment(store: str, seeds: list[int], chunk: int, callbacks=()):
     import torch
 
     from serimats_func import Experiment
@@ -30,7 +30,7 @@ def experiment(store: str, seeds: list[int], chunk: int):
     x, y = torch.randn(256, 40, generator=g), torch.randint(0, 10, (256,), generator=g)
     return Experiment(MLP(widths=(16,), in_features=40), (x, y), [InitWeights.make_variations(seed=seeds)],
                       test_dataset=(x[:64], y[:64]), steps=12, batch_size=32, log_every=4, checkpoint_every=6,
-                      max_learners_per_chunk=chunk, store=store, progress=False)
+                      max_learners_per_chunk=chunk, store=store, progress=False, callbacks=callbacks)
 
 
 PHASES = ["building the experiment"]  # the phase a child is in, innermost last
@@ -89,17 +89,15 @@ def child(run: dict) -> None:
     """In a forked process: train the grid, exit 0 (or 1 with the traceback on stderr)."""
     try:
         slow_store_writes(run.get("pause", 0.002), run["store"] + ".events")
-        exp = experiment(run["store"], run["seeds"], run["chunk"])
-        real_train = exp._train_chunk
+        from serimats_func.callbacks import Callback
 
-        def train_chunk(*args, **kw):
-            PHASES[0] = "training"
-            with open(run["store"] + ".events", "a") as log:
-                log.write(f"{time.time():.6f} training\n")
-            return real_train(*args, **kw)
+        class Training(Callback):
+            def on_chunk_start(self, chunk) -> None:
+                PHASES[0] = "training"
+                with open(run["store"] + ".events", "a") as log:
+                    log.write(f"{time.time():.6f} training\n")
 
-        exp._train_chunk = train_chunk
-        exp.run()
+        experiment(run["store"], run["seeds"], run["chunk"], callbacks=[Training()]).run()
         os._exit(0)
     except BaseException:
         traceback.print_exc()

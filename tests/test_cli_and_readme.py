@@ -12,6 +12,7 @@ from serimats_func.cli import main
 from serimats_func.interventions import PerturbWeights
 from serimats_func.plotter import save_figure as real_save
 from tests.readable import assert_png_not_blank, assert_readable
+from tests.watching import CountSteps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,20 @@ def test_ls_lists_each_learner_with_its_coordinates_and_steps_done(stored, capsy
         eps, seed, done, logged, *control = line.split()[1:]
         assert (float(eps), int(seed), done, logged) == (spec.coords["epsilon"], spec.coords["seed"], "8", "3")
         assert control == (["yes"] if spec.control else [])
+
+
+def test_ls_counts_the_checkpoints_of_an_interrupted_run_and_none_once_it_is_done(experiment, capsys):
+    crash = CountSteps(crash_before=8 + 6)  # the first chunk (8 steps) is stored; the second has a checkpoint at 4
+    exp = experiment(GRID, steps=8, log_every=4, max_learners_per_chunk=3, checkpoint_every=4, callbacks=[crash])
+    with pytest.raises(RuntimeError, match="went down"):
+        exp.run()
+    assert main(["ls", str(exp.store.path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 learners" in out and "1 chunk checkpoint(s) of training in progress" in out
+    exp.run()
+    assert main(["ls", str(exp.store.path)]) == 0
+    out = capsys.readouterr().out
+    assert "5 learners" in out and "chunk checkpoint(s)" not in out
 
 
 def test_plot_draws_a_stored_metric_by_a_coordinate_into_a_readable_png(stored, tmp_path, monkeypatch, capsys):

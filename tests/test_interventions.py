@@ -70,6 +70,17 @@ def test_perturb_hyperparameter_lr_weight_decay_and_betas_of_adam_match_torch_op
     assert_matches_twins(exp, HyperparameterTwin)
 
 
+def test_checking_a_hyperparameter_perturbation_changes_nothing_and_the_setup_still_varies_it(experiment):
+    exp = experiment([PerturbMomentum.make_variations(momentum=(0.5,), when=(2, 4))],
+                     optimizer=Optimizer(torch.optim.SGD, lr=0.05, momentum=0.9))
+    spec = exp.grid.learners[0]
+    assert spec.setup.varied_hyperparameters == {"momentum"}  # set where the setup is built
+    plain = exp.base.copy()
+    assert plain.varied_hyperparameters == set()
+    next(v for v in spec.interventions if isinstance(v, PerturbMomentum)).check(plain)
+    assert plain.varied_hyperparameters == set()  # check() is pure
+
+
 def test_momentum_that_starts_at_zero_and_turns_on_in_a_window_matches_torch_optim(experiment):
     exp = experiment([PerturbMomentum.make_variations(momentum=(0.9,), when=(50, 100)),
                       Optimizer.make_variations(dampening=(0.0, 0.3))],

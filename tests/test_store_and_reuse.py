@@ -10,10 +10,11 @@ import torch
 import xarray as xr
 import zarr
 
-from serimats_func import Experiment, training
+from serimats_func import Experiment
 from serimats_func.interventions import InitWeights, Optimizer, PerturbWeights
 from serimats_func.models import MLP
 from serimats_func.store import Store, StoreError
+from tests.watching import CountSteps, KilledAfterChunks
 
 GRID = [
     PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
@@ -32,29 +33,19 @@ def snapshot(path):
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_a_killed_run_resumes_with_only_the_missing_chunks_and_the_same_numbers(small_mnist1d, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_with_only_the_missing_chunks_and_the_same_numbers(small_mnist1d, tmp_path):
     reference = experiment(small_mnist1d, tmp_path / "ref.zarr", max_learners_per_chunk=3).run()
 
-    calls = []
-    real_train_chunk = training.train_chunk
-
-    def killed_after_two_chunks(*args, **kw):
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        calls.append(len(args[0]))
-        return real_train_chunk(*args, **kw)
-
-    monkeypatch.setattr("serimats_func.experiments.train_chunk", killed_after_two_chunks)
-    exp = experiment(small_mnist1d, tmp_path / "run.zarr", max_learners_per_chunk=3)
+    killed = KilledAfterChunks(2)
+    exp = experiment(small_mnist1d, tmp_path / "run.zarr", max_learners_per_chunk=3, callbacks=[killed])
     with pytest.raises(KeyboardInterrupt):
         exp.run()
-    assert calls == [3, 3]
+    assert killed.sizes == [3, 3]
     # the store opens, and holds the 5 learners of the two finished chunks (each chunk trains the control
     # beside its learners: [control, a, b], [control again, c, d])
     assert len(Store(tmp_path / "run.zarr").index()) == 5
     zarr.open_group(tmp_path / "run.zarr", mode="r")
 
-    monkeypatch.setattr("serimats_func.experiments.train_chunk", real_train_chunk)
     resumed = experiment(small_mnist1d, tmp_path / "run.zarr", max_learners_per_chunk=3)
     plan = resumed.plan()
     assert (plan.in_store, plan.to_train) == (5, 4)
@@ -154,63 +145,39 @@ def test_run_with_plot_saves_one_png_per_metric_beside_the_store(small_mnist1d, 
             "curves_control_distance.png", "scaling_control_distance.png"} <= set(pngs)
 
 
-def failing_at_step_call(monkeypatch, n: int, error: BaseException) -> list:
-    """Make the n-th call of the training step (not the purity check's) raise ``error``; returns the calls."""
-    real_make_train_step = training.make_train_step
-    calls = []
-
-    def make_step(*args, **kw):
-        step = real_make_train_step(*args, **kw)
-
-        def counted(*a):
-            if a[1].device.type == "meta":  # the purity check's run on shapes alone
-                return step(*a)
-            calls.append(1)
-            if len(calls) == n:
-                raise error
-            return step(*a)
-
-        return counted
-
-    monkeypatch.setattr(training, "make_train_step", make_step)
-    return calls
-
-
 def checkpoints_in(store) -> list[str]:
     return sorted(p.name for p in (store / "checkpoints").iterdir() if p.name != "zarr.json")
 
 
-def test_a_run_that_crashes_mid_chunk_resumes_from_its_last_checkpoint_with_the_same_numbers(small_mnist1d, tmp_path,
-                                                                                              monkeypatch):
+def test_a_run_that_crashes_mid_chunk_resumes_from_its_last_checkpoint_with_the_same_numbers(small_mnist1d, tmp_path):
     reference = experiment(small_mnist1d, tmp_path / "ref.zarr").run()
-    calls = failing_at_step_call(monkeypatch, 11, RuntimeError("the machine went down"))
+    steps = CountSteps(crash_before=11, error=RuntimeError("the machine went down"))
     store = tmp_path / "run.zarr"
     with pytest.raises(RuntimeError, match="went down"):
-        experiment(small_mnist1d, store, checkpoint_every=4).run()
+        experiment(small_mnist1d, store, checkpoint_every=4, callbacks=[steps]).run()
     assert len(checkpoints_in(store)) == 1  # saved after steps 4 and 8: the older one is gone
     assert Store(store).index() == {}
 
-    calls.clear()
-    ds = experiment(small_mnist1d, store, checkpoint_every=4).run()
-    assert len(calls) == 16 - 8  # resumed from step 8
+    steps.calls.clear()
+    ds = experiment(small_mnist1d, store, checkpoint_every=4, callbacks=[steps]).run()
+    assert steps.calls == list(range(9, 17))  # resumed from step 8
     for metric in ds.data_vars:
         np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
     assert checkpoints_in(store) == []  # removed once the results are stored
 
 
-def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_rerun_goes_on_from_there(small_mnist1d, tmp_path,
-                                                                                      monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_rerun_goes_on_from_there(small_mnist1d, tmp_path):
     reference = experiment(small_mnist1d, tmp_path / "ref.zarr").run()
-    calls = failing_at_step_call(monkeypatch, 11, KeyboardInterrupt())
+    steps = CountSteps(crash_before=11, error=KeyboardInterrupt())
     store = tmp_path / "run.zarr"
     with pytest.raises(KeyboardInterrupt, match=r"Interrupted at step 10 of 16: the chunk is saved in .*checkpoints.* "
                                                 r"Run the same experiment again \(exp.run\(\)\) to resume from step 10"):
-        experiment(small_mnist1d, store).run()  # no checkpoint_every: only the interruption saves one
+        experiment(small_mnist1d, store, callbacks=[steps]).run()  # no checkpoint_every: only the interruption saves one
     assert len(checkpoints_in(store)) == 1
 
-    calls.clear()
-    ds = experiment(small_mnist1d, store).run()
-    assert len(calls) == 16 - 10
+    steps.calls.clear()
+    ds = experiment(small_mnist1d, store, callbacks=[steps]).run()
+    assert steps.calls == list(range(11, 17))
     for metric in ds.data_vars:
         np.testing.assert_array_equal(ds[metric].values, reference[metric].values)
     assert checkpoints_in(store) == []

@@ -14,11 +14,12 @@ import torch
 import xarray as xr
 import zarr
 
-from serimats_func import load_learner, open_store, training
+from serimats_func import load_learner, open_store
 from serimats_func.data import epoch_order, steps_per_epoch
 from serimats_func.interventions import Optimizer, PerturbWeights
 from serimats_func.locks import Claims, FileLock
 from serimats_func.store import Store, StoreWriteError
+from tests.watching import CountSteps
 
 GRID = [PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
         PerturbWeights.make_variations(epsilon=(0.01, 0.1), seed=range(4))]
@@ -33,28 +34,6 @@ def assert_same_metrics(ds: xr.Dataset, reference: xr.Dataset) -> None:
 
 def checkpoints_in(store) -> list[str]:
     return sorted(p.name for p in (store / "checkpoints").iterdir() if p.name != "zarr.json")
-
-
-def counting_steps(monkeypatch, fail_at: int | None = None) -> list:
-    """Count the training step's calls (not the purity check's); raise a crash at call ``fail_at``, once."""
-    real = training.make_train_step
-    calls, crashed = [], []
-
-    def make(*args, **kw):
-        step = real(*args, **kw)
-
-        def counted(*a):
-            if a[1].device.type != "meta":
-                calls.append(1)
-                if len(calls) == fail_at and not crashed:
-                    crashed.append(1)
-                    raise RuntimeError("the machine went down")
-            return step(*a)
-
-        return counted
-
-    monkeypatch.setattr(training, "make_train_step", make)
-    return calls
 
 
 # -- longer training -------------------------------------------------------------------------------------
@@ -94,20 +73,20 @@ def test_logging_more_often_continues_from_the_kept_state_before_the_first_missi
     assert_same_metrics(denser.run(), experiment(FOUR, steps=32, log_every=12, store=tmp_path / "ref.zarr").run())
 
 
-def test_a_checkpoint_survives_a_change_of_chunking(experiment, tmp_path, monkeypatch):
+def test_a_checkpoint_survives_a_change_of_chunking(experiment, tmp_path):
     reference = experiment(FOUR, checkpoint_every=4, store=tmp_path / "ref.zarr").run()
     store = tmp_path / "s.zarr"
-    calls = counting_steps(monkeypatch, fail_at=11)
-    with pytest.raises(RuntimeError, match="went down"):
-        experiment(FOUR, checkpoint_every=4, store=store).run()  # one chunk of 4: a checkpoint at step 8
+    steps = CountSteps(crash_before=11)
+    with pytest.raises(RuntimeError, match="went down"):  # one chunk of 4: a checkpoint at step 8
+        experiment(FOUR, checkpoint_every=4, store=store, callbacks=[steps]).run()
     assert len(checkpoints_in(store)) == 1
 
-    calls.clear()
-    rechunked = experiment(FOUR, checkpoint_every=4, max_learners_per_chunk=3, store=store)
+    steps.calls.clear()
+    rechunked = experiment(FOUR, checkpoint_every=4, max_learners_per_chunk=3, store=store, callbacks=[steps])
     plan = rechunked.plan()
     assert [len(c.learners) for c in plan.chunks] == [3, 1] and plan.continuing == {"from step 8 (checkpoint)": 4}
     ds = rechunked.run()
-    assert len(calls) == 2 * (16 - 8)  # each new chunk went on from the old chunk's checkpoint
+    assert steps.calls == 2 * list(range(9, 17))  # each new chunk went on from the old chunk's checkpoint
     assert_same_metrics(ds, reference)
     assert checkpoints_in(store) == []
 

@@ -61,12 +61,16 @@ class PerturbHyperparameter(Intervention):
             raise ValueError(f"{type(self).__name__} changes {axis}, which torch.optim.{cls} does not have; "
                              f"it has: {', '.join(k for k in setup.optimizer_values if k in PERTURBABLE)}.")
 
+    def on_setup(self, setup: Any) -> None:
+        """The hyperparameters this class changes are varied in the learner's step (its optimizer twin reads
+        them per learner); the same for every value of a derived axis, so it is set once, before ``resolve``."""
+        setup.varied_hyperparameters |= set(self.changes())
+
     def check(self, setup: Any) -> None:
         changes = self.changes()
         for axis in changes:
             self._has(axis, setup)
         twins.resolve(setup.optimizer_class, {**setup.optimizer_values, **changes})  # torch.optim's own checks
-        setup.varied_hyperparameters |= set(changes)
 
     def is_default(self) -> bool:
         return not self.changes()
