@@ -67,14 +67,14 @@ sys.path.insert(0, str(REPO))  # the checkout's package, installed or not
 
 import serimats_func  # noqa: E402
 from serimats_func import Experiment, datasets  # noqa: E402
-from serimats_func import acceleration as lib_acceleration  # noqa: E402
-from serimats_func import convolutions as lib_convolutions  # noqa: E402
-from serimats_func import step as lib_step  # noqa: E402
-from serimats_func import training as lib_training  # noqa: E402
+from serimats_func.acceleration import convolutions as lib_convolutions  # noqa: E402
+from serimats_func.acceleration import prepare as lib_acceleration  # noqa: E402
+from serimats_func.acceleration.convolutions import convolutions_of  # noqa: E402
 from serimats_func.callbacks import Callback  # noqa: E402
-from serimats_func.convolutions import convolutions_of  # noqa: E402
+from serimats_func.core import evaluation as lib_evaluation  # noqa: E402
 from serimats_func.interventions import InitWeights, Optimizer  # noqa: E402
 from serimats_func.models import MLP, Lenet5  # noqa: E402
+from serimats_func.run import training as lib_training  # noqa: E402
 
 CPU_NS = (1, 2, 4, 8, 16, 32, 64, 128)
 CUDA_NS = (1, 8, 32, 128, 512, 1024, 2048, 4096)
@@ -588,7 +588,7 @@ def serial_evaluation(workload: Workload, n: int, sets: list, batch_size: int, d
 
 def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int | None], object]:
     """ADAPTER to the library's whole-set evaluation of stacked learners (``training.initial_state``,
-    ``step.make_logits`` and ``step.evaluate_dataset`` today), chunk by chunk of the library's plan. Returns
+    ``evaluation.make_logits`` and ``evaluation.evaluate_dataset`` today), chunk by chunk of the library's plan. Returns
     ``evaluate(limit)``: train and test loss and accuracy of every learner, on the first ``limit`` examples of
     each set (all if None)."""
     chunks = exp.plan().chunks
@@ -598,9 +598,9 @@ def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int |
     if convolutions_of(exp.template):  # the default plan, as a short run() takes it
         plan = lib_acceleration.default_plan(device, max(2, len(chunks[0].learners)))
         layers = lib_convolutions.plan_for(exp.template, plan) if plan in lib_convolutions.PLANS else {}
-    looped = plan == "serial" and "per_learner" in inspect.signature(lib_step.make_logits).parameters
+    looped = plan == "serial" and "per_learner" in inspect.signature(lib_evaluation.make_logits).parameters
     per_learner = {"per_learner": True} if looped else {}
-    logits_fn = lib_step.make_logits(exp.template, layers, **per_learner)
+    logits_fn = lib_evaluation.make_logits(exp.template, layers, **per_learner)
     sets = [(data.x, data.y), (data.x_test, data.y_test)]
 
     def run(limit: int | None = None) -> list:
@@ -612,7 +612,7 @@ def library_evaluation(exp: Experiment, device: torch.device) -> Callable[[int |
             exp.template.train()
 
     def evaluate(limit: int | None) -> list:
-        return [lib_step.evaluate_dataset(logits_fn, exp.loss, state.params, state.buffers, x[:limit],
+        return [lib_evaluation.evaluate_dataset(logits_fn, exp.loss, state.params, state.buffers, x[:limit],
                                           y[:limit], exp.eval_batch_size) for state in states for x, y in sets]
 
     return run

@@ -4,9 +4,9 @@
 """
 
 from . import datasets
-from .checkpoints import load_learner
 from .experiments import Experiment
-from .store import open_store
+from .run.checkpoints import load_learner
+from .store.zarr_store import open_store
 
 __all__ = ["Experiment", "datasets", "load_learner", "open_store"]
 __version__ = "0.1.0"

@@ -22,8 +22,8 @@ from .experiments import Experiment
 from .interventions import Optimizer, PerturbWeights
 from .models import MLP
 from .plotter import Plotter, save_figure
-from .results import store_results
-from .store import Store
+from .run.results import store_results
+from .store.zarr_store import Store
 
 
 def demo(epochs: int = 20, store: str = "runs/demo.zarr", progress: bool = True) -> Experiment:

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import xarray as xr
 
-    from .grid import LearnerSpec
-    from .store import Store
+    from .run.grid import LearnerSpec
+    from .store.zarr_store import Store
 
 
 class Shardable(Protocol):

@@ -27,24 +27,25 @@ import torch
 import xarray as xr
 from torch import nn
 
-from . import metrics, pytrees, trial
-from .acceleration import ChunkSpeed, Speed
+from .acceleration.prepare import ChunkSpeed, Speed
 from .callbacks import Callbacks, check_callbacks
-from .checkpoints import load_learner, select_learner
-from .data import as_tensors, steps_per_epoch
-from .grid import Grid, LearnerSpec, build_grid
-from .identity import describe_callable, digest
+from .core import metrics, pytrees
+from .core.data import as_tensors, steps_per_epoch
+from .core.learners import initial_model_state
+from .core.metrics import Data
 from .interventions.optimizer import Optimizer, as_optimizer
-from .learners import initial_model_state
 from .loggers import Logger, metric_specs
-from .metrics import Data
-from .planning import Plan, describe_group, make_plan
 from .plotter import Plotter, show
-from .resume import Need, Start, start_of
-from .runner import Learners, Runner, RunSettings, read_results
-from .setup import Setup, SetupContext
-from .store import Store
-from .training import Schedule
+from .run import trial
+from .run.checkpoints import load_learner, select_learner
+from .run.grid import Grid, LearnerSpec, build_grid
+from .run.identity import describe_callable, digest
+from .run.planning import Plan, describe_group, make_plan
+from .run.resume import Need, Start, start_of
+from .run.runner import Learners, Runner, RunSettings, read_results
+from .run.setup import Setup, SetupContext
+from .run.training import Schedule
+from .store.zarr_store import Store
 
 DEFAULT_OPTIMIZER = Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
 
@@ -91,7 +92,7 @@ class Experiment:
 
     Building an Experiment checks everything it can before anything is written: settings, data, model,
     interventions, metrics, and one trial training step of a few learners of each group on the CPU (see
-    ``serimats_func.trial``). A mistake raises ``ValueError`` (or ``TypeError``) naming the problem and the fix.
+    ``serimats_func.run.trial``). A mistake raises ``ValueError`` (or ``TypeError``) naming the problem and the fix.
     """
 
     def __init__(

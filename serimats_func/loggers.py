@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import pytrees
-from .metrics import (
+from .core import pytrees
+from .core.metrics import (
     DEFAULT_METRICS,
     METRICS,
     Data,

@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .labels import selects
+from .core.labels import selects
 
 PRETTY = {
     "train_loss": "train loss", "train_acc": "train accuracy", "test_loss": "test loss", "test_acc": "test accuracy",

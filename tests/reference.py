@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from serimats_func import keys
-from serimats_func.data import epoch_order, steps_per_epoch
-from serimats_func.grid import LearnerSpec
-from serimats_func.learners import initial_model_state
+from serimats_func.core import keys
+from serimats_func.core.data import epoch_order, steps_per_epoch
+from serimats_func.core.learners import initial_model_state
+from serimats_func.run.grid import LearnerSpec
 
 
 def noise(key: int, shape, dtype, *stream) -> torch.Tensor:

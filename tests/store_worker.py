@@ -41,8 +41,8 @@ def slow_store_writes(pause: float, events: str) -> None:
     ``events`` when each phase begins (store creation, checkpoint, batch, removal, rename; training otherwise)."""
     import zarr.storage._local as local
 
-    from serimats_func import locks
-    from serimats_func.store import Store
+    from serimats_func.store import locks
+    from serimats_func.store.zarr_store import Store
 
     log = open(events, "a", buffering=1)
     real_rename, real_put = os.rename, local._put

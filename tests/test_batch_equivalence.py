@@ -127,9 +127,9 @@ def test_a_grid_mixing_every_intervention_gives_each_learner_bitwise_what_it_get
 def test_the_training_step_has_no_branch_on_values_and_no_host_sync(experiment):
     """The whole step of a chunk mixing every built-in runs on meta tensors, which have shapes but no values:
     any .item(), float(tensor), `if tensor:`, .cpu() or .numpy() inside it would fail there."""
+    from serimats_func.core.step import make_train_step
     from serimats_func.interventions import PerturbActivations, PerturbGradients, PerturbMomentum
-    from serimats_func.step import make_train_step
-    from serimats_func.training import chunk_hooks, chunk_optimizer, initial_state
+    from serimats_func.run.training import chunk_hooks, chunk_optimizer, initial_state
 
     exp = experiment([PerturbWeights.make_variations(epsilon=(0.0, 0.01), at=(0, 4)),
                       PerturbGradients.make_variations(noise=(0.0, 0.01), when=(2, 6)),
@@ -142,7 +142,7 @@ def test_the_training_step_has_no_branch_on_values_and_no_host_sync(experiment):
     step = make_train_step(specs[0].setup.template, chunk_optimizer(specs), torch.nn.functional.cross_entropy, hooks,
                            shared_batch=False)
     meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
-    from serimats_func import pytrees
+    from serimats_func.core import pytrees
 
     state = pytrees.tree_map(meta, initial_state(specs, hooks, torch.device("cpu")))
     x, y = torch.empty(len(specs), 32, 40, device="meta"), torch.empty(len(specs), 32, dtype=torch.long, device="meta")

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import serimats_func
-from serimats_func import labels
+from serimats_func.core import labels
 from serimats_func.interventions import Optimizer, PerturbGradients, PerturbWeights
 from serimats_func.plotter import Plotter
-from serimats_func.results import store_results
-from serimats_func.store import Store
+from serimats_func.run.results import store_results
+from serimats_func.store.zarr_store import Store
 
 BOTH = ("1.weight", ("1.weight", "3.weight"))
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from serimats_func import datasets
-from serimats_func.data import as_tensors, epoch_order
+from serimats_func.core.data import as_tensors, epoch_order
 from tests.conftest import tiny_mnist_arrays, write_idx
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from serimats_func.core.evaluation import evaluate_dataset
 from serimats_func.interventions import InitWeights, Optimizer, PerturbHyperparameter
-from serimats_func.step import evaluate_dataset
 
 METRICS = ["train_loss", "train_acc", "test_loss", "test_acc"]
 SEEDS = InitWeights.make_variations(seed=range(2))

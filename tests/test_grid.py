@@ -17,7 +17,7 @@ from serimats_func.interventions import (
     PerturbWeights,
 )
 from serimats_func.models import MLP
-from serimats_func.training import chunk_hooks, initial_state
+from serimats_func.run.training import chunk_hooks, initial_state
 
 CPU = torch.device("cpu")
 

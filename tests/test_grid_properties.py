@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from serimats_func.grid import build_grid
 from serimats_func.interventions import (
     DataOrder,
     InitWeights,
@@ -19,7 +18,8 @@ from serimats_func.interventions import (
     PerturbGradients,
     PerturbWeights,
 )
-from serimats_func.setup import Setup, SetupContext
+from serimats_func.run.grid import build_grid
+from serimats_func.run.setup import Setup, SetupContext
 
 
 class Scale(Intervention):

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serimats_func.identity import describe_callable, describe_class, describe_module, digest
 from serimats_func.interventions import Intervention
 from serimats_func.models import MLP
+from serimats_func.run.identity import describe_callable, describe_class, describe_module, digest
 
 ROOT = Path(__file__).resolve().parents[1]
 _counter = itertools.count()
@@ -533,7 +533,7 @@ import sys
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tmp!r})
 import importlib
-from serimats_func.identity import describe_module, describe_callable, digest
+from serimats_func.run.identity import describe_module, describe_callable, digest
 m = importlib.import_module({name!r})
 scope = {{}}
 exec("def f(x):\\n    return x in {{'alpha', 'beta', 'gamma', 'delta', 'epsilon'}}\\n", scope)  # no source: bytecode
@@ -577,7 +577,7 @@ def test_sets_in_code_and_attributes_describe_the_same_under_any_hash_seed(tmp_p
 def test_python_version_dependent_tree_fields_are_left_out():
     import ast
 
-    from serimats_func.identity import _canonical
+    from serimats_func.run.identity import _canonical
 
     tree = _canonical(ast.parse("def f(x):\n    'doc'\n    return x\n").body[0])
     text = json.dumps(tree)

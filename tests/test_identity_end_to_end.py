@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serimats_func.core.learners import initial_model_state
 from serimats_func.interventions import InitWeights, Optimizer
-from serimats_func.learners import initial_model_state
 from serimats_func.models import MLP
 from tests.test_identity import ROOT, load
 

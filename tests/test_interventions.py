@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from serimats_func.grid import class_name
 from serimats_func.interventions import (
     BatchSize,
     DataOrder,
@@ -23,6 +22,7 @@ from serimats_func.interventions import (
     PerturbWeights,
 )
 from serimats_func.models import MLP
+from serimats_func.run.grid import class_name
 from tests.reference import Twin, noise, windows_hold
 
 STEPS, LOG_EVERY = 200, 20

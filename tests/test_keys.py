@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from serimats_func.dropout import KeyedDropout
-from serimats_func.keys import (
+from serimats_func.core.dropout import KeyedDropout
+from serimats_func.core.keys import (
     _check_layout,
     counter_uniform,
     derive_key,

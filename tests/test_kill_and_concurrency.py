@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from serimats_func import open_store
-from serimats_func.store import Store
+from serimats_func.store.zarr_store import Store
 
 WORKER = Path(__file__).with_name("store_worker.py")
 KILLS = 20

@@ -102,9 +102,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_reader_sees_imports_at_module_level_and_inside_functions():
     graph = import_graph()
-    assert "serimats_func.runner" in graph["serimats_func.experiments"]  # at module level
+    assert "serimats_func.run.runner" in graph["serimats_func.experiments"]  # at module level
     assert "serimats_func.cluster" in graph["serimats_func.experiments"]  # inside run()
-    assert "serimats_func.pytrees" in graph["serimats_func.experiments"]  # from . import pytrees
+    assert "serimats_func.core.pytrees" in graph["serimats_func.experiments"]  # from . import pytrees
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

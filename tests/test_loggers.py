@@ -7,11 +7,11 @@ import torch
 from torch.nn import functional as F
 
 from serimats_func import Experiment
-from serimats_func.data import epoch_order
+from serimats_func.core.data import epoch_order
 from serimats_func.interventions import InitWeights, PerturbWeights
 from serimats_func.loggers import Logger, register_metric
 from serimats_func.models import MLP, Lenet5
-from serimats_func.training import chunk_hooks, initial_state
+from serimats_func.run.training import chunk_hooks, initial_state
 
 
 class CustomLogger(Logger):  # the seed's example, as written

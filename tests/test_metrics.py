@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from serimats_func.core.metrics import CONTROL_METRICS
 from serimats_func.interventions import InitWeights, Optimizer, PerturbWeights
-from serimats_func.metrics import CONTROL_METRICS
-from serimats_func.store import Store
+from serimats_func.store.zarr_store import Store
 from tests.test_interventions import WeightTwin
 
 GRID = [PerturbWeights.make_variations(epsilon=0, seed=0, control=True),

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from serimats_func.hook_points import POINTS
+from serimats_func.core.hook_points import POINTS
+from serimats_func.core.learners import initial_model_state
 from serimats_func.interventions import Intervention, Optimizer, ResetOptimizerState
-from serimats_func.learners import initial_model_state
 from tests.reference import Twin, windows_hold
 from tests.test_interventions import F64, assert_matches_twins
 
@@ -195,8 +195,8 @@ def test_a_custom_optimizer_state_hook_changes_the_trajectory_as_the_same_change
 
 
 def test_the_chunk_state_is_typed():
+    from serimats_func.core.state import ChunkState, InterventionData
     from serimats_func.optimizers import AdamState, SGDState, functional_twin
-    from serimats_func.state import ChunkState, InterventionData
 
     assert ChunkState._fields == ("params", "buffers", "opt", "hparams", "diverged_at", "interventions")
     assert InterventionData._fields == ("n", "key", "active", "windows", "state")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from serimats_func import metrics
-from serimats_func.identity import digest
+from serimats_func.core import metrics
 from serimats_func.interventions import PerturbWeights
 from serimats_func.loggers import Logger, register_metric
-from serimats_func.results import store_results
-from serimats_func.store import Store
+from serimats_func.run.identity import digest
+from serimats_func.run.results import store_results
+from serimats_func.store.zarr_store import Store
 
 GRID = [PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
         PerturbWeights.make_variations(epsilon=(0.01,), seed=(1,))]
@@ -128,7 +128,8 @@ def test_user_metric_names_may_not_take_a_registered_built_in_name(experiment, r
 
 
 def test_a_registered_convolution_plan_is_selectable_and_gives_the_same_numbers(experiment, mnist_digits):
-    from serimats_func import acceleration, convolutions
+    from serimats_func.acceleration import convolutions
+    from serimats_func.acceleration import prepare as acceleration
     from serimats_func.models import Lenet5
 
     plan = convolutions.ConvPlan("vmap_again", lambda model: {n: "vmap" for n in convolutions.convolutions_of(model)},

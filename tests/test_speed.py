@@ -12,12 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from serimats_func import acceleration, convolutions, planning, pytrees
+from serimats_func.acceleration import convolutions
+from serimats_func.acceleration import prepare as acceleration
+from serimats_func.core import pytrees
+from serimats_func.core.evaluation import evaluate_dataset, make_logits
+from serimats_func.core.learners import initial_model_states, prepare_template
+from serimats_func.core.step import stacked_update
 from serimats_func.interventions import InitWeights, Intervention, PerturbGradients
-from serimats_func.learners import initial_model_states, prepare_template
 from serimats_func.models import MLP, Lenet5
 from serimats_func.optimizers import functional_twin
-from serimats_func.step import evaluate_dataset, make_logits, stacked_update
+from serimats_func.run import planning
 
 
 class SmallConvNet(nn.Module):
@@ -93,7 +97,7 @@ def test_max_pooling_folded_into_channels_is_bitwise_torchs_values_and_gradients
 
 
 def test_the_serial_plan_gives_the_vmapped_steps_numbers(experiment):
-    from serimats_func import training
+    from serimats_func.run import training
 
     exp = experiment([InitWeights.make_variations(seed=range(3)), PerturbGradients.make_variations(noise=(0.0, 0.1))],
                      model=SmallConvNet(), data=_image_data(), dtype=torch.float64)
@@ -169,7 +173,7 @@ def test_the_compiled_step_agrees_with_the_plain_step_step_by_step(experiment):
     """A convolutional model with the gemm plan and a gradient intervention under torch.compile(fullgraph=True),
     three steps from a shared state, float32. Traced by dynamo and AOTAutograd as in training, but with the
     aot_eager backend: inductor's kernels would take minutes to build on a cold cache (benchmarks/ run them)."""
-    from serimats_func import training
+    from serimats_func.run import training
 
     exp = experiment([InitWeights.make_variations(seed=range(2)), PerturbGradients.make_variations(noise=(0.0, 0.1))],
                      model=SmallConvNet(), data=_image_data())

@@ -13,7 +13,7 @@ import zarr
 from serimats_func import Experiment
 from serimats_func.interventions import InitWeights, Optimizer, PerturbWeights
 from serimats_func.models import MLP
-from serimats_func.store import Store, StoreError
+from serimats_func.store.zarr_store import Store, StoreError
 from tests.watching import CountSteps, KilledAfterChunks
 
 GRID = [
@@ -131,7 +131,7 @@ def test_stored_batches_carry_each_learners_resolved_configuration(small_mnist1d
 def test_a_group_too_large_for_memory_is_split_into_chunks_with_the_same_numbers(small_mnist1d, tmp_path, monkeypatch):
     whole = experiment(small_mnist1d, tmp_path / "whole.zarr")
     per_learner = next(iter(whole.plan().bytes_per_learner.values()))
-    monkeypatch.setattr("serimats_func.planning.memory_budget", lambda device: 4 * per_learner + whole.data_bytes)
+    monkeypatch.setattr("serimats_func.run.planning.memory_budget", lambda device: 4 * per_learner + whole.data_bytes)
     small = experiment(small_mnist1d, tmp_path / "small.zarr")
     assert [len(c.learners) for c in small.plan().chunks] == [4, 4, 3]  # the control trains beside each chunk
     assert "3 chunk(s) of up to 4" in str(small.plan())

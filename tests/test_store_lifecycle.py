@@ -15,10 +15,10 @@ import xarray as xr
 import zarr
 
 from serimats_func import load_learner, open_store
-from serimats_func.data import epoch_order, steps_per_epoch
+from serimats_func.core.data import epoch_order, steps_per_epoch
 from serimats_func.interventions import Optimizer, PerturbWeights
-from serimats_func.locks import Claims, FileLock
-from serimats_func.store import Store, StoreWriteError
+from serimats_func.store.locks import Claims, FileLock
+from serimats_func.store.zarr_store import Store, StoreWriteError
 from tests.watching import CountSteps
 
 GRID = [PerturbWeights.make_variations(epsilon=0, seed=0, control=True),

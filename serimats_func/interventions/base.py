@@ -18,7 +18,7 @@ hook                   called with                                            re
 ``on_params``          ``params`` after the optimizer's update                the new ``params``
 =====================  =====================================================  ===========================
 
-(The table lives in ``serimats_func.hook_points``.) Every hook also receives ``n``, the learner's own
+(The table lives in ``serimats_func.core.hook_points``.) Every hook also receives ``n``, the learner's own
 numbers (its numeric axis values as tensors: ``n.scale``), and ``ctx``, with ``ctx.step`` (updates done
 before this step, an int64 tensor), ``ctx.key`` (this class's random key for this learner) and
 ``ctx.normal(shape, dtype, stream)`` for noise; ``on_optimizer_state`` hooks also get ``ctx.params`` and
@@ -66,10 +66,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .. import labels
-from ..hook_points import METHODS as HOOKS
-from ..hook_points import STEP_METHODS as STEP_HOOKS
-from ..hook_points import implemented
+from ..core import labels
+from ..core.hook_points import METHODS as HOOKS
+from ..core.hook_points import STEP_METHODS as STEP_HOOKS
+from ..core.hook_points import implemented
 
 FOREVER = 2**62  # the end of an open window
 

@@ -153,7 +153,7 @@ def _check_layout(raw: np.ndarray, seed: int) -> None:
     if problem:
         raise RuntimeError(
             f"torch {torch.__version__}: the CPU generator state does not have the layout that "
-            f"serimats_func.keys expects ({problem}), so keyed generators cannot be built. "
+            f"serimats_func.core.keys expects ({problem}), so keyed generators cannot be built. "
             "Please report this with your torch version."
         )
 

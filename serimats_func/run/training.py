@@ -13,20 +13,24 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from . import acceleration, convolutions, pytrees
-from .acceleration import ChunkSpeed, Speed
+from ..acceleration import convolutions
+from ..acceleration import prepare as acceleration
+from ..acceleration.prepare import ChunkSpeed, Speed
+from ..core import pytrees
+from ..core.data import batch_indices, epoch_orders, steps_per_epoch
+from ..core.evaluation import make_logits
+from ..core.hook_points import POINTS, implemented
+from ..core.learners import initial_model_states
+from ..core.metrics import MetricFn
+from ..core.purity import check_pure
+from ..core.state import ChunkState, InterventionData
+from ..core.step import Hook, Hooks, LossFn, initial_hooks, make_train_step
+from ..interventions.base import Intervention, Numbers
+from ..optimizers import functional_twin
+from ..store.zarr_store import FlatState
 from .checkpoints import Checkpoints, flatten, restore
-from .data import batch_indices, epoch_orders, steps_per_epoch
 from .grid import LearnerSpec, class_name
-from .hook_points import POINTS, implemented
-from .interventions.base import Intervention, Numbers
-from .learners import initial_model_states
-from .metrics import MetricFn
-from .optimizers import functional_twin
 from .recording import Recorder
-from .state import ChunkState, InterventionData
-from .step import Hook, Hooks, LossFn, check_pure, initial_hooks, make_logits, make_train_step
-from .store import FlatState
 
 
 @dataclass(frozen=True)

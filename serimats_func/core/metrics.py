@@ -12,7 +12,7 @@ result's order and the recording. Adding a built-in metric is one function of a 
 Built-in metrics, over the parameters (not buffers) taken as one flat vector, in float64:
 
 - ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``: on the whole train and test sets
-  (``step.evaluate_dataset``; recorded unless ``Experiment(evaluate=False)``).
+  (``evaluation.evaluate_dataset``; recorded unless ``Experiment(evaluate=False)``).
 - ``param_norm``: ``||w||``; ``init_distance``: ``||w - w0||`` and ``init_cosine``: cos(w, w0), where
   ``w0`` is the learner's own initial weights (after any perturbation at init).
 - With controls: ``control_distance`` ``||w - wc||``, ``control_layer_distance`` (the same per parameter
@@ -449,7 +449,7 @@ def vmapped_metrics(template: nn.Module, metrics: Mapping[str, MetricFn], train:
     ``template`` in eval mode.
 
     >>> from serimats_func.models import MLP
-    >>> from serimats_func.learners import prepare_template, initial_model_state
+    >>> from serimats_func.core.learners import prepare_template, initial_model_state
     >>> from serimats_func import pytrees
     >>> template = prepare_template(MLP(widths=(8,)), torch.zeros(2, 40)).eval()
     >>> state = pytrees.stack([initial_model_state(template, k, 0) for k in range(3)])

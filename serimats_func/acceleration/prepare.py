@@ -248,7 +248,7 @@ EVAL_GROUP_CANDIDATES = (None, 32, 8)  # learners per evaluation pass (None: all
 
 def evaluation_group(logits: Callable, params: dict, buffers: dict, x: torch.Tensor, batch_size: int,
                      key: tuple, device: torch.device, measure: bool, cap: int | None = None) -> int | None:
-    """How many learners to evaluate per pass (``step.evaluate_dataset``'s ``learners_per_pass``, None: all), at
+    """How many learners to evaluate per pass (``evaluation.evaluate_dataset``'s ``learners_per_pass``, None: all), at
     most ``cap`` (what memory allows, ``planning.evaluation_learners``): the fastest per learner on one evaluation
     batch, measured once per ``key`` when ``measure``. Every choice gives the same numbers."""
     if key in _EVAL_GROUPS:

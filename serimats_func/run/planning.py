@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import pytrees
+from ..core import pytrees
+from ..optimizers import family_of, functional_twin
 from .grid import Grid, LearnerSpec
-from .optimizers import family_of, functional_twin
 from .resume import Start
 
 

@@ -25,10 +25,10 @@ import optree
 import torch
 from torch import nn
 
-from . import pytrees
-from .labels import selects
-from .optimizers import family_of
-from .store import FlatState, Store
+from ..core import pytrees
+from ..core.labels import selects
+from ..optimizers import family_of
+from ..store.zarr_store import FlatState, Store
 
 DERIVED_PARTS = ("n", "key", "active", "windows")  # interventions' data rebuilt from each learner's spec
 

@@ -1,5 +1,5 @@
 """Where things are in a store: its folder names and the paths built from them, in one place (the layout
-itself is described in ``serimats_func.store``). Every module that finds its way in a store asks this one.
+itself is described in ``serimats_func.store.zarr_store``). Every module that finds its way in a store asks this one.
 
 >>> layout = StoreLayout("runs/perturb.zarr")
 >>> layout.checkpoint("a1b2-8-ff00").as_posix(), layout.claim("a1b2").as_posix()

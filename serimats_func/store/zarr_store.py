@@ -54,7 +54,7 @@ import xarray as xr
 import zarr
 
 from . import locks
-from .store_layout import BATCHES, CHECKPOINTS, CLAIMS, FOLDERS, PENDING, StoreLayout
+from .layout import BATCHES, CHECKPOINTS, CLAIMS, FOLDERS, PENDING, StoreLayout
 
 FORMAT = "serimats-func/2"
 FORMAT_HISTORY = {"serimats-func/1": "learner ids before interventions at any step (version 0.1)"}

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import optimizers as twins
-from .data import as_tensors, fingerprint
+from .. import optimizers as twins
+from ..core.data import as_tensors, fingerprint
+from ..core.learners import PROBE_KEY, behaviour_fingerprint, prepare_template, reset
 from .identity import describe_callable, describe_module
-from .learners import PROBE_KEY, behaviour_fingerprint, prepare_template, reset
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

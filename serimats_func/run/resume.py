@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .store import Source, Store
+from ..store.zarr_store import Source, Store
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ cheaper than one copy per learner. The state of N learners is a ``state.ChunkSta
 
 >>> import torch
 >>> from serimats_func.models import MLP
->>> from serimats_func.learners import prepare_template, initial_model_state
+>>> from serimats_func.core.learners import prepare_template, initial_model_state
 >>> from serimats_func.optimizers import functional_twin
->>> from serimats_func.state import ChunkState
+>>> from serimats_func.core.state import ChunkState
 >>> from serimats_func import pytrees
 >>> template = prepare_template(MLP(widths=(8,)), torch.zeros(4, 40))
 >>> model = pytrees.stack([initial_model_state(template, k, 0) for k in range(3)])  # N = 3
@@ -37,11 +37,12 @@ import torch
 from torch import nn
 from torch.func import grad_and_value, vmap
 
-from . import convolutions, keys, pytrees
+from ..acceleration import convolutions
+from ..interventions.base import Intervention, Numbers
+from ..optimizers import FunctionalOptimizer
+from . import keys, pytrees
 from .hook_points import METHODS
-from .interventions.base import Intervention, Numbers
 from .learners import forward
-from .optimizers import FunctionalOptimizer
 from .state import ChunkState, InterventionData, ModelState
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -347,90 +348,3 @@ def initial_hooks(hooks: Hooks, model: ModelState, inter: Mapping[str, Intervent
         return run_hooks(hooks.at("on_init"), model, inter, torch.zeros((), dtype=torch.int64))
 
     return vmap(one_learner)(model, dict(inter))
-
-
-def make_logits(template: nn.Module, layers: Mapping[str, str] | None = None, per_learner: bool = False) -> Callable:
-    """``logits(params, buffers, x) -> (N, B, classes)`` for a shared batch x (B, ...). Call with the
-    template in eval mode (``layers``: as for ``make_train_step``; the accelerated copy follows the
-    template's mode). ``per_learner``: one learner after another, as the ``"serial"`` plan trains them."""
-    if per_learner:
-        def looped(p, b, x):
-            layout = _channels_last if x.device.type == "cpu" and x.ndim == 4 else _same
-            x = layout(x)
-            return torch.stack([forward(template, {k: layout(v[i]) for k, v in p.items()}, {k: v[i] for k, v in b.items()}, x)
-                                for i in range(len(next(iter(p.values()))))])
-
-        return looped
-    if not layers:
-        return vmap(lambda p, b, x: forward(template, p, b, x), in_dims=(0, 0, None))
-    model = convolutions.accelerate(template, layers)
-
-    def logits(p, b, x):
-        model.train(template.training)
-        return forward(model, p, b, x)
-
-    return vmap(logits, in_dims=(0, 0, None))
-
-
-def evaluate_dataset(logits_fn: Callable, loss_fn: LossFn, params, buffers, x: torch.Tensor, y: torch.Tensor,
-                     batch_size: int, predictions: bool = False,
-                     learners_per_pass: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Loss and accuracy (fraction) of every learner on all of (x, y), two (N,) float64 tensors. The loss
-    is ``loss_fn`` on the logits of the whole set, whatever the evaluation batch size, so it is exact for
-    any loss (weighted, summed...). A learner with non-finite logits has accuracy NaN, not the accuracy of
-    argmax over NaN. With ``predictions=True``, also each learner's argmax predictions (N, n).
-    ``learners_per_pass`` (at least 2; default all) evaluates the learners in groups, each over the whole set:
-    less memory, sometimes faster, the same numbers (each learner's logits are computed alone within the
-    vmapped operations; tests/test_speed.py checks they are bitwise the same)."""
-    def one_pass(p, b) -> tuple[torch.Tensor, ...]:
-        logits = torch.cat([logits_fn(p, b, x[s : s + batch_size]) for s in range(0, len(x), batch_size)], dim=1)
-        loss = vmap(loss_fn, in_dims=(0, None))(logits, y)  # (k,)
-        finite = torch.isfinite(logits).flatten(1).all(dim=1)  # (k,)
-        predicted = logits.argmax(dim=-1)  # (k, n)
-        accuracy = (predicted == y).sum(dim=1).to(torch.float64) / len(y)
-        return (loss.to(torch.float64), torch.where(finite, accuracy, torch.nan)) + ((predicted,) if predictions else ())
-
-    n = None if learners_per_pass is None else len(pytrees.leaves(params)[0])
-    if n is None or learners_per_pass >= n:
-        return one_pass(params, buffers)
-    group = max(2, learners_per_pass)
-    parts = []
-    for start in range(0, n, group):
-        part = slice(start, min(n, start + group))
-        if part.stop - part.start == 1:  # a lone last learner: evaluate it with its neighbour (same numbers)
-            part = slice(part.start - 1, part.stop)
-        out = one_pass(pytrees.index(params, part), pytrees.index(buffers, part))
-        parts.append(tuple(t[start - part.start :] for t in out))
-    return tuple(torch.cat(ts) for ts in zip(*parts, strict=True))
-
-
-HOST_SYNC_SIGNS = ("item()", "meta tensor", "data-dependent", "to numpy", "Cannot copy out of meta")
-
-
-def check_pure(step: Callable, state: dict, x: torch.Tensor, y: torch.Tensor, hooks: Hooks) -> None:
-    """Run ``step`` once on meta tensors (shapes without data): a Python branch on a tensor's value, an
-    ``.item()``, ``float(tensor)``, ``.cpu()`` or ``.numpy()`` inside it fails there, and is refused with a
-    message naming the interventions in the step. Operations that meta tensors lack are not errors here."""
-    def meta(t: Any) -> Any:
-        return t.to("meta") if isinstance(t, torch.Tensor) else t
-
-    try:
-        step(pytrees.tree_map(meta, state), meta(x), meta(y), torch.zeros((), dtype=torch.int64, device="meta"))
-    except Exception as error:
-        refusal = host_sync_error(error, hooks)
-        if refusal is not None:
-            raise refusal from error
-
-
-def host_sync_error(error: Exception, hooks: Hooks) -> ValueError | None:
-    """The refusal of a step that failed because it reads a tensor's value in Python (None for other errors)."""
-    if not any(sign in str(error) for sign in HOST_SYNC_SIGNS):
-        return None
-    names = sorted({h.name for h in hooks.in_step})
-    where = f" (interventions in this step: {', '.join(names)})" if names else ""
-    return ValueError(
-        f"The training step reads a tensor's value in Python or copies it to the host{where}: "
-        f"{type(error).__name__}: {error}. One step serves every learner of a group at once, so hooks, models "
-        "and losses must not branch on a tensor's value (`if step > 100:`), call .item(), float(tensor), .cpu() "
-        "or .numpy(): use torch.where on tensors instead (e.g. torch.where(ctx.step >= 100, new, old))."
-    )

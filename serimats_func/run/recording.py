@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import batch_indices, epoch_orders
-from .grid import LearnerSpec
-from .metrics import (
+from ..core.data import batch_indices, epoch_orders
+from ..core.evaluation import evaluate_dataset, make_logits
+from ..core.metrics import (
     Data,
     Evaluation,
     MetricFn,
@@ -31,7 +31,8 @@ from .metrics import (
     recorded,
     vmapped_metrics,
 )
-from .step import LossFn, evaluate_dataset, make_logits
+from ..core.step import LossFn
+from .grid import LearnerSpec
 
 if TYPE_CHECKING:
     from .training import TrainingData

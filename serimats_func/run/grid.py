@@ -23,9 +23,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.keys import derive_key
+from ..interventions.base import Derived, Intervention, Variations
 from .identity import describe_class, digest
-from .interventions.base import Derived, Intervention, Variations
-from .keys import derive_key
 from .setup import Setup
 
 FORMAT_VERSION = 2

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .data import steps_per_epoch
+from ..core.data import steps_per_epoch
+from ..core.purity import check_pure, host_sync_error
+from ..core.step import LossFn, make_train_step
 from .grid import LearnerSpec, class_name
 from .planning import describe_group
-from .step import LossFn, check_pure, host_sync_error, make_train_step
 from .training import chunk_hooks, chunk_optimizer, initial_state
 
 CPU = torch.device("cpu")

@@ -15,18 +15,18 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .acceleration import ChunkSpeed, Speed
-from .callbacks import Callbacks, ChunkInfo
+from ..acceleration.prepare import ChunkSpeed, Speed
+from ..callbacks import Callbacks, ChunkInfo
+from ..core.metrics import BUILTIN_DIMS, MetricFn
+from ..core.step import LossFn
+from ..store.locks import Claims
+from ..store.zarr_store import Store
 from .checkpoints import Checkpoints
 from .grid import Grid, LearnerSpec
-from .locks import Claims
-from .metrics import BUILTIN_DIMS, MetricFn
 from .planning import Chunk, Plan
 from .results import assemble
 from .resume import Need, Start, start_of
 from .setup import Setup
-from .step import LossFn
-from .store import Store
 from .training import ChunkStart, Schedule, TrainingData, train_chunk
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
+from ..core.metrics import METRICS
+from ..store.zarr_store import Store
 from .grid import Grid
-from .metrics import METRICS
-from .store import Store
 
 
 def _labels(values: list) -> np.ndarray:

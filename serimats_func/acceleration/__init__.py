@@ -1,0 +1,1 @@
+"""How the step is made fast: convolution plans for many learners, plans chosen by measurement, compiling."""
