@@ -450,7 +450,7 @@ def vmapped_metrics(template: nn.Module, metrics: Mapping[str, MetricFn], train:
 
     >>> from serimats_func.models import MLP
     >>> from serimats_func.core.learners import prepare_template, initial_model_state
-    >>> from serimats_func import pytrees
+    >>> from serimats_func.core import pytrees
     >>> template = prepare_template(MLP(widths=(8,)), torch.zeros(2, 40)).eval()
     >>> state = pytrees.stack([initial_model_state(template, k, 0) for k in range(3)])
     >>> f = vmapped_metrics(template, {"norm": lambda learner: learner.model[1].weight.norm()})

@@ -12,7 +12,7 @@ cheaper than one copy per learner. The state of N learners is a ``state.ChunkSta
 >>> from serimats_func.core.learners import prepare_template, initial_model_state
 >>> from serimats_func.optimizers import functional_twin
 >>> from serimats_func.core.state import ChunkState
->>> from serimats_func import pytrees
+>>> from serimats_func.core import pytrees
 >>> template = prepare_template(MLP(widths=(8,)), torch.zeros(4, 40))
 >>> model = pytrees.stack([initial_model_state(template, k, 0) for k in range(3)])  # N = 3
 >>> twin = functional_twin(torch.optim.SGD, lr=0.1)
@@ -41,7 +41,7 @@ from ..acceleration import convolutions
 from ..interventions.base import Intervention, Numbers
 from ..optimizers import FunctionalOptimizer
 from . import keys, pytrees
-from .hook_points import METHODS
+from .hook_points import METHODS, POINT
 from .learners import forward
 from .state import ChunkState, InterventionData, ModelState
 
@@ -80,7 +80,7 @@ class Hooks:
     @property
     def in_step(self) -> tuple[Hook, ...]:
         """Every hook that runs in the training step."""
-        return tuple(h for m, hs in self.points.items() if m != "on_init" for h in hs)
+        return tuple(h for m, hs in self.points.items() if POINT[m].in_step for h in hs)
 
     @property
     def names(self) -> list[str]:

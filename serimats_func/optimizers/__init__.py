@@ -15,6 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# isort: split
+from .sgd import SGDState, sgd  # registered first: error messages list the families in registration order
+
+# isort: split
 from .adam import AdamState, adam
 from .base import (
     HPARAM_DTYPE,
@@ -25,7 +29,6 @@ from .base import (
     is_optimizer,
     register_optimizer,
 )
-from .sgd import SGDState, sgd
 
 __all__ = ["HPARAM_DTYPE", "REGISTRY", "AdamState", "FunctionalOptimizer", "OptimizerFamily", "SGDState", "adam",
            "canonical", "family_of", "functional_twin", "hyperparameter_names", "is_optimizer", "numeric_hparams",

@@ -143,7 +143,9 @@ class OptimizerFamily:
         parts = (self.split or {}).get(name)
         if parts is not None:
             if not (isinstance(value, (tuple, list)) and len(value) == len(parts) and all(_finite(b) for b in value)):
-                raise ValueError(f"{where} must be {len(parts)} finite numbers ({', '.join(parts)}), e.g. betas=(0.9, 0.999); "
+                count = "a pair of" if len(parts) == 2 else f"{len(parts)}"
+                example = ", ".join(str(v) for v in self.torch_defaults().get(name, ()))
+                raise ValueError(f"{where} must be {count} finite numbers ({', '.join(parts)}), e.g. {name}=({example}); "
                                  f"got {value!r}.")
             return tuple(float(b) for b in value)
         if not _finite(value):
