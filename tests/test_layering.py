@@ -116,3 +116,25 @@ def test_nothing_below_the_shell_imports_the_shell():
     graph = import_graph()
     wrong = {m: sorted(graph[m] & SHELL) for m in graph if m not in SHELL and graph[m] & SHELL}
     assert wrong == {}
+
+
+def _third_party(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_the_core_is_pure_torch_and_imports_neither_the_run_nor_the_store():
+    graph, mods = import_graph(), modules()
+    core = [m for m in graph if m.startswith("serimats_func.core")]
+    assert core
+    above = ("serimats_func.run", "serimats_func.store")
+    wrong = {m: sorted(d for d in graph[m] if d.startswith(above) or d in SHELL) for m in core}
+    assert {m: d for m, d in wrong.items() if d} == {}
+    io = {"xarray", "zarr", "matplotlib", "tqdm", "submitit", "os", "pathlib", "shutil"}
+    assert {m: sorted(_third_party(mods[m][0]) & io) for m in core if _third_party(mods[m][0]) & io} == {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -105,3 +106,19 @@ def epoch_orders(data_keys: Sequence[int], epoch: int, n: int, device: torch.dev
 def batch_indices(orders: torch.Tensor, position: int, batch_size: int) -> torch.Tensor:
     """Indices of batch ``position`` of an epoch: (K, B) from orders (K, n)."""
     return orders[:, position * batch_size : (position + 1) * batch_size]
+
+
+@dataclass
+class TrainingData:
+    """Train and test tensors, already on the device."""
+
+    x: torch.Tensor  # (n, ...)
+    y: torch.Tensor  # (n,)
+    x_test: torch.Tensor | None
+    y_test: torch.Tensor | None
+    batch_size: int
+    eval_batch_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.x), self.batch_size)

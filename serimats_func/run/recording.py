@@ -13,13 +13,12 @@ are NaN from its divergence on, and so are its metrics against a control that di
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..core.data import batch_indices, epoch_orders
+from ..core.data import TrainingData, batch_indices, epoch_orders
 from ..core.evaluation import evaluate_dataset, make_logits
 from ..core.metrics import (
     Data,
@@ -34,8 +33,6 @@ from ..core.metrics import (
 from ..core.step import LossFn
 from .grid import LearnerSpec
 
-if TYPE_CHECKING:
-    from .training import TrainingData
 
 def builtin_metric_names(evaluate: bool, controls: bool) -> list[str]:
     """The built-in metrics an experiment records, in the result's order (``metrics.METRICS``).

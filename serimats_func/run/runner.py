@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..acceleration.prepare import ChunkSpeed, Speed
 from ..callbacks import Callbacks, ChunkInfo
+from ..core.data import TrainingData
 from ..core.metrics import BUILTIN_DIMS, MetricFn
 from ..core.step import LossFn
 from ..store.locks import Claims
@@ -27,7 +28,7 @@ from .planning import Chunk, Plan
 from .results import assemble
 from .resume import Need, Start, start_of
 from .setup import Setup
-from .training import ChunkStart, Schedule, TrainingData, train_chunk
+from .training import ChunkStart, Schedule, train_chunk
 
 
 @dataclass(frozen=True)

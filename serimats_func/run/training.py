@@ -17,7 +17,7 @@ from ..acceleration import convolutions
 from ..acceleration import prepare as acceleration
 from ..acceleration.prepare import ChunkSpeed, Speed
 from ..core import pytrees
-from ..core.data import batch_indices, epoch_orders, steps_per_epoch
+from ..core.data import TrainingData, batch_indices, epoch_orders
 from ..core.evaluation import make_logits
 from ..core.hook_points import POINTS, implemented
 from ..core.learners import initial_model_states
@@ -57,22 +57,6 @@ class Schedule:
             steps.update(range(0, self.total_steps + 1, self.log_every))
         steps.update(s for s in self.log_at if s <= self.total_steps)
         return tuple(sorted(steps))
-
-
-@dataclass
-class TrainingData:
-    """Train and test tensors, already on the device."""
-
-    x: torch.Tensor  # (n, ...)
-    y: torch.Tensor  # (n,)
-    x_test: torch.Tensor | None
-    y_test: torch.Tensor | None
-    batch_size: int
-    eval_batch_size: int
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return steps_per_epoch(len(self.x), self.batch_size)
 
 
 def chunk_hooks(specs: Sequence[LearnerSpec]) -> Hooks:
