@@ -125,3 +125,17 @@ def test_metrics_are_recorded_at_log_at_steps_too(experiment):
 def test_bad_log_at_is_refused_before_anything_is_written(experiment, log_at, message):
     with pytest.raises(ValueError, match=message):
         experiment(GRID[:1], steps=10, log_at=log_at)
+
+
+def test_a_metric_that_edits_a_tensor_in_place_changes_neither_the_learner_nor_later_runs(experiment):
+    """A metric gets copies of the learner's tensors: ``.mul_`` on them changes only the copy."""
+    from serimats_func.loggers import Logger, register_metric
+
+    class Editing(Logger):
+        @register_metric
+        def halved_norm(self, learner):
+            return learner.params["1.weight"].mul_(0.5).sum()
+
+    plain = experiment([], log_every=4).run()
+    edited = experiment([], log_every=4, logger=Editing()).run()
+    np.testing.assert_array_equal(plain.train_loss.values, edited.train_loss.values)

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from . import pytrees
+
 METRICS_VERSION = 1  # part of the built-in metrics' keys in the store: bump when their definition changes
 DEPENDENCIES = ("loss", "train", "test", "control", "code")  # what a metric's values may depend on besides the learner
 
@@ -466,7 +468,9 @@ def vmapped_metrics(template: nn.Module, metrics: Mapping[str, MetricFn], train:
         return {name: functional_call(probe, state, args) for name, probe in probes.items()}
 
     def run(params: dict, buffers: dict, control: tuple[dict, dict] | None = None, batch: Data | None = None) -> dict:
-        control_params, control_buffers = control if control is not None else (params, buffers)
+        # metrics get copies: one that edits a tensor in place changes only its copy, never a learner
+        control_params, control_buffers = pytrees.tree_map(torch.clone, control if control is not None else (params, buffers))
+        params, buffers = pytrees.tree_map(torch.clone, (params, buffers))
         batch_dim = None if (batch is None or shared_batch) else 0
         return vmap(one_learner, in_dims=(0, 0, 0, 0, batch_dim))(params, buffers, control_params, control_buffers, batch)
 
