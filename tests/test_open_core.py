@@ -203,3 +203,39 @@ def test_the_chunk_state_is_typed():
     params = {"w": torch.zeros(2)}
     assert isinstance(functional_twin(torch.optim.SGD, lr=0.1, momentum=0.9).init(params), SGDState)
     assert isinstance(functional_twin(torch.optim.AdamW, lr=0.1).init(params), AdamState)
+
+
+class ShiftInPlace(Intervention):
+    """The in-place hook that leaked outside its window: ``g.add_`` changes ``old`` before torch.where sees it."""
+
+    axes = {"shift": 0.0}
+
+    def on_gradients(self, grads, n, ctx):
+        for g in grads.values():
+            g.add_(n.shift.to(g.dtype))
+        return grads
+
+
+class ScaleParamsInPlace(Intervention):
+    axes = {"scale": 1.0}
+
+    def on_params(self, params, n, ctx):
+        return {k: p.mul_(n.scale.to(p.dtype)) for k, p in params.items()}
+
+
+class PerturbInitInPlace(Intervention):
+    axes = {"eps": 0.0}
+
+    def on_init(self, state, n, ctx):
+        for p in state.params.values():
+            p.add_(n.eps.to(p.dtype))
+        return state
+
+
+@pytest.mark.parametrize("cls", [ShiftInPlace, ScaleParamsInPlace, PerturbInitInPlace], ids=lambda c: c.__name__)
+def test_a_hook_that_changes_its_input_in_place_is_refused_when_the_experiment_is_built(experiment, cls, store):
+    axis = next(iter(cls.axes))
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.on_\w+ changes what it receives in place.*Return new tensors"):
+        experiment([cls.make_variations(**{axis: (0.0, 0.5)}, **({"when": (8, 16)} if cls.windowed else {}))],
+                   store=store)
+    assert not store.exists()  # refused before anything was written

@@ -27,8 +27,10 @@ torch.Size([3])
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +62,37 @@ class Hook:
     module: str | None = None  # the submodule, for activation hooks
 
     def __call__(self, value: Any, n: Mapping[str, Any], ctx: StepContext) -> Any:
-        return getattr(self.owner.for_learner(n), self.method)(value, Numbers(n), ctx)
+        if not _CHECK_IN_PLACE.get():
+            return getattr(self.owner.for_learner(n), self.method)(value, Numbers(n), ctx)
+        watched = [t for t in pytrees.leaves((value, n, ctx.state)) if isinstance(t, torch.Tensor)]
+        before = [t._version for t in watched]
+        out = getattr(self.owner.for_learner(n), self.method)(value, Numbers(n), ctx)
+        if any(t._version != v for t, v in zip(watched, before, strict=True)):
+            raise InPlaceHookError(
+                f"{type(self.owner).__name__}.{self.method} changes what it receives in place (an in-place operation "
+                "such as g.add_(x), w.mul_(s) or x[...] = v on its value, its numbers or its state). Outside its windows, "
+                "and for learners at its defaults, the library keeps the value it received, which an in-place change has "
+                "already changed: the hook would act at every step. Return new tensors instead (g + x, w * s, "
+                "torch.where(mask, v, x)).")
+        return out
+
+
+class InPlaceHookError(ValueError):
+    """A hook changed its input in place (found by the trial step, which runs hooks outside vmap)."""
+
+
+_CHECK_IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("check_in_place", default=False)
+
+
+@contextlib.contextmanager
+def checking_in_place() -> Iterator[None]:
+    """Within: every hook called on real tensors (outside vmap, where version counters count) is checked for
+    changing its input in place (``InPlaceHookError``)."""
+    token = _CHECK_IN_PLACE.set(True)
+    try:
+        yield
+    finally:
+        _CHECK_IN_PLACE.reset(token)
 
 
 @dataclass(frozen=True)
@@ -268,9 +300,15 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
                                   differentiate=autograd_grad_and_value))
         return pytrees.stack(outs)
 
+    vmapped_after_update = vmap(after_update, in_dims=(0, 0, None))
+
+    def looped_after_update(params, inter, t):  # the learners one after another
+        n = len(next(iter(params.values())))
+        return pytrees.stack([after_update(pytrees.index(params, i), pytrees.index(inter, i), t) for i in range(n)])
+
     if per_learner:
         vmapped_gradients = looped_gradients  # noqa: F811
-    vmapped_after_update = vmap(after_update, in_dims=(0, 0, None))
+        vmapped_after_update = looped_after_update  # noqa: F811
 
     def step(state: ChunkState, x, y, t) -> tuple[ChunkState, torch.Tensor]:
         grads, loss, buffers, inter, hparams, opt = vmapped_gradients(state, x, y, t)  # (N, ...)

@@ -20,12 +20,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core import pytrees
 from ..core.data import steps_per_epoch
+from ..core.learners import initial_model_states
 from ..core.purity import check_pure, host_sync_error
-from ..core.step import LossFn, make_train_step
+from ..core.step import InPlaceHookError, LossFn, checking_in_place, make_train_step, run_hooks
 from .grid import LearnerSpec, class_name
 from .planning import describe_group
-from .training import chunk_hooks, chunk_optimizer, initial_state
+from .training import chunk_hooks, chunk_optimizer, initial_state, intervention_data
 
 CPU = torch.device("cpu")
 
@@ -92,6 +94,9 @@ def trial_step(group: Sequence[LearnerSpec], loss_fn: LossFn, batch_size: int) -
             except ValueError as error:
                 raise TrialStepError(str(error)) from error
             step(state, xb, yb, torch.zeros((), dtype=torch.int64))
+            _check_in_place(specs, hooks, template, loss_fn, shared, xb, yb, setup.trainable_names)
+    except InPlaceHookError as error:
+        raise TrialStepError(str(error)) from error
     except TrialStepError:
         raise
     except Exception as error:
@@ -101,6 +106,21 @@ def trial_step(group: Sequence[LearnerSpec], loss_fn: LossFn, batch_size: int) -
         raise TrialStepError(_message(error, specs, group, batch_size)) from error
     finally:
         template.train(was_training)
+
+
+def _check_in_place(specs, hooks, template, loss_fn, shared, xb, yb, trainable) -> None:
+    """Run every hook once on real tensors, one learner after another (outside vmap, where tensors' version
+    counters count), refusing one that changes its input in place (``InPlaceHookError``)."""
+    if not hooks.points:
+        return
+    t = torch.zeros((), dtype=torch.int64)
+    with checking_in_place():
+        model = initial_model_states(template, [s.init_key for s in specs], [s.dropout_key for s in specs])
+        inter = intervention_data(specs, hooks)
+        run_hooks(hooks.at("on_init"), pytrees.index(model, 0), pytrees.index(inter, 0), t)
+        looped = make_train_step(template, chunk_optimizer(specs), loss_fn, hooks, shared_batch=shared,
+                                 trainable=trainable, per_learner=True)
+        looped(initial_state(specs, hooks, CPU), xb, yb, t)
 
 
 def _message(error: Exception, specs: Sequence[LearnerSpec], group: Sequence[LearnerSpec], batch_size: int) -> str:
