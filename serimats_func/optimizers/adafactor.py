@@ -65,8 +65,10 @@ def adafactor() -> FunctionalOptimizer:
             p = p * per_learner(1 - lr * wd, p)
             w = per_learner(one_minus_beta2_t, p)
             if _matrix(p, True):
-                rows[name] = torch.lerp(state.row_var[name], torch.linalg.vector_norm(g, dim=-1, keepdim=True).square() / g.size(-1), w)
-                cols[name] = torch.lerp(state.col_var[name], torch.linalg.vector_norm(g, dim=-2, keepdim=True).square() / g.size(-2), w)
+                row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square() / g.size(-1)  # (N, ..., R, 1)
+                col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square() / g.size(-2)  # (N, ..., 1, C)
+                rows[name] = torch.lerp(state.row_var[name], row_mean, w)
+                cols[name] = torch.lerp(state.col_var[name], col_mean, w)
                 var_estimate = rows[name] @ cols[name]
                 var_estimate = var_estimate / torch.maximum(rows[name].mean(dim=-2, keepdim=True), per_learner(eps1, p))
             else:
