@@ -270,4 +270,7 @@ def _optimizer(config: Mapping, flat: FlatState, module: nn.Module) -> torch.opt
         if torch_state is not None:
             state[index[id(param)]] = torch_state
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, held in state.items():  # scalars keep torch's own dtype (NAdam's float32 mu_product), which loading casts
+        optimizer.state[params[i]].update({k: v for k, v in held.items() if v.ndim == 0})
     return optimizer
