@@ -166,7 +166,9 @@ class OptimizerFamily:
         if parts is not None:
             if not (isinstance(value, (tuple, list)) and len(value) == len(parts)
                     and all(_finite(b) or (b is None and n in self.nullable) for b, n in zip(value, parts, strict=True))):
-                raise ValueError(f"{where} must be {len(parts)} finite numbers ({', '.join(parts)}), e.g. betas=(0.9, 0.999); "
+                count = "a pair of" if len(parts) == 2 else str(len(parts))
+                example = self.torch_defaults().get(name)
+                raise ValueError(f"{where} must be {count} finite numbers ({', '.join(parts)}), e.g. {name}={example}; "
                                  f"got {value!r}.")
             return tuple(None if b is None else float(b) for b in value)
         if not _finite(value):
