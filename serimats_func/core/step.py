@@ -353,7 +353,8 @@ def autograd_grad_and_value(fn: Callable, has_aux: bool = True) -> Callable:
 def stacked_update(twin: FunctionalOptimizer, grads: dict, opt: dict, params: dict, hparams: dict) -> tuple[dict, dict]:
     """``twin.update`` of N learners at once, on stacked leaves (N, ...): each viewed as (N, numel) and each
     per-learner number (N,) as (N, 1), so that they broadcast as under ``vmap``. The update is elementwise
-    per learner, so every learner gets exactly the numbers ``vmap(twin.update)`` gives it.
+    per learner, so every learner gets exactly the numbers ``vmap(twin.update)`` gives it. A family that is not
+    elementwise (``twin.stacked``) gets the leaves in their true shape (N, *shape) and the numbers (N,).
 
     >>> import torch
     >>> from serimats_func.optimizers import functional_twin
@@ -365,6 +366,8 @@ def stacked_update(twin: FunctionalOptimizer, grads: dict, opt: dict, params: di
     >>> new["w"][:, 0].tolist()
     [0.8999999761581421, 0.800000011920929, 0.699999988079071]
     """
+    if twin.stacked is not None:  # matrix operations (Muon, Adafactor): leaves in their true shape (N, *shape)
+        return twin.stacked(grads, opt, params, hparams)
     n = len(pytrees.leaves(params)[0])
 
     def rows(t: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N, numel); (N,) -> (N, 1)

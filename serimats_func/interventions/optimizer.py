@@ -28,7 +28,7 @@ class Optimizer(Intervention):
 
     axes = {"optimizer": None, **{k: None for c in twins.supported() for k in twins.hyperparameter_names(c)}}
     prefix = "optimizer"
-    tuple_axes = frozenset({"betas"})
+    tuple_axes = frozenset({"betas", "ns_coefficients"})
     aliases = {"optimizers": "optimizer"}
     order = -50
     builtin = True
@@ -44,7 +44,8 @@ class Optimizer(Intervention):
     def _check(self, axis: str, value: Any) -> Any:
         if axis == "optimizer":
             if not isinstance(value, type):
-                raise ValueError(f"Optimizer optimizer must be a torch.optim class such as torch.optim.SGD; got {value!r}.")
+                raise ValueError(f"Optimizer optimizer must be a torch.optim class such as torch.optim.SGD (or "
+                                 f"serimats_func.optimizers.Lion); got {value!r}.")
             twins.hyperparameter_names(value)  # refuses classes without a twin
         elif isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
             raise ValueError(f"Optimizer {axis} must be a finite number; got {value!r}.")
@@ -87,7 +88,7 @@ class Optimizer(Intervention):
 
     def __repr__(self) -> str:
         torch_class = self.values["optimizer"]
-        args = [f"torch.optim.{torch_class.__name__}"] if torch_class else []
+        args = [twins.family_of(torch_class).label] if torch_class else []
         args += [f"{k}={v!r}" for k, v in self.hyperparameters.items()]
         return f"Optimizer({', '.join(args)}{', control=True' if self.control else ''})"
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# isort: split
-from .sgd import SGDState, sgd  # registered first: error messages list the families in registration order
-
-# isort: split
+from .adadelta import AdadeltaState, adadelta
+from .adafactor import AdafactorState, adafactor
+from .adagrad import AdagradState, adagrad
 from .adam import AdamState, adam
+from .adamax import AdamaxState, adamax
 from .base import (
     HPARAM_DTYPE,
     REGISTRY,
@@ -29,10 +29,19 @@ from .base import (
     is_optimizer,
     register_optimizer,
 )
+from .lion import Lion, LionState, lion
+from .muon import MuonState, MuonWithAdamW, muon
+from .nadam import NAdamState, nadam
+from .radam import RAdamState, radam
+from .rmsprop import RMSpropState, rmsprop
+from .sgd import SGDState, sgd
 
-__all__ = ["HPARAM_DTYPE", "REGISTRY", "AdamState", "FunctionalOptimizer", "OptimizerFamily", "SGDState", "adam",
-           "canonical", "family_of", "functional_twin", "hyperparameter_names", "is_optimizer", "numeric_hparams",
-           "register_optimizer", "resolve", "sgd", "structure_key", "supported", "torch_defaults"]
+__all__ = ["HPARAM_DTYPE", "REGISTRY", "AdadeltaState", "AdafactorState", "AdagradState", "AdamState", "AdamaxState",
+           "FunctionalOptimizer", "Lion", "LionState", "MuonState", "MuonWithAdamW", "NAdamState", "OptimizerFamily",
+           "RAdamState", "RMSpropState", "SGDState", "adadelta", "adafactor", "adagrad", "adam", "adamax", "canonical",
+           "family_of", "functional_twin", "hyperparameter_names", "is_optimizer", "lion", "muon", "nadam",
+           "numeric_hparams", "radam", "register_optimizer", "resolve", "rmsprop", "sgd", "structure_key", "supported",
+           "torch_defaults", "torch_optimizer"]
 
 
 def supported() -> tuple[type | str, ...]:
@@ -86,3 +95,10 @@ def canonical(optimizer: type | str, resolved: Mapping[str, Any], varied: frozen
 def numeric_hparams(optimizer: type | str, resolved: Mapping[str, Any]) -> dict[str, float]:
     """The per-learner numbers ``update`` reads, e.g. betas split into beta1 and beta2."""
     return family_of(optimizer).numbers(resolved)
+
+
+def torch_optimizer(optimizer: type | str, named: list[tuple[str, Any]], **values: Any) -> Any:
+    """The torch.optim optimizer that ``functional_twin(optimizer, **values)`` follows, over named parameters (for
+    Muon with parameters that are not matrices: a ``MuonWithAdamW``)."""
+    family = family_of(optimizer)
+    return family.torch_optimizer(named, family.resolve(values))

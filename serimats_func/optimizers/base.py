@@ -20,10 +20,11 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import optree
 import torch
 
 Params = dict[str, torch.Tensor]
@@ -44,6 +45,9 @@ class FunctionalOptimizer:
     update: Callable[[Params, OptState, Params, HParams], tuple[Params, OptState]]
     numeric: tuple[str, ...]
     family: OptimizerFamily | None = None
+    stacked: Callable[[Params, OptState, Params, HParams], tuple[Params, OptState]] | None = None
+    # ``stacked``: the update of N learners at once on leaves (N, *shape) and numbers (N,), for families whose update
+    # is not elementwise (matrix products, norms); ``update`` is then that update of one learner.
 
     @property
     def torch_class(self) -> type | None:
@@ -65,7 +69,10 @@ class OptimizerFamily:
     (``varied``: hyperparameters that interventions change during training); ``structure(resolved, varied)``
     is what learners must share to train in one update; ``describe(structure)`` says it in words;
     ``torch_state(opt, name)`` turns the stored state of one parameter (``{field: tensor}``) into
-    torch.optim's per-parameter state, for ``load_learner``."""
+    torch.optim's per-parameter state, for ``load_learner``. ``choices`` are structural arguments that are not
+    True/False (Muon's ``ns_steps``); ``nullable`` names split numbers that may be None (NaN per learner: Adafactor's
+    ``eps1``); ``probe_shape`` is the parameter shape torch.optim's own checks run on; ``make_torch(named, settings)``
+    builds the torch.optim optimizer over named parameters where ``torch_class(params, **settings)`` does not."""
 
     name: str
     torch_class: type | None
@@ -78,11 +85,21 @@ class OptimizerFamily:
     split: Mapping[str, tuple[str, ...]] = None  # type: ignore[assignment]
     defaults: Mapping[str, Any] | None = None  # for classes whose signature gives none
     skip_in_identity: Callable[[Mapping[str, Any], frozenset[str]], frozenset[str]] = lambda resolved, varied: frozenset()
+    choices: tuple[str, ...] = ()
+    nullable: frozenset[str] = frozenset()
+    probe_shape: tuple[int, ...] = (1,)
+    make_torch: Callable[[Sequence[tuple[str, torch.Tensor]], Mapping[str, Any]], torch.optim.Optimizer] | None = None
 
     @property
     def arguments(self) -> tuple[str, ...]:
-        """Every hyperparameter it takes, numeric then flags."""
-        return self.numeric + self.flags
+        """Every hyperparameter it takes, numeric, flags, then other structural choices."""
+        return self.numeric + self.flags + self.choices
+
+    def torch_optimizer(self, named: Sequence[tuple[str, torch.Tensor]], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
+        """The torch.optim optimizer of these hyperparameters over the named parameters."""
+        if self.make_torch is not None:
+            return self.make_torch(named, settings)
+        return self.torch_class([p for _, p in named], **settings)
 
     def numeric_names(self) -> tuple[str, ...]:
         """The per-learner numbers ``update`` reads, e.g. ``beta1, beta2`` for ``betas``."""
@@ -120,7 +137,7 @@ class OptimizerFamily:
             raise ValueError(f"{where} needs a learning rate: give lr=...")
         if self.torch_class is not None:
             try:
-                self.torch_class([torch.zeros(1, requires_grad=True)], **resolved)
+                self.torch_class([torch.zeros(self.probe_shape, requires_grad=True)], **resolved)
             except (ValueError, TypeError) as error:
                 described = ", ".join(f"{k}={v!r}" for k, v in resolved.items())
                 raise ValueError(f"{where}({described}): {error}") from error
@@ -128,7 +145,10 @@ class OptimizerFamily:
 
     @property
     def label(self) -> str:
-        return f"torch.optim.{self.name}" if self.torch_class is not None else self.name
+        if self.torch_class is None:
+            return self.name
+        module = self.torch_class.__module__
+        return f"torch.optim.{self.name}" if module.startswith("torch.optim") else f"{module.rsplit('.', 1)[0]}.{self.name}"
 
     def _checked(self, name: str, value: Any) -> Any:
         """Flags True or False, tuple-valued numbers a tuple of finite floats, the rest a finite number
@@ -136,18 +156,21 @@ class OptimizerFamily:
         where = f"{self.label} {name}"
         if isinstance(value, torch.Tensor) and value.ndim == 0:
             value = value.item()
+        if name in self.choices:
+            return value  # checked by torch.optim itself
         if name in self.flags:
             if not isinstance(value, bool):
                 raise ValueError(f"{where} must be True or False; got {value!r}.")
             return value
         parts = (self.split or {}).get(name)
         if parts is not None:
-            if not (isinstance(value, (tuple, list)) and len(value) == len(parts) and all(_finite(b) for b in value)):
-                count = "a pair of" if len(parts) == 2 else f"{len(parts)}"
-                example = ", ".join(str(v) for v in self.torch_defaults().get(name, ()))
-                raise ValueError(f"{where} must be {count} finite numbers ({', '.join(parts)}), e.g. {name}=({example}); "
+            if not (isinstance(value, (tuple, list)) and len(value) == len(parts)
+                    and all(_finite(b) or (b is None and n in self.nullable) for b, n in zip(value, parts, strict=True))):
+                count = "a pair of" if len(parts) == 2 else str(len(parts))
+                example = self.torch_defaults().get(name)
+                raise ValueError(f"{where} must be {count} finite numbers ({', '.join(parts)}), e.g. {name}={example}; "
                                  f"got {value!r}.")
-            return tuple(float(b) for b in value)
+            return tuple(None if b is None else float(b) for b in value)
         if not _finite(value):
             raise ValueError(f"{where} must be a finite number; got {value!r}.")
         return value
@@ -158,7 +181,7 @@ class OptimizerFamily:
         out = {k: float(resolved[k]) for k in self.numeric if k not in split}
         for k, names in split.items():
             if k in resolved:
-                out.update(zip(names, (float(v) for v in resolved[k]), strict=True))
+                out.update(zip(names, (math.nan if v is None else float(v) for v in resolved[k]), strict=True))
         return out
 
     def canonical(self, resolved: Mapping[str, Any], varied: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -169,7 +192,10 @@ class OptimizerFamily:
             if k in skip:
                 continue
             v = resolved[k]
-            out[k] = [float(b) for b in v] if isinstance(v, tuple) else (
+            if k in self.choices:
+                out[k] = list(v) if isinstance(v, tuple) else v
+                continue
+            out[k] = [None if b is None else float(b) for b in v] if isinstance(v, tuple) else (
                 float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
         return out
 
@@ -188,7 +214,7 @@ def family_of(optimizer: type | str) -> OptimizerFamily:
     name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", None)
     family = REGISTRY.get(name) if name is not None else None
     if family is None or (not isinstance(optimizer, str) and family.torch_class not in (None, optimizer)):
-        names = ", ".join(f.label for f in REGISTRY.values())
+        names = ", ".join(sorted(f.label for f in REGISTRY.values()))
         raise ValueError(f"No functional twin of {getattr(optimizer, '__name__', optimizer)!r}; supported optimizers: {names}.")
     return family
 
@@ -237,3 +263,32 @@ def per_dtype(make: Callable[[torch.dtype], dict]) -> Callable[[torch.dtype], di
         return cache[dtype]
 
     return get
+
+
+def one_learner(stacked: Callable) -> Callable:
+    """The update of one learner from a ``stacked`` update of N learners: every leaf given a learner axis of 1."""
+
+    def update(grads: Params, state: OptState, params: Params, h: HParams) -> tuple[Params, OptState]:
+        one = [optree.tree_map(lambda t: t.unsqueeze(0), tree) for tree in (grads, state, params, h)]
+        new_params, new_state = stacked(*one)
+        return ({k: v.squeeze(0) for k, v in new_params.items()}, optree.tree_map(lambda t: t.squeeze(0), new_state))
+
+    return update
+
+
+def per_learner(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-learner number (N,) viewed so that it broadcasts against a stacked leaf (N, *shape), in its dtype."""
+    return value.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def standard_torch_state(*scalars: str) -> Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict | None]:
+    """``torch_state`` of a family whose torch.optim class holds no state before the first step, then ``step`` and
+    the other per-learner ``scalars`` (NAdam's ``mu_product``) as float32 tensors and the per-parameter fields."""
+
+    def torch_state(opt: Mapping[str, torch.Tensor], param: Mapping[str, torch.Tensor]) -> dict | None:
+        if float(opt["step"]) <= 0:
+            return None
+        out = {k: torch.tensor(float(opt[k]), dtype=torch.float32) for k in ("step", *scalars)}
+        return {**out, **{k: v.clone() for k, v in param.items()}}
+
+    return torch_state

@@ -261,12 +261,16 @@ def _optimizer(config: Mapping, flat: FlatState, module: nn.Module) -> torch.opt
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     opt = _part(flat, "opt")
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    optimizer = family.torch_class([p for _, p in trainable], **settings)
+    optimizer = family.torch_optimizer(trainable, settings)  # Muon: MuonWithAdamW when some are not matrices
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
     state: dict[int, dict[str, Any]] = {}
-    for i, (name, _) in enumerate(trainable):
+    for name, param in trainable:
         per_parameter = {field: v for k, v in opt.items() for field, _, of in [k.partition("/")] if of == name}
         torch_state = family.torch_state(opt, per_parameter)
         if torch_state is not None:
-            state[i] = torch_state
+            state[index[id(param)]] = torch_state
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, held in state.items():  # scalars keep torch's own dtype (NAdam's float32 mu_product), which loading casts
+        optimizer.state[params[i]].update({k: v for k, v in held.items() if v.ndim == 0})
     return optimizer
