@@ -5,7 +5,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+
+from tests import builders
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -43,10 +44,7 @@ def mnist_root(tmp_path):
 @pytest.fixture(scope="session")
 def small_mnist1d():
     """The first 512 / 256 examples of the standard MNIST-1D split: fast to train on."""
-    from serimats_func import datasets
-
-    train, test = datasets.mnist1d()
-    return (TensorDataset(*(t[:512] for t in train.tensors)), TensorDataset(*(t[:256] for t in test.tensors)))
+    return builders.small_mnist1d()
 
 
 @pytest.fixture
@@ -55,21 +53,16 @@ def store(tmp_path):
 
 
 @pytest.fixture
-def experiment(small_mnist1d, tmp_path):
-    """The tests' one way to build an Experiment: ``experiment(interventions, **settings)`` on the small
-    MNIST-1D split with a 32-unit MLP, 16 steps of batch 32, a fresh store per call, no progress bar. Any
-    Experiment argument overrides these (``model=``, ``data=(train, test)``, ``store=``...)."""
-    from serimats_func import Experiment
-    from serimats_func.models import MLP
-
+def experiment(tmp_path):
+    """The tests' one way to build an Experiment: ``experiment(interventions, **settings)``, which is
+    tests.builders.make_experiment (the small MNIST-1D split, a 32-unit MLP, 16 steps of batch 32, no progress
+    bar) with a fresh store per call. Any Experiment argument overrides these (``model=``, ``data=(train, test)``,
+    ``store=``...)."""
     count = itertools.count()
 
-    def build(interventions=(), *, model=None, data=None, **settings):
-        train, test = data if data is not None else small_mnist1d
-        settings = {"steps": 16, "batch_size": 32, "progress": False,
-                    "store": tmp_path / "runs" / f"run{next(count)}.zarr", **settings}
-        model = model if model is not None else MLP(widths=(32,))
-        return Experiment(model, train, list(interventions), test_dataset=test, **settings)
+    def build(interventions=(), **settings):
+        settings.setdefault("store", tmp_path / "runs" / f"run{next(count)}.zarr")
+        return builders.make_experiment(interventions, **settings)
 
     return build
 

@@ -22,15 +22,15 @@ import traceback
 def experiment(store: str, seeds: list[int], chunk: int, callbacks=()):
     import torch
 
-    from serimats_func import Experiment
     from serimats_func.interventions import InitWeights
     from serimats_func.models import MLP
+    from tests.builders import make_experiment  # main() put this checkout on sys.path
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(256, 40, generator=g), torch.randint(0, 10, (256,), generator=g)
-    return Experiment(MLP(widths=(16,), in_features=40), (x, y), [InitWeights.make_variations(seed=seeds)],
-                      test_dataset=(x[:64], y[:64]), steps=12, batch_size=32, log_every=4, checkpoint_every=6,
-                      max_learners_per_chunk=chunk, store=store, progress=False, callbacks=callbacks)
+    return make_experiment([InitWeights.make_variations(seed=seeds)], model=MLP(widths=(16,), in_features=40),
+                           data=((x, y), (x[:64], y[:64])), steps=12, batch_size=32, log_every=4, checkpoint_every=6,
+                           max_learners_per_chunk=chunk, store=store, callbacks=callbacks)
 
 
 PHASES = ["building the experiment"]  # the phase a child is in, innermost last
@@ -207,6 +207,7 @@ def main(path: str) -> None:
 
     torch.set_num_threads(1)
     import serimats_func  # noqa: F401  (imported once, before the forks)
+    import tests.builders  # noqa: F401
 
     plan = json.loads(open(path).read())
     result = {"kills": kills(plan["kills"]) if "kills" in plan else None,

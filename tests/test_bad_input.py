@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from serimats_func import Experiment
 from serimats_func.interventions import (
     BatchSize,
     InitWeights,
@@ -23,11 +22,11 @@ from serimats_func.models import MLP, Lenet5
 
 
 @pytest.fixture
-def build(small_mnist1d, store):
-    train, test = small_mnist1d
+def build(experiment, store):
+    """The tests' experiment with a plain MLP() unless a test gives a model, on ``store``."""
 
     def build(model=None, interventions=(), **kw):
-        return Experiment(model or MLP(), train, list(interventions), test_dataset=test, store=store, progress=False, **kw)
+        return experiment(interventions, model=model or MLP(), store=store, **kw)
 
     yield build
     assert not store.exists(), "a refused experiment must not write anything"
@@ -97,11 +96,12 @@ def test_a_parameter_without_reset_parameters_is_refused(build):
         build(model=Scaled())
 
 
-def test_a_variation_given_twice_is_one_learner_and_a_new_axis_becomes_a_dimension(small_mnist1d, store):
+def test_a_variation_given_twice_is_one_learner_and_a_new_axis_becomes_a_dimension(experiment, small_mnist1d, store):
     train, _ = small_mnist1d
-    exp = Experiment(MLP(), train, [PerturbWeights.make_variations(epsilon=0.1, seed=1),
-                                    PerturbWeights.make_variations(epsilon=0.1, seed=1),
-                                    PerturbWeights.make_variations(epsilon=0.1, seed=1, mode="absolute")], store=store)
+    exp = experiment([PerturbWeights.make_variations(epsilon=0.1, seed=1),
+                      PerturbWeights.make_variations(epsilon=0.1, seed=1),
+                      PerturbWeights.make_variations(epsilon=0.1, seed=1, mode="absolute")],
+                     model=MLP(), data=(train, None), store=store)
     assert len(exp.grid.learners) == 2 and exp.grid.dims == {"mode": ["relative", "absolute"]}
     assert exp.grid.scalars == {"epsilon": 0.1, "seed": 1}
 
@@ -117,17 +117,16 @@ def test_bad_training_settings_are_refused(build, kw, message):
         build(**kw)
 
 
-def test_bad_datasets_are_refused(store):
+def test_bad_datasets_are_refused(build, store):
     x = torch.randn(10, 40)
     with pytest.raises(ValueError, match="dataset has 10 inputs but 9 labels"):
-        Experiment(MLP(), (x, torch.zeros(9, dtype=torch.long)), store=store)
+        build(data=((x, torch.zeros(9, dtype=torch.long)), None))
     with pytest.raises(ValueError, match="labels must be integer class indices"):
-        Experiment(MLP(), (x, torch.rand(10)), store=store)
+        build(data=((x, torch.rand(10)), None))
     with pytest.raises(ValueError, match="dataset is empty"):
-        Experiment(MLP(), (x[:0], torch.zeros(0, dtype=torch.long)), store=store)
+        build(data=((x[:0], torch.zeros(0, dtype=torch.long)), None))
     with pytest.raises(ValueError, match=r"test_dataset inputs have shape \(20,\) but dataset inputs \(40,\)"):
-        Experiment(MLP(), (x, torch.zeros(10, dtype=torch.long)), test_dataset=(torch.randn(5, 20), torch.zeros(5).long()),
-                   store=store)
+        build(data=((x, torch.zeros(10, dtype=torch.long)), (torch.randn(5, 20), torch.zeros(5).long())))
     assert not store.exists()
 
 
@@ -181,17 +180,17 @@ def test_cuda_without_a_gpu_is_refused_at_once(build):
         build(device="cuda")
 
 
-def test_inputs_with_nan_are_refused(store):
+def test_inputs_with_nan_are_refused(build):
     x = torch.randn(8, 40)
     x[3, 5] = float("nan")
     with pytest.raises(ValueError, match="dataset inputs contain NaN"):
-        Experiment(MLP(), (x, torch.zeros(8, dtype=torch.long)), store=store)
+        build(data=((x, torch.zeros(8, dtype=torch.long)), None))
 
 
-def test_a_store_path_below_a_file_is_refused_before_training(small_mnist1d, tmp_path):
+def test_a_store_path_below_a_file_is_refused_before_training(experiment, small_mnist1d, tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="file.txt is not a folder"):
-        Experiment(MLP(), small_mnist1d[0], store=tmp_path / "file.txt" / "sub" / "s.zarr")
+        experiment(model=MLP(), data=(small_mnist1d[0], None), store=tmp_path / "file.txt" / "sub" / "s.zarr")
 
 
 def test_numpy_and_tensor_numbers_are_plain_labels():
@@ -395,17 +394,12 @@ MISTAKES = [
 
 
 @pytest.mark.parametrize("settings, message", [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
-def test_each_mistake_is_refused_before_anything_is_written_with_the_problem_and_the_fix(small_mnist1d, tmp_path,
+def test_each_mistake_is_refused_before_anything_is_written_with_the_problem_and_the_fix(experiment, tmp_path,
                                                                                          settings, message):
-    train, test = small_mnist1d
     store = tmp_path / "runs" / "mistake.zarr"
-    kw = {"steps": 16, "batch_size": 32, "progress": False, "store": store}
     with pytest.raises((ValueError, TypeError), match=message):
         built = {k: make() for k, make in settings.items()}  # make_variations refuses some mistakes itself
-        if "epochs" in built:
-            kw.pop("steps")
-        model = built.pop("model", None) or MLP(widths=(32,))
-        Experiment(model, train, built.pop("interventions", []), test_dataset=test, **{**kw, **built})
+        experiment(built.pop("interventions", []), store=store, **built)  # epochs= replaces the default steps
     assert not store.exists() and not (tmp_path / "runs").exists()
 
 

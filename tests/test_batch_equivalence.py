@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from serimats_func import Experiment
 from serimats_func.interventions import DataOrder, InitWeights, PerturbWeights
 from serimats_func.models import MLP, Lenet5
+from tests.builders import make_experiment
 
 FIRST_EXAMPLE = [
     PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
@@ -17,10 +17,8 @@ METRICS = ["train_loss", "train_acc", "test_loss", "test_acc"]
 
 
 def run(model, data, interventions, tmp_path, name, **kw):
-    train, test = data
     kw = {"steps": 24, "log_every": 8, "batch_size": 32, **kw}
-    exp = Experiment(model, train, interventions, test_dataset=test, store=tmp_path / f"{name}.zarr", progress=False, **kw)
-    return exp.run()
+    return make_experiment(interventions, model=model, data=data, store=tmp_path / f"{name}.zarr", **kw).run()
 
 
 def test_mlp_learner_in_batch_of_31_is_bitwise_the_same_alone(small_mnist1d, tmp_path):
@@ -104,6 +102,7 @@ def test_widths_by_batch_sizes_by_init_seeds_is_one_result_and_each_learner_is_i
     assert len(np.unique(ds.train_loss.isel(step=-1))) == 30
 
 
+@pytest.mark.slow
 def test_a_grid_mixing_every_intervention_gives_each_learner_bitwise_what_it_gets_alone(experiment):
     from serimats_func.interventions import PerturbActivations, PerturbGradients, PerturbMomentum
 

@@ -11,6 +11,7 @@ import pytest
 from serimats_func.cli import main
 from serimats_func.interventions import PerturbWeights
 from serimats_func.plotter import save_figure as real_save
+from tests import store_paths
 from tests.readable import assert_png_not_blank, assert_readable
 from tests.watching import CountSteps
 
@@ -128,4 +129,4 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     assert int(ds.test_acc.isel(step=-1).notnull().sum()) == 31
     assert np.isnan(ds.test_acc.sel(epsilon=0, seed=1)).all()
     assert namespace["fig"].axes[0].get_ylabel() == "test accuracy"
-    assert (tmp_path / "runs" / "perturb.zarr" / "zarr.json").exists()
+    assert store_paths.metadata(tmp_path / "runs" / "perturb.zarr").exists()

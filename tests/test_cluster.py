@@ -16,6 +16,7 @@ submitit = pytest.importorskip("submitit")
 
 from serimats_func.cluster import ShardError, ShardJob, families, shard_device, split_families  # noqa: E402
 from serimats_func.interventions import InitWeights, PerturbWeights  # noqa: E402
+from tests import store_paths  # noqa: E402
 
 GRID = [PerturbWeights.make_variations(epsilon=0, control=True),
         PerturbWeights.make_variations(epsilon=(0.01, 0.1), seed=range(3)),
@@ -43,6 +44,7 @@ def test_shards_are_decided_by_the_grid_alone_and_keep_controls_with_their_learn
     assert [len(s) for s in loose] == [4, 3, 3] and sorted(sum(loose, ())) == [f"{i:02d}" for i in range(10)]
 
 
+@pytest.mark.slow
 def test_a_grid_run_as_three_shards_gives_the_numbers_of_one_process(experiment, tmp_path):
     grid = [PerturbWeights.make_variations(epsilon=(0.01, 0.1), seed=range(3)), InitWeights.make_variations(seed=range(2))]
     one = experiment(grid).run()
@@ -80,13 +82,14 @@ class KillsOneShard:
 
     def _kill(self, job):
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any((self.store / "checkpoints").glob("*")):
+        while time.monotonic() < deadline and not any(store_paths.checkpoints(self.store).glob("*")):
             time.sleep(0.05)
         for child in _children(job._process.pid):
             os.kill(child, signal.SIGKILL)
             self.killed.append(child)
 
 
+@pytest.mark.slow
 def test_a_killed_shard_is_reported_with_its_log_and_a_rerun_trains_only_what_is_missing(experiment, tmp_path):
     store = tmp_path / "runs" / "sharded.zarr"
     executor = KillsOneShard(tmp_path / "jobs", store)
@@ -122,6 +125,7 @@ def test_each_shard_on_a_node_with_several_gpus_takes_its_own():
         assert shard_device(None, 5) == torch.device("cuda", 5 % torch.cuda.device_count())
 
 
+@pytest.mark.slow
 def test_the_command_line_submits_a_script_as_shards(tmp_path, small_mnist1d):
     import torch
 

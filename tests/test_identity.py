@@ -560,6 +560,7 @@ class Net(nn.Module):
 """
 
 
+@pytest.mark.slow
 def test_sets_in_code_and_attributes_describe_the_same_under_any_hash_seed(tmp_path):
     name = f"setnet_{os.getpid()}"
     (tmp_path / f"{name}.py").write_text(SET_NET)

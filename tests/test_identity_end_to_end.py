@@ -524,8 +524,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serimats_func import Experiment
 from serimats_func.interventions import InitWeights, Optimizer, PerturbWeights
+from tests.builders import make_experiment
 
 KINDS = {"relu", "tanh", "gelu", "silu", "elu", "selu"}
 
@@ -551,10 +551,10 @@ def loss(logits, y):
 def experiment(store):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 40, generator=gen), torch.randint(0, 10, (64,), generator=gen)
-    return Experiment(Net(), (x, y), [InitWeights.make_variations(seed=range(2)),
-                                      PerturbWeights.make_variations(epsilon=(0.0, 0.01), seed=1),
-                                      Optimizer.make_variations(lr=(0.1, 0.01))],
-                      loss=loss, steps=2, batch_size=16, store=store, progress=False)
+    return make_experiment([InitWeights.make_variations(seed=range(2)),
+                            PerturbWeights.make_variations(epsilon=(0.0, 0.01), seed=1),
+                            Optimizer.make_variations(lr=(0.1, 0.01))],
+                           model=Net(), data=((x, y), None), loss=loss, steps=2, batch_size=16, store=store)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from serimats_func import Experiment
 from serimats_func.interventions import InitWeights, Intervention
 from serimats_func.loggers import Logger, register_metric
 from serimats_func.models import MLP
+from tests.builders import make_experiment
 
 
 class Jitter(Intervention):
@@ -53,9 +53,10 @@ def loss(logits, y):
 def experiment(store):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 40, generator=gen), torch.randint(0, 10, (64,), generator=gen)
-    return Experiment(MLP((8,)), (x, y), [InitWeights.make_variations(seed=range(2)),
-                                          Jitter.make_variations(noise=(0.0, 0.1), part=("weight", "bias"), seed=3)],
-                      loss=loss, logger=Probes(), steps=3, batch_size=16, store=store, progress=False)
+    return make_experiment([InitWeights.make_variations(seed=range(2)),
+                            Jitter.make_variations(noise=(0.0, 0.1), part=("weight", "bias"), seed=3)],
+                           model=MLP((8,)), data=((x, y), None), loss=loss, logger=Probes(), steps=3, batch_size=16,
+                           store=store)
 
 
 def report(store):
@@ -71,6 +72,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 def test_a_script_run_as_main_and_imported_by_name_gives_the_same_ids_and_numbers(tmp_path):
     (tmp_path / "sweep.py").write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1",

@@ -12,6 +12,9 @@ import pytest
 
 from serimats_func import open_store
 from serimats_func.store.zarr_store import Store
+from tests import store_paths
+
+pytestmark = pytest.mark.slow  # real processes, SIGKILLed
 
 WORKER = Path(__file__).with_name("store_worker.py")
 KILLS = 20
@@ -40,13 +43,6 @@ def metrics_by_learner(path) -> dict:
     return {str(i): {m: ds[m].sel(learner=i).values for m in ("train_loss", "test_acc")} for i in ds.learner.values}
 
 
-def debris(path: Path) -> list[str]:
-    """What a finished run must not leave: folders being written, checkpoints, half-made stores, claims."""
-    left = [p for p in (path / ".pending").iterdir()] + [p for p in (path / "checkpoints").iterdir() if p.name != "zarr.json"]
-    left += [p for p in (path / ".claims").iterdir() if p.name != "zarr.json"] + list(path.parent.glob(f".{path.name}.*"))
-    return [str(p) for p in left if p.name != "zarr.json"]
-
-
 def assert_same_learners(path, reference: dict) -> None:
     got = metrics_by_learner(path)
     assert sorted(got) == sorted(reference)
@@ -66,7 +62,7 @@ def test_a_run_sigkilled_at_20_random_moments_resumes_to_the_uninterrupted_numbe
     for attempt in attempts:
         assert attempt["rc"] == 0, (attempt, stderr[-3000:])
         assert_same_learners(attempt["store"], reference)  # the store opens and holds the same numbers
-        assert debris(Path(attempt["store"])) == []
+        assert store_paths.debris(Path(attempt["store"])) == []
         assert all(len(where) == 1 for where in Store(attempt["store"]).index().values())  # each learner stored once
     moments = sorted(a["moment"] / kills["reference"]["seconds"] for a in attempts)
     assert moments[0] < 0.15 and moments[-1] > 0.7  # spread from store creation to the last batch write
@@ -84,7 +80,7 @@ def test_two_processes_on_overlapping_grids_in_one_store_neither_lose_nor_duplic
     assert len(union) == 9
     assert_same_learners(both["store"], union)
     assert all(len(where) == 1 for where in Store(both["store"]).index().values())  # none trained twice
-    assert debris(Path(both["store"])) == []
+    assert store_paths.debris(Path(both["store"])) == []
 
 
 def test_when_one_of_two_processes_is_killed_the_other_trains_the_learners_it_had_claimed(worker):
@@ -94,4 +90,4 @@ def test_when_one_of_two_processes_is_killed_the_other_trains_the_learners_it_ha
     union = metrics_by_learner(Path(killed["store"]).with_name("union.zarr"))
     assert_same_learners(killed["store"], union)
     assert all(len(where) == 1 for where in Store(killed["store"]).index().values())
-    assert debris(Path(killed["store"])) == []
+    assert store_paths.debris(Path(killed["store"])) == []

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from serimats_func import Experiment
 from serimats_func.core.data import epoch_order
 from serimats_func.interventions import InitWeights, PerturbWeights
 from serimats_func.loggers import Logger, register_metric
@@ -27,24 +26,24 @@ class CustomLogger(Logger):  # the seed's example, as written
         return torch.dist(learner.model.fc1.weight, learner.model.fc2.weight)
 
 
-def test_the_seeds_custom_logger_is_refused_with_the_metric_and_both_shapes_when_built(mnist_digits, tmp_path):
+def test_the_seeds_custom_logger_is_refused_with_the_metric_and_both_shapes_when_built(experiment, mnist_digits, tmp_path):
     x, y = mnist_digits
     with pytest.raises(ValueError, match=r"Metric 'weight_space_distance' failed on a learner: torch\.dist got tensors of "
                                          r"shapes \(120, 400\) and \(84, 120\)"):
-        Experiment(model=Lenet5(), dataset=(x[:64], y[:64]), logger=CustomLogger(), store=tmp_path / "s.zarr")
+        experiment(model=Lenet5(), data=((x[:64], y[:64]), None), logger=CustomLogger(), store=tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_the_seeds_weight_norm_is_recorded_for_every_learner_of_lenet5(mnist_digits, tmp_path):
+def test_the_seeds_weight_norm_is_recorded_for_every_learner_of_lenet5(experiment, mnist_digits, tmp_path):
     class WeightNorm(Logger):
         @register_metric
         def weight_norm(self, learner):
             return torch.norm(learner.model.fc1.weight)
 
     x, y = mnist_digits
-    exp = Experiment(model=Lenet5(), dataset=(x[:64], y[:64]), test_dataset=(x[64:96], y[64:96]), logger=WeightNorm(),
-                     interventions=[InitWeights.make_variations(seed=range(3))], batch_size=32, steps=2,
-                     store=tmp_path / "s.zarr", progress=False)
+    exp = experiment([InitWeights.make_variations(seed=range(3))], model=Lenet5(),
+                     data=((x[:64], y[:64]), (x[64:96], y[64:96])), logger=WeightNorm(), batch_size=32, steps=2,
+                     store=tmp_path / "s.zarr")
     ds = exp.run()
     assert "weight_norm" in ds and ds.weight_norm.dims == ("seed", "step")
     specs = exp.grid.learners
@@ -121,17 +120,17 @@ def test_a_metric_reading_the_control_is_nan_for_learners_without_one(experiment
     assert ds.gap.isnull().all() and ds.test_acc.notnull().all()
 
 
-def test_a_metric_that_fails_only_under_vmap_is_refused_with_a_hint(small_mnist1d, tmp_path):
+def test_a_metric_that_fails_only_under_vmap_is_refused_with_a_hint(experiment, small_mnist1d, tmp_path):
     class Sync(Logger):
         @register_metric
         def host(self, learner):
             return torch.tensor(learner.model[1].weight.sum().item())
 
     with pytest.raises(ValueError, match="Metric 'host' works on one learner but not under torch.func.vmap.*item"):
-        Experiment(MLP(), small_mnist1d[0], logger=Sync(), store=tmp_path / "s.zarr")
+        experiment(model=MLP(), data=(small_mnist1d[0], None), logger=Sync(), store=tmp_path / "s.zarr")
 
 
-def test_metric_dimensions_must_be_named_once_per_axis_and_not_clash(small_mnist1d, tmp_path):
+def test_metric_dimensions_must_be_named_once_per_axis_and_not_clash(experiment, small_mnist1d, tmp_path):
     class WrongCount(Logger):
         @register_metric(dims=("unit", "extra"))
         def norms(self, learner):
@@ -152,8 +151,8 @@ def test_metric_dimensions_must_be_named_once_per_axis_and_not_clash(small_mnist
             return learner.model[1].weight.norm(dim=1)
 
     def build(logger):
-        return Experiment(MLP(), small_mnist1d[0], [InitWeights.make_variations(seed=(0, 1))], logger=logger,
-                          store=tmp_path / "s.zarr")
+        return experiment([InitWeights.make_variations(seed=(0, 1))], model=MLP(), data=(small_mnist1d[0], None),
+                          logger=logger, store=tmp_path / "s.zarr")
 
     with pytest.raises(ValueError, match=r"'norms' declares dims=\('unit', 'extra'\) but returns a tensor of shape \(100,\)"):
         build(WrongCount())
@@ -163,14 +162,14 @@ def test_metric_dimensions_must_be_named_once_per_axis_and_not_clash(small_mnist
         build(Coordinate())
 
 
-def test_a_metric_that_returns_too_much_is_refused(small_mnist1d, tmp_path):
+def test_a_metric_that_returns_too_much_is_refused(experiment, small_mnist1d, tmp_path):
     class Everything(Logger):
         @register_metric
         def weights(self, learner):
             return torch.cat([learner.model[1].weight.flatten(), learner.model[3].weight.flatten()])  # 4000 + 10000
 
     with pytest.raises(ValueError, match=r"Metric 'weights' returns 14000 numbers.*at most 10000"):
-        Experiment(MLP(), small_mnist1d[0], logger=Everything(), store=tmp_path / "s.zarr")
+        experiment(model=MLP(), data=(small_mnist1d[0], None), logger=Everything(), store=tmp_path / "s.zarr")
 
 
 def test_a_metric_may_not_take_a_built_in_metrics_name():

@@ -56,6 +56,7 @@ def check_first_sweep(ns, out):
     assert dict(ns["ds"].test_acc.sizes) == {"epsilon": 4, "seed": 10, "step": 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_each_notebook_runs_top_to_bottom_and_draws_readable_plots(path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -169,6 +169,7 @@ def _image_data_28():
     return (x, y), (x[:32], y[:32])
 
 
+@pytest.mark.slow
 def test_the_compiled_step_agrees_with_the_plain_step_step_by_step(experiment):
     """A convolutional model with the gemm plan and a gradient intervention under torch.compile(fullgraph=True),
     three steps from a shared state, float32. Traced by dynamo and AOTAutograd as in training, but with the
@@ -195,6 +196,7 @@ def test_the_compiled_step_agrees_with_the_plain_step_step_by_step(experiment):
             state = reference
 
 
+@pytest.mark.slow
 def test_an_experiment_with_compile_reports_the_compile_time_apart_and_matches_eager(experiment, monkeypatch):
     monkeypatch.setattr(acceleration, "COMPILE_BACKEND", "aot_eager")
     grid = [InitWeights.make_variations(seed=range(3))]
@@ -216,6 +218,7 @@ class GraphBreakingNoise(Intervention):
         return {k: g + n.scale * ctx.normal(g.shape, g.dtype, k) for k, g in grads.items()}
 
 
+@pytest.mark.slow
 def test_a_step_that_cannot_compile_trains_eagerly_under_auto_and_fails_clearly_when_forced(experiment, monkeypatch):
     monkeypatch.setattr(acceleration, "COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(acceleration, "MEASURE_MIN_STEPS", 1)  # measure and compile even a short chunk
@@ -249,14 +252,12 @@ def test_results_of_another_precision_are_not_reused_for_float32(experiment, tmp
     assert experiment([InitWeights(seed=1)], store=store, precision="tf32", steps=4).plan().to_train == 0
 
 
-def test_ten_thousand_lenet5_learners_are_chunked_to_fit_the_memory_budget(monkeypatch, mnist_digits):
-    from serimats_func import Experiment
-
+def test_ten_thousand_lenet5_learners_are_chunked_to_fit_the_memory_budget(experiment, monkeypatch, mnist_digits):
     x, y = mnist_digits[0][:256], mnist_digits[1][:256]
     budget = 20 * 2**30  # a mocked device with 20 GiB free for training
     monkeypatch.setattr(planning, "memory_budget", lambda device: budget)
-    exp = Experiment(Lenet5(), (x, y), [InitWeights.make_variations(seed=range(10_000))], test_dataset=(x, y),
-                     steps=1, eval_batch_size=1024, progress=False, store="unused.zarr")
+    exp = experiment([InitWeights.make_variations(seed=range(10_000))], model=Lenet5(), data=((x, y), (x, y)),
+                     steps=1, batch_size=64, eval_batch_size=1024)
     plan = exp.plan()
     (structure,) = plan.bytes_per_learner
     memory = planning.learner_memory(exp.grid.learners[0], 64, 1024)

@@ -19,6 +19,7 @@ from serimats_func.core.data import epoch_order, steps_per_epoch
 from serimats_func.interventions import Optimizer, PerturbWeights
 from serimats_func.store.locks import Claims, FileLock
 from serimats_func.store.zarr_store import Store, StoreWriteError
+from tests import store_paths
 from tests.watching import CountSteps
 
 GRID = [PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
@@ -32,8 +33,6 @@ def assert_same_metrics(ds: xr.Dataset, reference: xr.Dataset) -> None:
         np.testing.assert_array_equal(ds[name].values, reference[name].values, err_msg=name)
 
 
-def checkpoints_in(store) -> list[str]:
-    return sorted(p.name for p in (store / "checkpoints").iterdir() if p.name != "zarr.json")
 
 
 # -- longer training -------------------------------------------------------------------------------------
@@ -79,7 +78,7 @@ def test_a_checkpoint_survives_a_change_of_chunking(experiment, tmp_path):
     steps = CountSteps(crash_before=11)
     with pytest.raises(RuntimeError, match="went down"):  # one chunk of 4: a checkpoint at step 8
         experiment(FOUR, checkpoint_every=4, store=store, callbacks=[steps]).run()
-    assert len(checkpoints_in(store)) == 1
+    assert len(store_paths.checkpoint_names(store)) == 1
 
     steps.calls.clear()
     rechunked = experiment(FOUR, checkpoint_every=4, max_learners_per_chunk=3, store=store, callbacks=[steps])
@@ -88,7 +87,7 @@ def test_a_checkpoint_survives_a_change_of_chunking(experiment, tmp_path):
     ds = rechunked.run()
     assert steps.calls == 2 * list(range(9, 17))  # each new chunk went on from the old chunk's checkpoint
     assert_same_metrics(ds, reference)
-    assert checkpoints_in(store) == []
+    assert store_paths.checkpoint_names(store) == []
 
 
 # -- kept states as plain PyTorch --------------------------------------------------------------------------
@@ -164,7 +163,7 @@ def test_open_store_gives_every_learner_with_its_configuration_and_runs_no_code(
     batch = Store(store).sources(checkpoints=False)[0].path  # plain Zarr v3, read by xarray alone
     raw = xr.open_zarr(batch, consolidated=False)
     assert raw.train_loss.dims == ("learner", "step") and len(raw.attrs["learner_ids"]) == 9
-    weights = xr.open_zarr(batch, group="states/8/params", consolidated=False)
+    weights = xr.open_zarr(batch, group=store_paths.states_group(8), consolidated=False)
     assert weights["1.weight"].shape == (9, 32, 40)
     assert zarr.open_group(store, mode="r").attrs["format"] == "serimats-func/2"
 
@@ -174,15 +173,15 @@ def test_open_store_gives_every_learner_with_its_configuration_and_runs_no_code(
 def test_the_next_run_removes_what_killed_processes_left_and_leaves_live_writers_alone(experiment, tmp_path):
     store = tmp_path / "s.zarr"
     exp = experiment(GRID, store=store, checkpoint_every=4)
-    (tmp_path / ".s.zarr.dead0001").mkdir()  # a store half-made by a killed process, its lock file free
-    (tmp_path / ".s.zarr.dead0001.lock").touch()
-    (tmp_path / ".s.zarr.live0002").mkdir()  # one a live process is making
-    live_store = FileLock(tmp_path / ".s.zarr.live0002.lock")
+    store_paths.making(store, "dead0001").mkdir()  # a store half-made by a killed process, its lock file free
+    store_paths.making(store, "dead0001.lock").touch()
+    store_paths.making(store, "live0002").mkdir()  # one a live process is making
+    live_store = FileLock(store_paths.making(store, "live0002.lock"))
     assert live_store.acquire()
     ds = exp.run()
-    pending = store / ".pending"
+    pending = store_paths.pending(store)
     (pending / "20990101T000000-dead").mkdir()  # a batch half-written by a killed process
-    (pending / "20990101T000000-dead" / "zarr.json").write_text("{trunc")
+    (pending / "20990101T000000-dead" / store_paths.METADATA).write_text("{trunc")
     (pending / "20990101T000000-dead.lock").touch()
     (pending / "orphan.lock").touch()  # killed between a rename and the lock's removal
     (pending / "20990101T000000-live").mkdir()  # a batch a live process is writing
@@ -191,8 +190,9 @@ def test_the_next_run_removes_what_killed_processes_left_and_leaves_live_writers
 
     assert experiment(GRID, store=store).plan().to_train == 0
     xr.testing.assert_identical(experiment(GRID, store=store).run(), ds)
-    assert sorted(p.name for p in pending.iterdir()) == ["20990101T000000-live", "20990101T000000-live.lock", "zarr.json"]
-    assert sorted(p.name for p in tmp_path.glob(".s.zarr.*")) == [".s.zarr.live0002", ".s.zarr.live0002.lock"]
+    assert sorted(p.name for p in pending.iterdir()) == ["20990101T000000-live", "20990101T000000-live.lock",
+                                                      store_paths.METADATA]
+    assert [p.name for p in store_paths.being_made(store)] == [".s.zarr.live0002", ".s.zarr.live0002.lock"]
     live_batch.release()
     live_store.release()
 
@@ -202,10 +202,10 @@ def test_a_checkpoint_left_after_its_batch_was_stored_is_removed_by_the_next_run
     with monkeypatch.context() as m:  # killed between the batch's rename and the checkpoint's removal
         m.setattr(Store, "prune_checkpoints", lambda self, claims=None: [])
         ds = experiment(GRID, store=store, checkpoint_every=4).run()
-    assert len(checkpoints_in(store)) == 1
+    assert len(store_paths.checkpoint_names(store)) == 1
     assert experiment(GRID, store=store).plan().to_train == 0
     xr.testing.assert_identical(experiment(GRID, store=store).run(), ds)
-    assert checkpoints_in(store) == []
+    assert store_paths.checkpoint_names(store) == []
 
 
 @pytest.mark.parametrize("fault", [OSError(errno.ENOSPC, "No space left on device"),
@@ -239,7 +239,7 @@ def test_a_fault_while_writing_ends_with_a_clear_message_and_a_store_that_holds_
     monkeypatch.undo()
 
     assert open_store(store).sizes["learner"] == 2  # the first batch, nothing half-written
-    assert sorted(p.name for p in (store / ".pending").iterdir()) == ["zarr.json"]
+    assert sorted(p.name for p in store_paths.pending(store).iterdir()) == [store_paths.METADATA]
     assert_same_metrics(experiment(FOUR, max_learners_per_chunk=2, steps=8, store=store).run(), reference)
 
 
@@ -249,7 +249,7 @@ def test_learners_another_live_process_claimed_are_waited_for_and_trained_here_i
     exp.poll_seconds = 0.05
     exp.store.create()
     theirs = [s.id for s in exp.grid.learners][3:6]
-    other = Claims(exp.store.path / ".claims")  # another process: its own open lock files
+    other = Claims(store_paths.claims(exp.store.path))  # another process: its own open lock files
     assert other.claim(theirs) == theirs
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault("ds", exp.run()))
