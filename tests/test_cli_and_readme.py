@@ -130,3 +130,6 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     assert np.isnan(ds.test_acc.sel(epsilon=0, seed=1)).all()
     assert namespace["fig"].axes[0].get_ylabel() == "test accuracy"
     assert store_paths.metadata(tmp_path / "runs" / "perturb.zarr").exists()
+    augmented = namespace["augmented"]  # the CIFAR-style example: random crop and flip in the step
+    assert dict(augmented.test_acc.sizes) == {"crop": 2, "seed": 2, "step": 4}
+    assert float(augmented.test_acc.isel(step=-1).min()) > 0.5  # chance is 0.1

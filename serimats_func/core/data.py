@@ -45,21 +45,76 @@ def as_tensors(dataset: object, name: str = "dataset") -> tuple[torch.Tensor, to
     return _checked(x, y, name)
 
 
+REREAD = 8  # the first items are read twice: a dataset whose reads differ has a random transform
+
+
 def _stack_items(dataset, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if len(dataset) == 0:
         raise DataError(f"{name} is empty.")
-    xs, ys = [], []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise DataError(f"{name}[{i}] is a {type(item).__name__}; expected an (x, y) pair.")
-        x, y = item
-        if not isinstance(x, (torch.Tensor, np.ndarray, int, float)):
-            raise DataError(f"{name}[{i}] has an input of type {type(x).__name__} (a PIL image?): give the "
-                            "dataset a transform that makes tensors, e.g. transforms.ToTensor().")
-        xs.append(torch.as_tensor(x))
-        ys.append(torch.as_tensor(y))
-    return torch.stack(xs), torch.stack(ys)
+    with torch.random.fork_rng(devices=[]):  # a random transform draws from the global RNG: not ours to move
+        items = [_item(dataset, i, name) for i in range(len(dataset))]
+        for i in range(min(REREAD, len(items))):
+            again = _item(dataset, i, name)
+            if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(items[i], again, strict=True)):
+                raise DataError(_random_transform_message(dataset, name, i))
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+def _item(dataset, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    item = dataset[i]
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise DataError(f"{name}[{i}] is a {type(item).__name__}; expected an (x, y) pair.")
+    x, y = item
+    if not isinstance(x, (torch.Tensor, np.ndarray, int, float)):
+        raise DataError(f"{name}[{i}] has an input of type {type(x).__name__} (a PIL image?): give the "
+                        "dataset a transform that makes tensors, e.g. transforms.ToTensor().")
+    return torch.as_tensor(x), torch.as_tensor(y)
+
+
+def random_transforms(dataset: object) -> list[str]:
+    """The dataset's transforms (``transform`` and ``target_transform``, through ``.dataset`` of wrappers such as
+    ``Subset``, inside ``Compose``) that look random: named ``Random*`` or one of torchvision's random ones;
+    the whole transform when none does.
+
+    >>> from torchvision import transforms as T
+    >>> class Data(list):
+    ...     transform = T.Compose([T.ToTensor(), T.RandomHorizontalFlip()])
+    >>> random_transforms(Data())
+    ['RandomHorizontalFlip(p=0.5)']
+    """
+    found, whole, seen = [], [], set()
+    while dataset is not None and id(dataset) not in seen:
+        seen.add(id(dataset))
+        for attr in ("transform", "target_transform"):
+            t = getattr(dataset, attr, None)
+            if t is None or not callable(t):
+                continue
+            whole.append(_one_line(t))
+            parts = t.transforms if isinstance(getattr(t, "transforms", None), (list, tuple)) else [t]
+            found += [_one_line(p) for p in parts if type(p).__name__.startswith("Random") or type(p).__name__ in _RANDOM]
+        dataset = getattr(dataset, "dataset", None)
+    return found or whole
+
+
+_RANDOM = frozenset({"ColorJitter", "GaussianBlur", "GaussianNoise", "AutoAugment", "RandAugment", "TrivialAugmentWide",
+                     "AugMix", "ElasticTransform", "ScaleJitter", "RandomApply", "RandomChoice", "RandomOrder"})
+
+
+def _one_line(t: object) -> str:
+    text = " ".join(repr(t).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _random_transform_message(dataset: object, name: str, i: int) -> str:
+    named = random_transforms(dataset)
+    which = f" ({'; '.join(named)})" if named else ""
+    return (f"{name} gives different values on two reads of item {i}: its transform is random{which}. The data is "
+            "read once, when the Experiment is built, so a random transform would be drawn once and frozen for every "
+            "epoch and learner (and drawn anew at each build, so no learner would ever be reused). Keep the dataset's "
+            "transform deterministic (ToTensor, Normalize) and augment in the training step with "
+            "serimats_func.interventions.Augment, drawn per learner, example and step from the learner's key: "
+            "Augment(crop=4, flip=True) is RandomCrop(32, padding=4) then RandomHorizontalFlip(); translate=0.1 is "
+            "RandomAffine(degrees=0, translate=(0.1, 0.1)); noise=0.05 adds Gaussian noise.")
 
 
 def _checked(x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:

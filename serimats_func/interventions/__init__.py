@@ -11,6 +11,7 @@ functions at named points of the training step (see ``Intervention``), vmapped o
 """
 
 from .activations import PerturbActivations
+from .augment import Augment
 from .base import Derived, Intervention, Numbers, Variations
 from .data import BatchSize, DataOrder, Dataset
 from .gradients import PerturbGradients
@@ -33,6 +34,7 @@ ModelIntervention = Model
 ResetOptimizerStateIntervention = ResetOptimizerState
 
 __all__ = [
+    "Augment",
     "BatchSize",
     "DataOrder",
     "DataOrderIntervention",
