@@ -135,9 +135,10 @@ def translate(x: torch.Tensor, f: torch.Tensor, draws: Draws) -> torch.Tensor:
     """Shift right by ``tx = round((2u - 1) f W)`` and down by ``ty = round((2v - 1) f H)`` pixels (half to even),
     for (u, v) = ``draws.uniform((B, 2))``, as torchvision's ``RandomAffine`` draws them."""
     u = draws.uniform((x.shape[0], 2))  # (B, 2): horizontal, vertical
-    size = torch.tensor([x.shape[-1], x.shape[-2]], dtype=torch.float32, device=x.device)  # (W, H)
-    t = torch.round((2 * u - 1) * f.to(torch.float32) * size).to(torch.int64)  # (B, 2): tx, ty
-    return shift(x, -t[:, 1], -t[:, 0])
+    f = f.to(torch.float32)
+    tx = torch.round((2 * u[:, 0] - 1) * f * x.shape[-1]).to(torch.int64)  # (B,)
+    ty = torch.round((2 * u[:, 1] - 1) * f * x.shape[-2]).to(torch.int64)  # (B,)
+    return shift(x, -ty, -tx)
 
 
 @transform(default=False, check=_flag)
