@@ -156,13 +156,14 @@ class AugmentTwin(Twin):
 def test_training_with_augment_matches_a_plain_pytorch_loop_that_augments_by_hand(experiment, cifar):
     (x, y), test = cifar
     exp = experiment([Augment.make_variations(crop=(0, 4), flip=(False, True)),
-                      Augment.make_variations(translate=0.1, noise=0.02, seed=1, when=(20, 60))],
-                     model=MLP(widths=(16,)), data=((x[:128], y[:128]), test), dtype=torch.float64, steps=80, log_every=20)
+                      Augment.make_variations(translate=0.1, noise=0.02, seed=1, when=(20, 45))],
+                     model=MLP(widths=(16,)), data=((x[:128], y[:128]), test), dtype=torch.float64, steps=60, log_every=20,
+                     batch_size=16)
     assert len(exp.grid.learners) == 5
     ds = exp.run()
     data = (exp.base.data.x, exp.base.data.y)
     for cell, spec in exp.grid.cells:
-        expected = AugmentTwin(spec, data).run(80, 20)
+        expected = AugmentTwin(spec, data).run(60, 20)
         for step, value in expected.items():
             assert ds.train_loss.values[cell][ds.step.values.tolist().index(step)] == pytest.approx(value, rel=1e-10, abs=0)
     final = ds.train_loss.isel(step=-1).values
