@@ -148,6 +148,13 @@ class Experiment:
         if isinstance(keep_states, (str, bytes)) or not isinstance(keep_states, (Sequence, set, frozenset)) or any(
                 isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 for k in keep_states):
             raise ValueError(f"keep_states must be a list of steps (integers >= 0); got {keep_states!r}.")
+        _flag("evaluate", evaluate)
+        _flag("progress", progress)
+        if store is not None and not isinstance(store, (str, Path)) and not hasattr(store, "__fspath__"):
+            raise ValueError(f"store= takes the path of the Zarr store (a str or pathlib.Path such as "
+                             f"'runs/sweep.zarr'); got {store!r} ({type(store).__name__}).")
+        if name is not None:
+            _check_name(name)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -192,6 +199,7 @@ class Experiment:
         self.grid: Grid = build_grid(self.interventions, self.base, self.seed)
         self._by_id = {s.id: s for s in self.grid.learners}
         self._check_log_at()
+        self._check_steps_in_run()
         self.reads_control = self._check_metrics()
         _warn_controls_apart(self.grid)
         self._loss_key = digest(self.context.loss_description())
@@ -211,6 +219,23 @@ class Experiment:
                 raise ValueError(f"log_at asks for step {late[0]}, past the last step ({total}) of learners with "
                                  f"{describe_group(next(s for s in self.grid.learners if s.setup is setup))}; "
                                  f"give steps from 0 to {total}.")
+
+    def _check_steps_in_run(self) -> None:
+        """Refuse kept states and intervention steps or windows that no learner reaches: they would silently
+        change nothing (a perturbation after the last step leaves its learners equal to the control)."""
+        for spec in self.grid.learners:
+            total = self.schedule_of(spec.setup).total_steps
+            late = [step for step in self.keep_states if step > total]
+            if late:
+                raise ValueError(f"keep_states asks for step {late[0]}, past the last step ({total}) of learners with "
+                                 f"{describe_group(spec)}: no state would be kept there. Give steps from 0 to {total}, "
+                                 "or train longer (steps=, epochs=).")
+            for v in spec.interventions:
+                problem = v.beyond_run(total)
+                if problem:
+                    raise ValueError(f"{type(v).__name__} {problem}, but learners with {describe_group(spec)} train "
+                                     f"{total} steps, so it would never act and its learners would equal those without "
+                                     f"it. Give steps within the run, or train longer (steps=, epochs=).")
 
     def _check_metrics(self) -> frozenset[str]:
         """Run the logger's metrics on a fresh learner of each setup (its data, its first batch), so that a broken
@@ -405,10 +430,32 @@ def _check_loss(loss: Callable, template: nn.Module, x: torch.Tensor, y: torch.T
         raise ValueError(f"loss(logits, y) must return a scalar float tensor (the batch mean); got {value!r:.80}.")
 
 
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r} (a {type(value).__name__}, which would be "
+                         f"taken as {bool(value)}).")
+
+
+def _check_name(name: object) -> None:
+    """An experiment's name names its store (``runs/<name>.zarr``): one plain file name, never a path."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a non-empty string; got {name!r}.")
+    if "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise ValueError(f"name={name!r} is not a plain name: it would put the store outside runs/ (the default "
+                         "store is runs/<name>.zarr). Give a name without '/', '\\', '..' or a leading '.', and give "
+                         "store='path/to/store.zarr' to choose where the store goes.")
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device= takes a torch device such as 'cpu' or 'cuda'; got {device!r}: {error}") from error
+    if device.type == "meta":
+        raise ValueError("device='meta' holds shapes without values, so nothing could be trained or recorded there; "
+                         "use device='cpu' or 'cuda', or leave it out.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device here; use device='cpu' or leave it out.")
     return device
