@@ -38,8 +38,8 @@ from .loggers import Logger, metric_specs
 from .plotter import Plotter, show
 from .run import trial
 from .run.checkpoints import load_learner, select_learner
-from .run.grid import Grid, LearnerSpec, build_grid
-from .run.identity import describe_callable, digest
+from .run.grid import Grid, LearnerSpec, build_grid, class_name
+from .run.identity import describe_callable, describe_class, digest
 from .run.planning import Plan, describe_group, make_plan
 from .run.resume import Need, Start, start_of
 from .run.runner import Learners, Runner, RunSettings, read_results
@@ -208,6 +208,8 @@ class Experiment:
             setup = group[0].setup
             smallest = trial.smallest_batch(len(setup.data.x), setup.batch_size, self.schedule_of(setup).total_steps)
             trial.trial_step(group, self.loss, smallest)
+        # compared with what they are at run() (after the trial step, which may move a model's Python counters)
+        self._built_from = self._identity_inputs()
         self.store = Store(store if store is not None else Path("runs") / f"{self.name}.zarr")
         self.store.check()
 
@@ -314,9 +316,50 @@ class Experiment:
 
     # -- planning, training, results ----------------------------------------------------------------------
 
+    def _identity_inputs(self) -> dict[str, Any]:
+        """What ids and metric keys are made of that may change after the build (a global the loss reads, a
+        tensor a closure holds, edited in place), described now: the loss, each template with its behaviour
+        probe, the code of the intervention classes and of the metrics."""
+        setups = {id(s.setup.template_info): s.setup for s in self.grid.learners}
+        loss = describe_callable(self.loss)
+        classes = {class_name(c): c for c in {type(v) for s in self.grid.learners for v in s.interventions}
+                   if not c.builtin}
+        return {
+            "the loss": digest(loss),
+            "the model or what its loss computes": sorted(s.template_digest(loss) for s in setups.values()),
+            **{f"the code of {name}": digest(describe_class(c)) for name, c in classes.items()},
+            **{f"the code of metric {n!r}": digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()},
+        }
+
+    def _refresh_ids(self) -> None:
+        """Take the ids again, from the code and values as they are now: when something they are made of changed
+        since the build, the grid is built again with the new ids (and a warning says what changed), so that
+        numbers are never stored under the id of what was there before."""
+        now = self._identity_inputs()
+        changed = [what for what, value in now.items() if value != self._built_from.get(what)]
+        if not changed:
+            return
+        before = {s.id for s in self.grid.learners}
+        self.context.forget_descriptions()
+        self.grid = build_grid(self.interventions, self.base, self.seed)
+        self._by_id = {s.id: s for s in self.grid.learners}
+        self._loss_key = digest(self.context.loss_description())
+        self._code_keys = {n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()}
+        self._built_from = now
+        renamed = sum(s.id not in before for s in self.grid.learners)
+        warnings.warn(
+            f"{', '.join(changed)} changed since this Experiment was built (a global or a tensor that the code reads, "
+            f"edited in between): {renamed} of {len(self.grid.learners)} learners now have new ids, and run() trains "
+            "and stores them under those (the learners stored under the old ids stay in the store, unused). Build the "
+            "Experiment after setting what its code reads.", stacklevel=3)
+
     def plan(self, learners: list[LearnerSpec] | None = None) -> Plan:
         """What ``run()`` would do: learners in the store vs. to train (from scratch, or continuing from stored
-        states), groups, chunks, memory. Changes nothing."""
+        states), groups, chunks, memory. Changes nothing. Ids are taken again first: see ``run()``."""
+        self._refresh_ids()
+        return self._plan(learners)
+
+    def _plan(self, learners: list[LearnerSpec] | None = None) -> Plan:
         plan = make_plan(self.grid, self._start, self.eval_batch_size, self.device, self.max_learners_per_chunk,
                          data_bytes=self.data_bytes, learners=learners)
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
@@ -336,10 +379,11 @@ class Experiment:
         else:
             if shards is not None:
                 raise ValueError("shards= needs an executor=, e.g. submitit.AutoExecutor('runs/jobs').")
-            plan = self.plan()
+            plan = self.plan()  # ids taken again, from the code and values as they are now
             if plan.chunks:
                 self.speed_report = []
                 self._runner().train(plan)
+                self._built_from = self._identity_inputs()  # training may move a model's Python counters
             else:
                 self.store.clean()
             ds = self.results()
@@ -354,11 +398,13 @@ class Experiment:
     def train_only(self, ids: Sequence[str]) -> int:
         """Train those of the learners ``ids`` that are still missing (a shard's work); returns how many."""
         wanted = set(ids)
+        self._refresh_ids()
         learners = [s for s in self.grid.learners if s.id in wanted]
-        plan = self.plan(learners)
+        plan = self._plan(learners)
         if plan.chunks:
             self.speed_report = []
             self._runner().train(plan, learners)
+            self._built_from = self._identity_inputs()  # training may move a model's Python counters
         return plan.to_train
 
     @property
@@ -377,7 +423,7 @@ class Experiment:
             poll_seconds=self.poll_seconds)
         learners = Learners(schedule_of=self.schedule_of, metric_keys=self.metric_keys, keep_steps=self.keep_steps,
                             start=self._start)
-        return Runner(self.store, settings, learners, self.plan, Callbacks(self.callbacks), self.speed_report)
+        return Runner(self.store, settings, learners, self._plan, Callbacks(self.callbacks), self.speed_report)
 
     def results(self) -> xr.Dataset:
         """The grid's results as stored (NaN for learners not trained yet)."""

@@ -256,9 +256,35 @@ def behaviour_fingerprint(template: nn.Module, loss_fn: Callable, x: torch.Tenso
     parameter's gradient and of each buffer after the step) and in eval mode (the norm of the logits),
     each rounded to 9 significant digits. Catches what reading code cannot (a global, a C extension...).
     None when the model cannot run in float64."""
+    return _fingerprint(template, loss_fn, x[:PROBE_EXAMPLES], y[:PROBE_EXAMPLES])
+
+
+def probe_batch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples that show every class and the corners of the data: the first example of each label value (in
+    the order of the labels), then three extreme inputs (all zeros, and each feature at its largest and at its
+    smallest value over the dataset) labelled with the last, the first and the middle class.
+
+    >>> x, y = probe_batch(torch.arange(12.0).reshape(6, 2), torch.tensor([2, 0, 2, 1, 0, 1]))
+    >>> y.tolist(), x[:3, 0].tolist(), x[3:].tolist()
+    ([0, 1, 2, 2, 0, 1], [2.0, 6.0, 0.0], [[0.0, 0.0], [10.0, 11.0], [0.0, 1.0]])
+    """
+    classes = torch.unique(y)  # sorted
+    first = torch.stack([torch.nonzero(y == c)[0, 0] for c in classes])
+    extremes = torch.stack([torch.zeros_like(x[0]), x.amax(dim=0), x.amin(dim=0)])
+    labels = classes[[len(classes) - 1, 0, len(classes) // 2]]
+    return torch.cat([x[first], extremes]), torch.cat([y[first], labels])
+
+
+def class_fingerprint(template: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> list | None:
+    """``behaviour_fingerprint`` on ``probe_batch``: every class of the labels and the corners of the data, so that
+    a loss or model that treats one class apart (a class weight read through ``getattr``) shows."""
+    return _fingerprint(template, loss_fn, *probe_batch(x, y))
+
+
+def _fingerprint(template: nn.Module, loss_fn: Callable, xb: torch.Tensor, yb: torch.Tensor) -> list | None:
     try:
         model = reset(copy.deepcopy(template).double(), PROBE_KEY)
-        xb, yb = x[:PROBE_EXAMPLES].double(), y[:PROBE_EXAMPLES]
+        xb = xb.double()
         with torch.random.fork_rng(devices=[]):
             model.train()
             loss = loss_fn(model(xb), yb)
