@@ -38,8 +38,8 @@ from .loggers import Logger, metric_specs
 from .plotter import Plotter, show
 from .run import trial
 from .run.checkpoints import load_learner, select_learner
-from .run.grid import Grid, LearnerSpec, build_grid
-from .run.identity import describe_callable, digest
+from .run.grid import Grid, LearnerSpec, build_grid, class_name
+from .run.identity import describe_callable, describe_class, digest
 from .run.planning import Plan, describe_group, make_plan
 from .run.resume import Need, Start, start_of
 from .run.runner import Learners, Runner, RunSettings, read_results
@@ -148,6 +148,13 @@ class Experiment:
         if isinstance(keep_states, (str, bytes)) or not isinstance(keep_states, (Sequence, set, frozenset)) or any(
                 isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 for k in keep_states):
             raise ValueError(f"keep_states must be a list of steps (integers >= 0); got {keep_states!r}.")
+        _flag("evaluate", evaluate)
+        _flag("progress", progress)
+        if store is not None and not isinstance(store, (str, Path)) and not hasattr(store, "__fspath__"):
+            raise ValueError(f"store= takes the path of the Zarr store (a str or pathlib.Path such as "
+                             f"'runs/sweep.zarr'); got {store!r} ({type(store).__name__}).")
+        if name is not None:
+            _check_name(name)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -192,6 +199,7 @@ class Experiment:
         self.grid: Grid = build_grid(self.interventions, self.base, self.seed)
         self._by_id = {s.id: s for s in self.grid.learners}
         self._check_log_at()
+        self._check_steps_in_run()
         self.reads_control = self._check_metrics()
         _warn_controls_apart(self.grid)
         self._loss_key = digest(self.context.loss_description())
@@ -200,6 +208,8 @@ class Experiment:
             setup = group[0].setup
             smallest = trial.smallest_batch(len(setup.data.x), setup.batch_size, self.schedule_of(setup).total_steps)
             trial.trial_step(group, self.loss, smallest)
+        # compared with what they are at run() (after the trial step, which may move a model's Python counters)
+        self._built_from = self._identity_inputs()
         self.store = Store(store if store is not None else Path("runs") / f"{self.name}.zarr")
         self.store.check()
 
@@ -211,6 +221,23 @@ class Experiment:
                 raise ValueError(f"log_at asks for step {late[0]}, past the last step ({total}) of learners with "
                                  f"{describe_group(next(s for s in self.grid.learners if s.setup is setup))}; "
                                  f"give steps from 0 to {total}.")
+
+    def _check_steps_in_run(self) -> None:
+        """Refuse kept states and intervention steps or windows that no learner reaches: they would silently
+        change nothing (a perturbation after the last step leaves its learners equal to the control)."""
+        for spec in self.grid.learners:
+            total = self.schedule_of(spec.setup).total_steps
+            late = [step for step in self.keep_states if step > total]
+            if late:
+                raise ValueError(f"keep_states asks for step {late[0]}, past the last step ({total}) of learners with "
+                                 f"{describe_group(spec)}: no state would be kept there. Give steps from 0 to {total}, "
+                                 "or train longer (steps=, epochs=).")
+            for v in spec.interventions:
+                problem = v.beyond_run(total)
+                if problem:
+                    raise ValueError(f"{type(v).__name__} {problem}, but learners with {describe_group(spec)} train "
+                                     f"{total} steps, so it would never act and its learners would equal those without "
+                                     f"it. Give steps within the run, or train longer (steps=, epochs=).")
 
     def _check_metrics(self) -> frozenset[str]:
         """Run the logger's metrics on a fresh learner of each setup (its data, its first batch), so that a broken
@@ -289,9 +316,50 @@ class Experiment:
 
     # -- planning, training, results ----------------------------------------------------------------------
 
+    def _identity_inputs(self) -> dict[str, Any]:
+        """What ids and metric keys are made of that may change after the build (a global the loss reads, a
+        tensor a closure holds, edited in place), described now: the loss, each template with its behaviour
+        probe, the code of the intervention classes and of the metrics."""
+        setups = {id(s.setup.template_info): s.setup for s in self.grid.learners}
+        loss = describe_callable(self.loss)
+        classes = {class_name(c): c for c in {type(v) for s in self.grid.learners for v in s.interventions}
+                   if not c.builtin}
+        return {
+            "the loss": digest(loss),
+            "the model or what its loss computes": sorted(s.template_digest(loss) for s in setups.values()),
+            **{f"the code of {name}": digest(describe_class(c)) for name, c in classes.items()},
+            **{f"the code of metric {n!r}": digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()},
+        }
+
+    def _refresh_ids(self) -> None:
+        """Take the ids again, from the code and values as they are now: when something they are made of changed
+        since the build, the grid is built again with the new ids (and a warning says what changed), so that
+        numbers are never stored under the id of what was there before."""
+        now = self._identity_inputs()
+        changed = [what for what, value in now.items() if value != self._built_from.get(what)]
+        if not changed:
+            return
+        before = {s.id for s in self.grid.learners}
+        self.context.forget_descriptions()
+        self.grid = build_grid(self.interventions, self.base, self.seed)
+        self._by_id = {s.id: s for s in self.grid.learners}
+        self._loss_key = digest(self.context.loss_description())
+        self._code_keys = {n: digest(describe_callable(fn)) for n, fn in self.logger.metrics().items()}
+        self._built_from = now
+        renamed = sum(s.id not in before for s in self.grid.learners)
+        warnings.warn(
+            f"{', '.join(changed)} changed since this Experiment was built (a global or a tensor that the code reads, "
+            f"edited in between): {renamed} of {len(self.grid.learners)} learners now have new ids, and run() trains "
+            "and stores them under those (the learners stored under the old ids stay in the store, unused). Build the "
+            "Experiment after setting what its code reads.", stacklevel=3)
+
     def plan(self, learners: list[LearnerSpec] | None = None) -> Plan:
         """What ``run()`` would do: learners in the store vs. to train (from scratch, or continuing from stored
-        states), groups, chunks, memory. Changes nothing."""
+        states), groups, chunks, memory. Changes nothing. Ids are taken again first: see ``run()``."""
+        self._refresh_ids()
+        return self._plan(learners)
+
+    def _plan(self, learners: list[LearnerSpec] | None = None) -> Plan:
         plan = make_plan(self.grid, self._start, self.eval_batch_size, self.device, self.max_learners_per_chunk,
                          data_bytes=self.data_bytes, learners=learners)
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
@@ -311,10 +379,11 @@ class Experiment:
         else:
             if shards is not None:
                 raise ValueError("shards= needs an executor=, e.g. submitit.AutoExecutor('runs/jobs').")
-            plan = self.plan()
+            plan = self.plan()  # ids taken again, from the code and values as they are now
             if plan.chunks:
                 self.speed_report = []
                 self._runner().train(plan)
+                self._built_from = self._identity_inputs()  # training may move a model's Python counters
             else:
                 self.store.clean()
             ds = self.results()
@@ -329,11 +398,13 @@ class Experiment:
     def train_only(self, ids: Sequence[str]) -> int:
         """Train those of the learners ``ids`` that are still missing (a shard's work); returns how many."""
         wanted = set(ids)
+        self._refresh_ids()
         learners = [s for s in self.grid.learners if s.id in wanted]
-        plan = self.plan(learners)
+        plan = self._plan(learners)
         if plan.chunks:
             self.speed_report = []
             self._runner().train(plan, learners)
+            self._built_from = self._identity_inputs()  # training may move a model's Python counters
         return plan.to_train
 
     @property
@@ -352,7 +423,7 @@ class Experiment:
             poll_seconds=self.poll_seconds)
         learners = Learners(schedule_of=self.schedule_of, metric_keys=self.metric_keys, keep_steps=self.keep_steps,
                             start=self._start)
-        return Runner(self.store, settings, learners, self.plan, Callbacks(self.callbacks), self.speed_report)
+        return Runner(self.store, settings, learners, self._plan, Callbacks(self.callbacks), self.speed_report)
 
     def results(self) -> xr.Dataset:
         """The grid's results as stored (NaN for learners not trained yet)."""
@@ -405,10 +476,32 @@ def _check_loss(loss: Callable, template: nn.Module, x: torch.Tensor, y: torch.T
         raise ValueError(f"loss(logits, y) must return a scalar float tensor (the batch mean); got {value!r:.80}.")
 
 
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r} (a {type(value).__name__}, which would be "
+                         f"taken as {bool(value)}).")
+
+
+def _check_name(name: object) -> None:
+    """An experiment's name names its store (``runs/<name>.zarr``): one plain file name, never a path."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a non-empty string; got {name!r}.")
+    if "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise ValueError(f"name={name!r} is not a plain name: it would put the store outside runs/ (the default "
+                         "store is runs/<name>.zarr). Give a name without '/', '\\', '..' or a leading '.', and give "
+                         "store='path/to/store.zarr' to choose where the store goes.")
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device= takes a torch device such as 'cpu' or 'cuda'; got {device!r}: {error}") from error
+    if device.type == "meta":
+        raise ValueError("device='meta' holds shapes without values, so nothing could be trained or recorded there; "
+                         "use device='cpu' or 'cuda', or leave it out.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device here; use device='cpu' or leave it out.")
     return device

@@ -16,6 +16,7 @@ from serimats_func.interventions import (
     PerturbHyperparameter,
     PerturbMomentum,
     PerturbWeights,
+    ResetOptimizerState,
 )
 from serimats_func.loggers import Logger, register_metric
 from serimats_func.models import MLP, Lenet5
@@ -293,6 +294,97 @@ def bad_factory(width):
     raise RuntimeError("out of widths")
 
 
+class Scale(Intervention):
+    axes = {"scale": 1.0}
+
+    def on_gradients(self, grads, n, ctx):
+        return {k: g * n.scale for k, g in grads.items()}
+
+
+def _hook(point, body):
+    """An intervention class whose ``point`` hook returns ``body(value, n, ctx)`` (named after ``body``)."""
+    return type(body.__name__, (Intervention,), {"axes": {"scale": 1.0}, point: lambda self, v, n, ctx: body(v, n, ctx)})
+
+
+def _varied(point, body):
+    """What the table calls for the interventions: two variations of ``_hook(point, body)``."""
+    return lambda: [_hook(point, body).make_variations(scale=(1.0, 2.0))]
+
+
+def Int64Params(params, n, ctx):  # noqa: N802 (a class name, as in the messages)
+    return {k: (w * n.scale).long() for k, w in params.items()}
+
+
+def Float64Grads(grads, n, ctx):  # noqa: N802
+    return {k: (g * n.scale).double() for k, g in grads.items()}
+
+
+def ScalarGrads(grads, n, ctx):  # noqa: N802
+    return {k: (g * n.scale).sum() for k, g in grads.items()}
+
+
+def NoneGrads(grads, n, ctx):  # noqa: N802
+    return None
+
+
+def ListGrads(grads, n, ctx):  # noqa: N802
+    return [g * n.scale for g in grads.values()]
+
+
+def FloatStream(grads, n, ctx):  # noqa: N802
+    return {k: g + n.scale * ctx.normal(g.shape, g.dtype, 0.5) for k, g in grads.items()}
+
+
+class NoPair(Intervention):
+    axes = {"scale": 1.0}
+
+    def init_state(self, params, n):
+        return torch.zeros(())
+
+    def on_gradients(self, grads, n, ctx):
+        return {k: g * n.scale for k, g in grads.items()}
+
+
+class CountsCalls(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(40, 10)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count += 1
+        return self.fc(x)
+
+
+class IntLogits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(40, 10)
+
+    def forward(self, x):
+        return self.fc(x).round().long()
+
+
+class CumulativeBatchNorm(BatchNormNet):
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(16, momentum=None)
+
+
+def _scripted(model):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, not gone
+        return torch.jit.script(model)
+
+
+def _train_set():
+    from tests.builders import small_mnist1d
+
+    return small_mnist1d()[0]
+
+
 NAN, INF = float("nan"), float("inf")
 
 # (what goes wrong, how the experiment is built, what the message must say: the problem, then the fix)
@@ -345,7 +437,8 @@ MISTAKES = [
     ("float() of a number in a hook", dict(interventions=lambda: [ItemInHook.make_variations(scale=(1.0, 2.0))]),
      r"reads a tensor's value in Python.*interventions in this step: .*ItemInHook"),
     ("a hook that returns other keys", dict(interventions=lambda: [WrongKeysHook.make_variations(scale=(1.0, 2.0))]),
-     r"A trial training step \(2 learners with .*WrongKeysHook.*failed.*fix the model, the loss or the intervention"),
+     r"WrongKeysHook.on_gradients returned a dict with keys '1.weight_renamed'.*but received a dict with keys "
+     r"'1.weight'.*a hook returns a value of the kind it receives"),
     ("BatchNorm with a last batch of one example", dict(model=lambda: BatchNormNet(), batch_size=lambda: 73, epochs=lambda: 1),
      r"holds 1 example \(512 examples in batches of 73\).*Pick a batch size that leaves no batch of one "
      r"\(e.g. batch_size=74\), or drop the last example"),
@@ -390,6 +483,72 @@ MISTAKES = [
     ("a loss that takes one argument", dict(loss=lambda: (lambda logits: logits.mean())), r"loss\(logits, y\) failed on a batch"),
     ("a loss per example", dict(loss=lambda: torch.nn.CrossEntropyLoss(reduction="none")),
      r"must return a scalar float tensor \(the batch mean\)"),
+    # steps and windows beyond the run (16 steps): they would change nothing, silently
+    ("PerturbWeights at= past the last step", dict(interventions=lambda: [PerturbWeights.make_variations(epsilon=0.1, at=1000)]),
+     r"PerturbWeights at=1000 acts after 1000 updates, but learners with .* train 16 steps, so it would never act.*"
+     r"Give steps within the run, or train longer"),
+    ("a window that starts after the last step",
+     dict(interventions=lambda: [PerturbGradients.make_variations(noise=0.1, when=(100, 200))]),
+     r"PerturbGradients acts in the step window \(100, 200\).*train 16 steps, so it would never act"),
+    ("one of several windows after the last step",
+     dict(interventions=lambda: [PerturbGradients.make_variations(noise=0.1, when=((0, 4), (16, None)))]),
+     r"acts in the step window \(16, None\), which starts at step 16"),
+    ("ResetOptimizerState at= past the last step",
+     dict(interventions=lambda: [ResetOptimizerState.make_variations(at=(4, 40))]),
+     r"ResetOptimizerState acts in the step window \(40, 41\)"),
+    ("keep_states past the last step", dict(keep_states=lambda: [8, 1000]),
+     r"keep_states asks for step 1000, past the last step \(16\).*Give steps from 0 to 16"),
+    # flags, names and paths
+    ("evaluate='no'", dict(evaluate=lambda: "no"),
+     r"evaluate must be True or False; got 'no' \(a str, which would be taken as True\)"),
+    ("evaluate=1", dict(evaluate=lambda: 1), "evaluate must be True or False; got 1"),
+    ("progress='false'", dict(progress=lambda: "false"), "progress must be True or False"),
+    ("a name that climbs out of runs/", dict(name=lambda: "../escape"),
+     r"name='../escape' is not a plain name: it would put the store outside runs/.*store="),
+    ("a name with a path separator", dict(name=lambda: "a/b"), "name='a/b' is not a plain name"),
+    ("an absolute name", dict(name=lambda: "/tmp/x"), "name='/tmp/x' is not a plain name"),
+    ("device='meta'", dict(device=lambda: "meta"), r"device='meta' holds shapes without values.*device='cpu'"),
+    ("an unknown device", dict(device=lambda: "gpu0"), "device= takes a torch device such as 'cpu' or 'cuda'"),
+    # data and models
+    ("a dict as dataset", dict(data=lambda: ({"x": _train_set().tensors[0], "y": _train_set().tensors[1]}, None)),
+     r"dataset is a dict \(keys 'x', 'y'\); give a tuple \(x, y\) of tensors"),
+    ("a TorchScript model", dict(model=lambda: _scripted(MLP(widths=(8,), in_features=40))),
+     r"model is a TorchScript module.*give the plain nn.Module"),
+    ("integer logits", dict(model=lambda: IntLogits()),
+     r"IntLogits returned logits of dtype torch.int64; logits must be floating point"),
+    ("a buffer that forward increments", dict(model=lambda: CountsCalls()),
+     r"CountsCalls's forward pass changes its buffer 'count' in train mode.*Keep the buffer constant in forward"),
+    ("BatchNorm with momentum=None", dict(model=lambda: CumulativeBatchNorm()),
+     r"BatchNorm1d 'bn' has momentum=None \(a cumulative moving average.*Give it a momentum \(e.g. momentum=0.1"),
+    # when= and axis values
+    ("when=(0, True)", dict(interventions=lambda: [PerturbGradients.make_variations(noise=0.1, when=(0, True))]),
+     r"when= takes step windows \(start, end\) with 0 <= start < end \(integers.*got \(0, True\)"),
+    ("when='0-10'", dict(interventions=lambda: [PerturbGradients.make_variations(noise=0.1, when="0-10")]),
+     r"when= takes step windows \(start, end\) as tuples of integers, e.g. when=\(0, 10\).*got the string '0-10'"),
+    ("when=(0, 10.5)", dict(interventions=lambda: [PerturbGradients.make_variations(noise=0.1, when=(0, 10.5))]),
+     r"when= takes step windows .*got \(0, 10.5\)\.$"),
+    ("NaN on a custom axis", dict(interventions=lambda: [Scale.make_variations(scale=(1.0, NAN))]),
+     r"Scale scale=nan holds NaN.*give finite numbers"),
+    ("a string on a numeric custom axis", dict(interventions=lambda: [Scale.make_variations(scale=(1.0, "2"))]),
+     r"Scale scale takes numbers \(its default is 1.0\); got '2' \(str\)"),
+    ("a bool on a numeric custom axis", dict(interventions=lambda: [Scale.make_variations(scale=(1.0, True))]),
+     r"Scale scale takes numbers"),
+    # hook outputs, checked in the trial step
+    ("on_params returning int64", dict(interventions=_varied("on_params", Int64Params)),
+     r"Int64Params.on_params returned a torch.int64 tensor .* where its input is a torch.float32 tensor.*keep each "
+     r"tensor's dtype and shape"),
+    ("a hook returning float64", dict(interventions=_varied("on_gradients", Float64Grads)),
+     r"Float64Grads.on_gradients returned a torch.float64 tensor of shape \(32,\).*torch.float32 tensor of shape \(32,\)"),
+    ("a hook returning a scalar", dict(interventions=_varied("on_gradients", ScalarGrads)),
+     r"ScalarGrads.on_gradients returned a torch.float32 tensor of shape \(\) .*no .sum\(\) or .mean\(\)"),
+    ("a hook returning None", dict(interventions=_varied("on_gradients", NoneGrads)),
+     r"NoneGrads.on_gradients returned None, but received a dict with keys '1.weight'"),
+    ("a hook returning a list", dict(interventions=_varied("on_gradients", ListGrads)),
+     r"ListGrads.on_gradients returned a list of 4, but received a dict"),
+    ("an init_state class whose hook returns no pair", dict(interventions=lambda: [NoPair.make_variations(scale=(1.0, 2.0))]),
+     r"NoPair.on_gradients must return a pair \(new value, new state\), since NoPair defines init_state"),
+    ("ctx.normal with a float stream", dict(interventions=_varied("on_gradients", FloatStream)),
+     r"ctx.normal / ctx.uniform name their random stream by strings, integers or integer tensors.*got 0.5 \(float\)"),
 ]
 
 
@@ -419,3 +578,30 @@ def test_a_list_for_betas_is_the_pair_a_user_means(experiment):
 def test_batchnorm_with_a_last_batch_of_one_is_fine_when_the_schedule_never_reaches_it(experiment):
     exp = experiment(model=BatchNormNet(), batch_size=73, steps=6)  # 7 batches of 73 per epoch, then 1
     assert exp.plan().to_train == 1
+
+
+@pytest.mark.parametrize("store", [123, 1.5, ["runs/a.zarr"]])
+def test_a_store_that_is_not_a_path_is_refused(experiment, store):
+    with pytest.raises(ValueError, match=r"store= takes the path of the Zarr store \(a str or pathlib.Path"):
+        experiment(store=store)
+
+
+def test_a_buffer_forward_leaves_alone_and_batchnorm_statistics_are_fine(experiment):
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = BatchNormNet()
+            self.register_buffer("scale", torch.full((40,), 0.5))
+
+        def forward(self, x):
+            return self.body(x * self.scale)
+
+    assert experiment(model=Constant(), steps=2).plan().to_train == 1
+
+
+def test_hooks_that_keep_their_inputs_kind_pass_the_trial_step(experiment):
+    """The output check refuses only what is wrong: the same keys, dtypes and shapes pass, whatever the order."""
+    def reordered(grads, n, ctx):
+        return {k: grads[k] * n.scale for k in reversed(list(grads))}
+
+    assert len(experiment([_hook("on_gradients", reordered).make_variations(scale=(1.0, 2.0))], steps=2).grid.learners) == 2

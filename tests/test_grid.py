@@ -48,7 +48,8 @@ def test_a_lambda_that_adds_is_labelled_by_the_difference_and_any_other_by_posit
 
 
 def test_windows_are_labelled_by_start_and_end(experiment):
-    exp = experiment([PerturbGradients.make_variations(noise=0.01, when=((0, 100), (1000, None), ((5, 6), (9, 10))))])
+    exp = experiment([PerturbGradients.make_variations(noise=0.01, when=((0, 100), (1000, None), ((5, 6), (9, 10))))],
+                     steps=1001)  # every window starts within the run
     assert exp.grid.dims == {"when": ["0-100", "1000-", "5-6+9-10"]}
 
 

@@ -430,17 +430,16 @@ def test_the_evaluation_batch_size_is_not_part_of_a_learners_identity(reused):
 
 
 class Counting(nn.Module):
-    """Counts its training-mode calls in a buffer, and a Python attribute, as a custom module might."""
+    """Counts its training-mode calls in a Python attribute, as a custom module might, and keeps BatchNorm's running
+    statistics in buffers (a buffer that forward itself changes is refused: tests/test_bad_input.py)."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(40, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
         self.seen = 0
 
     def forward(self, x):
         if self.training:
-            self.calls += 1
             self.seen += 1
         return self.body(x)
 
@@ -468,9 +467,12 @@ def test_building_and_running_an_experiment_leaves_the_users_model_and_the_globa
     model = Counting()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    experiment(GRID, model=model, steps=3).run()
+    exp = experiment(GRID, model=model, steps=3)
+    ids = [s.id for s in exp.grid.learners]
+    exp.run()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.seen == 0
     assert torch.equal(torch.get_rng_state(), rng)
+    assert exp.plan().in_store == 2 and [s.id for s in exp.grid.learners] == ids  # its template's counter moved
 
 
 # --- What changes no number changes no id ----------------------------------------------------------------------

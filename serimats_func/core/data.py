@@ -35,6 +35,10 @@ def as_tensors(dataset: object, name: str = "dataset") -> tuple[torch.Tensor, to
         isinstance(t, (torch.Tensor, np.ndarray)) for t in dataset
     ):
         x, y = (torch.as_tensor(t) for t in dataset)
+    elif isinstance(dataset, dict):
+        keys = ", ".join(repr(k) for k in list(dataset)[:4])
+        raise DataError(f"{name} is a dict (keys {keys}); give a tuple (x, y) of tensors, e.g. "
+                        f"(d['x'], d['y']), or a map-style Dataset of (x, y) pairs (TensorDataset(x, y)).")
     elif hasattr(dataset, "tensors") and len(dataset.tensors) == 2:  # TensorDataset
         x, y = dataset.tensors
     elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):

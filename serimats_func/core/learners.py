@@ -38,6 +38,10 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
     forward pass checked to give ``(batch, classes)`` logits. The global RNG is left untouched."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (the template of every learner); got {type(model).__name__}.")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"model is a TorchScript module ({type(model).__name__}), which torch.func cannot call with "
+                        "each learner's weights; give the plain nn.Module (before torch.jit.script / torch.jit.trace).")
+    _check_batchnorm_momentum(model)
     template = swap_dropout(copy.deepcopy(model).cpu().to(example_x.dtype))
     template.eval()  # in eval mode the check changes no buffer (BatchNorm statistics)
     try:
@@ -53,6 +57,11 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
     if not isinstance(out, torch.Tensor):
         raise ModelDataMismatch(f"{type(model).__name__} returned a {type(out).__name__}; the template must "
                                 "return one tensor of logits of shape (batch, classes).")
+    if not out.is_floating_point():
+        raise ModelDataMismatch(
+            f"{type(model).__name__} returned logits of dtype {out.dtype}; logits must be floating point (the loss "
+            "differentiates them). Return the last layer's output as it is (no .round(), .long() or argmax in forward)."
+        )
     if out.ndim != 2 or out.shape[0] != example_x.shape[0]:
         raise ModelDataMismatch(
             f"{type(model).__name__} returned shape {tuple(out.shape)} for a batch of "
@@ -69,7 +78,54 @@ def prepare_template(model: nn.Module, example_x: torch.Tensor, num_classes: int
     _check_something_trains(template, type(model).__name__)
     _check_every_parameter_resets(template)
     _check_vmappable(template, example_x.cpu())
+    _check_buffers_forward_keeps(template, example_x.cpu(), type(model).__name__)
     return template
+
+
+def _check_batchnorm_momentum(model: nn.Module) -> None:
+    """BatchNorm with ``momentum=None`` keeps a cumulative average, weighting each batch by 1 / (batches so far):
+    torch computes that weight with ``float()`` of its counter, which one vmapped step of many learners cannot do."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats:
+            raise ValueError(
+                f"{type(m).__name__} {name!r} has momentum=None (a cumulative moving average of the batch statistics, "
+                "whose weight torch computes in Python from the batch count, which one vmapped step of many learners "
+                "cannot do). Give it a momentum (e.g. momentum=0.1, torch's default), or track_running_stats=False "
+                "to normalize with the batch's own statistics in evaluation too.")
+
+
+def _running_statistics(template: nn.Module) -> set[str]:
+    """The buffers that a forward pass in training mode may change: BatchNorm's running statistics and the
+    call counters of the library's dropout."""
+    names = set()
+    for prefix, m in template.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            names |= {dot + b for b in ("running_mean", "running_var", "num_batches_tracked")}
+        elif isinstance(m, KeyedDropout):
+            names.add(dot + "calls")
+    return names
+
+
+def _check_buffers_forward_keeps(template: nn.Module, example_x: torch.Tensor, name: str) -> None:
+    """Refuse a forward pass that changes a buffer other than BatchNorm's running statistics (a counter that
+    ``forward`` increments): the library runs forward passes besides training (checks, the behaviour probe,
+    evaluation), so such a buffer would count them too and start from another value than the model's."""
+    allowed = _running_statistics(template)
+    for mode in ("train", "eval"):
+        probe = copy.deepcopy(template).train(mode == "train")
+        before = {k: b.clone() for k, b in probe.named_buffers()}
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            probe(example_x)
+        changed = [k for k, b in probe.named_buffers()
+                   if (mode == "eval" or k not in allowed) and not torch.equal(b, before[k])]
+        if changed:
+            raise ModelDataMismatch(
+                f"{name}'s forward pass changes its buffer {changed[0]!r} in {mode} mode (e.g. a counter it increments). "
+                "The library runs forward passes besides the training steps (checks, evaluation), so the buffer would "
+                "count those too: learners would start from another value than the model's and record other numbers "
+                "than a plain training loop. Keep the buffer constant in forward (running statistics belong in an "
+                "nn.BatchNorm layer), or read the step from an intervention's ctx.step.")
 
 
 def _check_vmappable(template: nn.Module, example_x: torch.Tensor) -> None:
@@ -200,9 +256,35 @@ def behaviour_fingerprint(template: nn.Module, loss_fn: Callable, x: torch.Tenso
     parameter's gradient and of each buffer after the step) and in eval mode (the norm of the logits),
     each rounded to 9 significant digits. Catches what reading code cannot (a global, a C extension...).
     None when the model cannot run in float64."""
+    return _fingerprint(template, loss_fn, x[:PROBE_EXAMPLES], y[:PROBE_EXAMPLES])
+
+
+def probe_batch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples that show every class and the corners of the data: the first example of each label value (in
+    the order of the labels), then three extreme inputs (all zeros, and each feature at its largest and at its
+    smallest value over the dataset) labelled with the last, the first and the middle class.
+
+    >>> x, y = probe_batch(torch.arange(12.0).reshape(6, 2), torch.tensor([2, 0, 2, 1, 0, 1]))
+    >>> y.tolist(), x[:3, 0].tolist(), x[3:].tolist()
+    ([0, 1, 2, 2, 0, 1], [2.0, 6.0, 0.0], [[0.0, 0.0], [10.0, 11.0], [0.0, 1.0]])
+    """
+    classes = torch.unique(y)  # sorted
+    first = torch.stack([torch.nonzero(y == c)[0, 0] for c in classes])
+    extremes = torch.stack([torch.zeros_like(x[0]), x.amax(dim=0), x.amin(dim=0)])
+    labels = classes[[len(classes) - 1, 0, len(classes) // 2]]
+    return torch.cat([x[first], extremes]), torch.cat([y[first], labels])
+
+
+def class_fingerprint(template: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> list | None:
+    """``behaviour_fingerprint`` on ``probe_batch``: every class of the labels and the corners of the data, so that
+    a loss or model that treats one class apart (a class weight read through ``getattr``) shows."""
+    return _fingerprint(template, loss_fn, *probe_batch(x, y))
+
+
+def _fingerprint(template: nn.Module, loss_fn: Callable, xb: torch.Tensor, yb: torch.Tensor) -> list | None:
     try:
         model = reset(copy.deepcopy(template).double(), PROBE_KEY)
-        xb, yb = x[:PROBE_EXAMPLES].double(), y[:PROBE_EXAMPLES]
+        xb = xb.double()
         with torch.random.fork_rng(devices=[]):
             model.train()
             loss = loss_fn(model(xb), yb)

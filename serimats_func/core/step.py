@@ -35,6 +35,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import optree
 import torch
 from torch import nn
 from torch.func import grad_and_value, vmap
@@ -67,6 +68,7 @@ class Hook:
         watched = [t for t in pytrees.leaves((value, n, ctx.state)) if isinstance(t, torch.Tensor)]
         before = [t._version for t in watched]
         out = getattr(self.owner.for_learner(n), self.method)(value, Numbers(n), ctx)
+        self._check_output(value, out, ctx)
         if any(t._version != v for t, v in zip(watched, before, strict=True)):
             raise InPlaceHookError(
                 f"{type(self.owner).__name__}.{self.method} changes what it receives in place (an in-place operation "
@@ -77,8 +79,63 @@ class Hook:
         return out
 
 
+    def _check_output(self, value: Any, out: Any, ctx: StepContext) -> None:
+        """Refuse an output that is not the kind of value the hook received: the same structure (keys, fields),
+        each tensor of the same dtype and shape, and for a class with ``init_state`` a pair (value, new state)."""
+        where = f"{type(self.owner).__name__}.{self.method}"
+        if self.stateful:
+            if not (isinstance(out, tuple) and len(out) == 2 and not hasattr(out, "_fields")):
+                raise HookOutputError(f"{where} must return a pair (new value, new state), since "
+                                      f"{type(self.owner).__name__} defines init_state; got {_kind(out)}. Return "
+                                      "(value, ctx.state) to keep the state as it is.")
+            out, new_state = out
+            _same_kind(f"{where}'s new state", ctx.state, new_state, "the state it received (ctx.state)")
+        if isinstance(value, ModelState) and isinstance(out, Mapping) and not isinstance(out, ModelState):
+            out = ModelState(**out) if set(out) == set(ModelState._fields) else out
+        _same_kind(where, value, out, "its input")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {', '.join(map(repr, list(value)[:6]))}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return repr(value) if value is None else f"a {type(value).__name__}"
+
+
+def _same_kind(where: str, value: Any, out: Any, what: str) -> None:
+    """Raise ``HookOutputError`` unless ``out`` has ``value``'s structure, dtypes and shapes."""
+    try:
+        paths, leaves, spec = optree.tree_flatten_with_path(value, none_is_leaf=pytrees.NONE_IS_LEAF)
+        out_leaves = spec.flatten_up_to(out)
+    except (ValueError, TypeError):
+        raise HookOutputError(
+            f"{where} returned {_kind(out)}, but received {_kind(value)}: a hook returns a value of the kind it "
+            f"receives (the same keys or fields), e.g. {{k: g * n.scale for k, g in grads.items()}} for "
+            "on_gradients.") from None
+    for path, old, new in zip(paths, leaves, out_leaves, strict=True):
+        if not isinstance(old, torch.Tensor):
+            continue
+        name = "".join(f"[{p!r}]" for p in path)
+        if not isinstance(new, torch.Tensor):
+            raise HookOutputError(f"{where} returned {_kind(new)} at {name or 'its value'}, where {what} is "
+                                  f"{_kind(old)}: return a tensor of that dtype and shape.")
+        if new.dtype != old.dtype or new.shape != old.shape:
+            raise HookOutputError(
+                f"{where} returned {_kind(new)} at {name or 'its value'}, where {what} is {_kind(old)}: a hook must "
+                "keep each tensor's dtype and shape (the library stores and batches them as they came; another dtype "
+                "would be cast, an int64 one truncated to whole numbers). Compute in the input's dtype (x * s rather "
+                "than x.double() * s, .to(x.dtype) at the end), and keep the shape (no .sum() or .mean() of the value).")
+
+
 class InPlaceHookError(ValueError):
     """A hook changed its input in place (found by the trial step, which runs hooks outside vmap)."""
+
+
+class HookOutputError(ValueError):
+    """A hook returned another kind of value than it received (found by the trial step, outside vmap)."""
 
 
 _CHECK_IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("check_in_place", default=False)
@@ -137,6 +194,11 @@ class StepContext:
     def _key(self, stream: Sequence) -> torch.Tensor:
         k = self.key
         for part in stream:
+            if not (isinstance(part, (str, int)) or (isinstance(part, torch.Tensor) and part.ndim == 0
+                                                     and not part.is_floating_point() and not part.is_complex())):
+                raise TypeError(f"ctx.normal / ctx.uniform name their random stream by strings, integers or integer "
+                                f"tensors (such as ctx.step); got {part!r} ({type(part).__name__}). The arguments are "
+                                "(shape, dtype, *stream): e.g. ctx.normal(g.shape, g.dtype, 'noise', ctx.step).")
             k = keys.fold_in(k, keys.string_key(part) if isinstance(part, str) else part)
         return k
 

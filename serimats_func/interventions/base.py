@@ -188,7 +188,7 @@ class Intervention:
             elif k == "when":
                 checked[k] = _windows(v, type(self).__name__)
             else:
-                checked[k] = self._check(k, v)
+                checked[k] = _checked_value(type(self), k, v, self._check)
         self.values = {**self.axes, **checked}
         self.derived: dict[str, tuple[int, Any, Any]] = {}  # axis -> (index, base value, value) once resolved
 
@@ -222,7 +222,10 @@ class Intervention:
         if isinstance(value, (np.ndarray, torch.Tensor)):
             value = _plain(value) if value.ndim == 0 else list(value)
         if name == "when":
-            single = value is None or _is_window(value)
+            if isinstance(value, (str, bytes)):
+                raise ValueError(f"{cls.__name__} when= takes step windows (start, end) as tuples of integers, e.g. "
+                                 f"when=(0, 10) or when=((0, 10), (50, None)); got the string {value!r}.")
+            single = value is None or _looks_like_window(value)
         else:
             single = isinstance(value, (str, bytes, type, numbers.Number)) or value is None or (
                 name in cls.tuple_axes and isinstance(value, tuple) and not any(isinstance(v, (tuple, list)) for v in value)
@@ -282,6 +285,17 @@ class Intervention:
         """The step windows in which the step hooks act."""
         when = self.values.get("when")
         return ((0, FOREVER),) if when is None else tuple((s, FOREVER if e is None else e) for s, e in when)
+
+    def beyond_run(self, total_steps: int) -> str | None:
+        """What of this variation lies past a run of ``total_steps`` updates, so that it would never act (a step
+        window that starts at or after the last step), said for a message; None when nothing does."""
+        if self.is_default():
+            return None
+        late = [w for w in self.windows() if w[0] >= total_steps]
+        if not late:
+            return None
+        start, end = late[0]
+        return f"acts in the step window ({start}, {None if end >= FOREVER else end}), which starts at step {start}"
 
     def is_default(self) -> bool:
         """Whether this variation changes nothing: every axis at its default, not counting ``when``
@@ -429,6 +443,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _checked_value(cls: type, axis: str, value: Any, check: Callable[[str, Any], Any]) -> Any:
+    """One axis value through the class's own ``_check``; for a class that checks nothing itself (a user's), a
+    value of another kind than the axis's default (a string where the default is a number) is refused, and so is
+    a NaN, which equals no other value of its axis and would make its learners' numbers NaN."""
+    if cls._check is not Intervention._check:
+        return check(axis, value)
+    default = cls.axes.get(axis)
+    if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{cls.__name__} {axis} takes True or False (its default is {default!r}); got {value!r}.")
+    if isinstance(default, numbers.Real) and not isinstance(default, bool) and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise ValueError(f"{cls.__name__} {axis} takes numbers (its default is {default!r}); got {value!r} "
+                         f"({type(value).__name__}). Give numbers, e.g. {axis}=(0.5, 2.0).")
+    value = check(axis, value)
+    if _has_nan(value):
+        raise ValueError(f"{cls.__name__} {axis}={value!r} holds NaN, which would make its learners' numbers NaN and "
+                         "equals no value (not even itself) in results; give finite numbers.")
+    return value
+
+
+def _has_nan(value: Any) -> bool:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return math.isnan(value)
+    return isinstance(value, tuple) and any(_has_nan(v) for v in value)
+
+
+def _looks_like_window(value: Any) -> bool:
+    """A pair of numbers (or None): one window, even if it is a bad one, refused whole with its message."""
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        v is None or (isinstance(v, numbers.Number) and not isinstance(v, (tuple, list))) for v in value)
+
+
 def _is_window(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], numbers.Integral) and (
         value[1] is None or isinstance(value[1], numbers.Integral))
@@ -439,7 +485,7 @@ def _windows(value: Any, owner: str) -> tuple[tuple[int, int | None], ...] | Non
     if value is None:
         return None
     def flat(v: Any) -> list:
-        if _is_window(v) or not isinstance(v, (tuple, list)):
+        if _is_window(v) or _looks_like_window(v) or not isinstance(v, (tuple, list)):
             return [v]
         return [w for item in v for w in flat(item)]
 
@@ -447,8 +493,10 @@ def _windows(value: Any, owner: str) -> tuple[tuple[int, int | None], ...] | Non
     out = []
     for w in windows:
         w = _plain(w)
-        if not _is_window(w) or isinstance(w[0], bool) or w[0] < 0 or (w[1] is not None and w[1] <= w[0]):
-            raise ValueError(f"{owner} when= takes step windows (start, end) with 0 <= start < end (end exclusive, "
-                             f"None for open), or a tuple of them; got {value!r}.")
+        if not _is_window(w) or isinstance(w[0], bool) or isinstance(w[1], bool) or w[0] < 0 or (
+                w[1] is not None and w[1] <= w[0]):
+            raise ValueError(f"{owner} when= takes step windows (start, end) with 0 <= start < end (integers; end "
+                             f"exclusive, None for open), or a tuple of them; got {value!r}"
+                             f"{'' if w == value else f', whose window {w!r} is not one'}.")
         out.append((int(w[0]), None if w[1] is None else int(w[1])))
     return tuple(sorted(out, key=lambda w: (w[0], FOREVER if w[1] is None else w[1])))

@@ -109,6 +109,10 @@ class PerturbWeights(Intervention):
     def active_in_step(self) -> bool:
         return not self.is_default() and self.values["at"] > 0
 
+    def beyond_run(self, total_steps: int) -> str | None:
+        at = self.values["at"]
+        return None if self.is_default() or at <= total_steps else f"at={at} acts after {at} updates"
+
     def check(self, setup: Any) -> None:
         if self.is_default():
             return

@@ -113,6 +113,31 @@ def describe_callable(fn: Any) -> Any:
     return _Describer().value(fn)
 
 
+def runs_user_code(*objects: Any) -> bool:
+    """Whether describing ``objects`` meets code of the user's (a function or class outside torch, NumPy, the
+    standard library and this library), whose description may miss what it reads at run time (an attribute
+    named by a computed string): only then does a setup's id take the wider behaviour probe, so that setups
+    made of library parts alone keep their ids.
+
+    >>> runs_user_code(nn.Linear(2, 3), torch.nn.functional.cross_entropy)
+    False
+    >>> def loss(logits, y):
+    ...     return torch.nn.functional.cross_entropy(logits, y)
+    >>> loss.__module__ = "sweep"  # as if written in the user's sweep.py
+    >>> runs_user_code(nn.Linear(2, 3), loss)
+    True
+    """
+    describer = _Describer()
+    describer.user_code = False
+    for obj in objects:
+        describer.value(obj)
+    return describer.user_code
+
+
+def _own_library(obj: Any) -> bool:
+    return (getattr(obj, "__module__", None) or "").partition(".")[0] == "serimats_func"
+
+
 def describe_class(cls: type) -> Any:
     """The code of a user-defined class's methods and its class attributes, with those of its
     user-defined base classes; a library class by its qualified name.
@@ -381,6 +406,7 @@ class _Describer:
         self.modules: dict[int, str] = {}  # module or parameter id -> where it was first described
         self.alive: list = []  # keeps every object whose id is a key above alive
         self.depth = 0
+        self.user_code = False  # set on meeting a user function or class (``runs_user_code``)
 
     def value(self, v: Any) -> Any:
         t = type(v)
@@ -519,6 +545,7 @@ class _Describer:
             return {"wrapper": own, "closure": self.closure(fn, skip=wrapped), "wraps": self.value(wrapped)}
         if _is_library(fn):
             return _name(fn)
+        self.user_code = self.user_code or not _own_library(fn)
         return self._memo(fn, lambda: self._function(fn), {"function": fn.__qualname__, "cycle": True})
 
     def _function(self, fn: types.FunctionType) -> dict:
@@ -586,6 +613,7 @@ class _Describer:
             return _name(cls)
         if _is_protocol(cls):
             return f"serimats_func:{cls.__qualname__}"
+        self.user_code = self.user_code or not _own_library(cls)
         return self._memo(cls, lambda: {"class": cls.__qualname__, "code": digest(self.klass(cls))},
                           {"class": cls.__qualname__, "cycle": True})
 

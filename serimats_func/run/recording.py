@@ -7,7 +7,8 @@ stacked state: loss and accuracy on the whole train and test sets; weight norm, 
 learner's own initial weights; for learners whose control trains in the same chunk, the metrics against it
 (each learner's control is a row of the same stacked state, gathered with a control index (N,):
 ``tree_map(lambda p: p[idx], params)``); and the logger's own metrics, vmapped. A diverged learner's metrics
-are NaN from its divergence on, and so are its metrics against a control that diverged.
+are NaN from its divergence on (from the step ``diverged_at`` itself: ``nan_from_divergence``), and so are its
+metrics against a control that diverged.
 """
 
 from __future__ import annotations
@@ -32,6 +33,28 @@ from ..core.metrics import (
 )
 from ..core.step import LossFn
 from .grid import LearnerSpec
+
+
+def nan_from_divergence(metrics: Mapping[str, np.ndarray], steps: Sequence[int], diverged_at: np.ndarray,
+                        control: np.ndarray | None = None, against: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """Metrics (N, steps, ...) NaN at each logged step from a learner's ``diverged_at`` (N,; -1: never) on, the
+    step whose training loss was first non-finite (its state after that many updates is the diverged one), and
+    for the metrics ``against`` its control, from its control's too (``control`` (N,): the control's row).
+
+    >>> out = nan_from_divergence({"loss": np.ones((2, 3))}, [0, 5, 10], np.array([5, -1]))
+    >>> out["loss"].tolist()
+    [[1.0, nan, nan], [1.0, 1.0, 1.0]]
+    """
+    never = np.iinfo(np.int64).max
+    own = np.where(diverged_at >= 0, diverged_at, never)  # (N,)
+    theirs = np.minimum(own, own[control]) if control is not None else own
+    steps = np.asarray(steps, dtype=np.int64)
+    out = {}
+    for name, values in metrics.items():
+        at = theirs if name in against else own
+        off = steps[None, :] >= at[:, None]  # (N, steps)
+        out[name] = np.where(off.reshape(off.shape + (1,) * (values.ndim - 2)), np.nan, values)
+    return out
 
 
 def builtin_metric_names(evaluate: bool, controls: bool) -> list[str]:
@@ -132,6 +155,11 @@ class Recorder:
         out = evaluate_dataset(self.logits_fn, self.loss_fn, state.params, state.buffers, x, y,
                                self.data.eval_batch_size, predictions=predictions, learners_per_pass=group)
         return Evaluation(*out)
+
+    def against_control(self) -> set[str]:
+        """The recorded metrics that compare a learner with its control."""
+        return {spec.name for spec in self.builtins if spec.against_control} | (
+            self.reads_control if self.custom is not None else set())
 
     def results(self, n: int) -> dict[str, np.ndarray]:
         """Each metric of the first ``n`` learners as (n, logged steps, *its own dims), on the host."""

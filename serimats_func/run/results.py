@@ -70,6 +70,10 @@ def assemble(grid: Grid, stored: xr.Dataset, steps: Sequence[int], attrs: dict |
         at = stored["diverged_at"].values[rows[filled]].astype(float)
         diverged[filled] = np.where(at >= 0, at, np.nan)
     data_vars["diverged_at"] = (dims, diverged)
+    off = steps.astype(float) >= diverged[..., None]  # (*grid, steps): from the divergence on, in any batch
+    for name, (_, values) in list(data_vars.items()):
+        if name != "diverged_at":
+            values[np.broadcast_to(off.reshape(off.shape + (1,) * (values.ndim - off.ndim)), values.shape)] = np.nan
     coords = {name: _labels(labels) for name, labels in grid.dims.items()}
     coords["step"] = steps
     coords.update({d: stored[d].values for d in stored.dims if d not in ("learner", "step")})

@@ -31,8 +31,8 @@ from torch import nn
 
 from .. import optimizers as twins
 from ..core.data import as_tensors, fingerprint
-from ..core.learners import PROBE_KEY, behaviour_fingerprint, prepare_template, reset
-from .identity import describe_callable, describe_module
+from ..core.learners import PROBE_KEY, behaviour_fingerprint, class_fingerprint, prepare_template, reset
+from .identity import describe_callable, describe_module, runs_user_code
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -121,6 +121,12 @@ class SetupContext:
             info._keep_alive = model  # the key holds id(model): keep the object alive
         return self._templates[key]
 
+    def forget_descriptions(self) -> None:
+        """Describe the loss and the templates again when next asked (what they read may have changed)."""
+        self._loss_description = None
+        for info in self._templates.values():
+            info._digest = None
+
     def loss_description(self) -> Any:
         if self._loss_description is None:
             self._loss_description = describe_callable(self.loss)
@@ -208,15 +214,26 @@ class Setup:
         training data, the batch size, the loss and the dtype."""
         info = self.template_info
         if info._digest is None:
-            description = {  # buffers as each learner starts with them: BatchNorm statistics are reset
-                "model": describe_module(reset(copy.deepcopy(info.module), PROBE_KEY)),
-                "parameters": {n: [list(p.shape), p.requires_grad] for n, p in info.module.named_parameters()},
-                "behaviour": behaviour_fingerprint(info.module, self.loss, self.data.x, self.data.y),
-                "loss": self.context.loss_description(),
-                "dtype": str(self.dtype),
-            }
-            info._digest = _hash(description)
+            info._digest = self.template_digest()
         return _hash({"template": info._digest, "data": self.data.fingerprint, "batch_size": self.batch_size})
+
+    def template_digest(self, loss_description: Any = None) -> str:
+        """The digest of the model, the loss and the dtype as they are now (``digest`` keeps the first one).
+        Where the model or the loss runs user code, the behaviour probe also covers every class of the labels
+        and the corners of the data (``class_fingerprint``); setups of library parts alone, fully described
+        by their code and values, keep the ids they had before that probe."""
+        info = self.template_info
+        loss_description = self.context.loss_description() if loss_description is None else loss_description
+        description = {  # buffers as each learner starts with them: BatchNorm statistics are reset
+            "model": describe_module(reset(copy.deepcopy(info.module), PROBE_KEY)),
+            "parameters": {n: [list(p.shape), p.requires_grad] for n, p in info.module.named_parameters()},
+            "behaviour": behaviour_fingerprint(info.module, self.loss, self.data.x, self.data.y),
+            "loss": loss_description,
+            "dtype": str(self.dtype),
+        }
+        if runs_user_code(info.module, self.loss):
+            description["every_class"] = class_fingerprint(info.module, self.loss, self.data.x, self.data.y)
+        return _hash(description)
 
 
 def _hash(description: Any) -> str:

@@ -30,7 +30,7 @@ from ..optimizers import functional_twin
 from ..store.zarr_store import FlatState
 from .checkpoints import Checkpoints, flatten, restore
 from .grid import LearnerSpec, class_name
-from .recording import Recorder
+from .recording import Recorder, nan_from_divergence
 
 
 @dataclass(frozen=True)
@@ -337,4 +337,7 @@ def train_chunk(
                 checkpoints.save(step + 1, state, *snapshot())
     steps, out = snapshot()
     kept[schedule.total_steps] = flatten(state, n_learners)
-    return ChunkResult(tuple(steps), out, state.diverged_at[:n_learners].cpu().numpy(), kept)  # (N,)
+    diverged_at = state.diverged_at[:n_learners].cpu().numpy()  # (N,)
+    control = record.control[:n_learners].cpu().numpy() % n_learners  # (N,) a lone learner trains as two copies
+    out = nan_from_divergence(out, steps, diverged_at, control, record.against_control())
+    return ChunkResult(tuple(steps), out, diverged_at, kept)

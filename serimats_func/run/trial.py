@@ -24,7 +24,7 @@ from ..core import pytrees
 from ..core.data import steps_per_epoch
 from ..core.learners import initial_model_states
 from ..core.purity import check_pure, host_sync_error
-from ..core.step import InPlaceHookError, LossFn, checking_in_place, make_train_step, run_hooks
+from ..core.step import HookOutputError, InPlaceHookError, LossFn, checking_in_place, make_train_step, run_hooks
 from .grid import LearnerSpec, class_name
 from .planning import describe_group
 from .training import chunk_hooks, chunk_optimizer, initial_state, intervention_data
@@ -89,13 +89,15 @@ def trial_step(group: Sequence[LearnerSpec], loss_fn: LossFn, batch_size: int) -
             step = make_train_step(template, chunk_optimizer(specs), loss_fn, hooks, shared_batch=shared,
                                    trainable=setup.trainable_names)
             template.train()
+            # first each hook on real tensors, outside vmap: in-place changes and outputs of the wrong kind are
+            # named there, before vmap would fail on them with a dump of its batched tensors
+            _check_in_place(specs, hooks, template, loss_fn, shared, xb, yb, setup.trainable_names)
             try:
                 check_pure(step, state, xb, yb, hooks)  # an .item() on a value all learners share, too
             except ValueError as error:
                 raise TrialStepError(str(error)) from error
             step(state, xb, yb, torch.zeros((), dtype=torch.int64))
-            _check_in_place(specs, hooks, template, loss_fn, shared, xb, yb, setup.trainable_names)
-    except InPlaceHookError as error:
+    except (InPlaceHookError, HookOutputError) as error:
         raise TrialStepError(str(error)) from error
     except TrialStepError:
         raise
@@ -110,7 +112,8 @@ def trial_step(group: Sequence[LearnerSpec], loss_fn: LossFn, batch_size: int) -
 
 def _check_in_place(specs, hooks, template, loss_fn, shared, xb, yb, trainable) -> None:
     """Run every hook once on real tensors, one learner after another (outside vmap, where tensors' version
-    counters count), refusing one that changes its input in place (``InPlaceHookError``)."""
+    counters count), refusing one that changes its input in place (``InPlaceHookError``) or returns another
+    kind of value than it received: other keys, dtype or shape, no (value, state) pair (``HookOutputError``)."""
     if not hooks.points:
         return
     t = torch.zeros((), dtype=torch.int64)
