@@ -99,7 +99,10 @@ class Runner:
                             bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(part.learners)} learners")
                             self.train_chunk(part, claims, bar, data_cache, again.evaluation_learners.get(part.structure))
                             trained = True
-                    finally:
+                    except BaseException:
+                        _release_quietly(claims, mine)  # the error that stopped the run is the one to see
+                        raise
+                    with self.store.writing("the release of claims on learners", claims.folder):
                         claims.release(mine)
                 plan = self.plan(learners)  # what is left: learners that other processes train
                 if plan.chunks and not trained:
@@ -207,6 +210,15 @@ def read_results(store: Store, grid: Grid, need: Callable[[LearnerSpec], Need], 
     if len(present) < len(grid.learners):
         shown = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in present])
     return assemble(shown, stored, sorted(steps), dict(attrs), order=list(metric_names), controls=grid.has_controls)
+
+
+def _release_quietly(claims: Claims, ids) -> None:
+    """Let go of claims while another error ends the run: a failure here (a lost permission) must not hide it;
+    a claim's lock dies with the process anyway."""
+    try:
+        claims.release(ids)
+    except Exception:
+        pass
 
 
 def _environment(device: torch.device) -> dict:

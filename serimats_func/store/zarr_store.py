@@ -61,6 +61,12 @@ FORMAT_HISTORY = {"serimats-func/1": "learner ids before interventions at any st
 FLAT_CHUNK_KEYS = {"name": "v2", "separator": "."}  # chunk files beside zarr.json: fewer folders
 STATE_CHUNK_BYTES = 4 * 2**20  # learners per stored chunk of a state array: about this many bytes
 
+# Names ``open_store`` gives its own dimensions, variables and coordinates along ``learner`` (beside each learner's
+# grid coordinates and its optimizer's hyperparameters): a metric may not take one of them.
+STORE_VARIABLES = ("learner", "step", "diverged_at", "has_state")
+CONFIG_COORDS = ("optimizer", "experiment_seed", "model", "dataset", "batch_size", "control", "config")
+ENVIRONMENT = ("device", "device_name", "torch", "python")  # where a batch was trained
+
 Request = tuple[str, Sequence[int], Mapping[str, str | None]]  # (learner id, steps, {metric: digest or None})
 FlatState = dict[str, tuple[np.ndarray, str]]  # path -> (array, torch dtype name), one learner or (learner, ...)
 
@@ -624,7 +630,7 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
         ds.close()
         for learner_id, config in zip(b.ids, b.attrs["configs"], strict=True):
             info.setdefault(learner_id, {**_flat_config(config),
-                                         **{k: b.attrs.get(k) for k in ("device", "device_name", "torch", "python")}})
+                                         **{k: b.attrs.get(k) for k in ENVIRONMENT}})
     coords: dict[str, Any] = {"learner": np.array(ids, dtype=str), "step": np.array(steps, dtype=np.int64)}
     names = list(dict.fromkeys(k for i in ids for k in info[i]))
     for name in names:
