@@ -278,12 +278,14 @@ class Store:
                          metrics: Mapping[str, np.ndarray], per_learner: Mapping[str, np.ndarray],
                          metric_keys: Mapping[str, str] | Sequence[Mapping[str, str]], attrs: Mapping[str, Any],
                          state: FlatState, dims: Mapping[str, Sequence[str]] | None = None,
-                         labels: Mapping[str, Sequence] | None = None) -> str:
-        """Add a checkpoint of a chunk in training: its metrics so far and its state at ``step``. Named by the
-        learner set and the step; older checkpoints of the same learners are removed once it is in place."""
+                         labels: Mapping[str, Sequence] | None = None,
+                         kept: Mapping[int, FlatState] | None = None) -> str:
+        """Add a checkpoint of a chunk in training: its metrics so far, its state at ``step`` and the states
+        ``kept`` at earlier steps. Named by the learner set and the step; older checkpoints of the same learners
+        are removed once it is in place."""
         name = f"{learner_set(ids)}-{step:010d}-{uuid.uuid4().hex[:8]}"
         self._write_group(CHECKPOINTS, name, ids, configs, steps, metrics, per_learner, metric_keys,
-                          {"kind": "checkpoint", "step": int(step), **attrs}, {step: state}, dims, labels)
+                          {"kind": "checkpoint", "step": int(step), **attrs}, {**(kept or {}), step: state}, dims, labels)
         sources = self.sources()
         batches = [s for s in sources if s.kind == "batch"] + [s for s in sources if s.name == name]
         for old in sources:
@@ -544,7 +546,9 @@ def _plain_label(value: Any) -> Any:
 
 
 def _dominated(checkpoint: Source, others: Sequence[Source]) -> bool:
-    """Whether ``others`` hold every metric value and a state at or after every state of ``checkpoint``."""
+    """Whether ``others`` hold every metric value of ``checkpoint``, every state it keeps at an earlier step, and a
+    state at or after its own step."""
+    resume = int(checkpoint.attrs.get("step", max(checkpoint.state_steps, default=-1)))
     for position, learner_id in enumerate(checkpoint.ids):
         holding = [(s, s.ids.index(learner_id)) for s in others if learner_id in s.ids]
         for metric in checkpoint.metric_keys:
@@ -552,8 +556,8 @@ def _dominated(checkpoint: Source, others: Sequence[Source]) -> bool:
             held = {int(t) for s, p in holding if s.key(metric, p) == key for t in s.steps}
             if not {int(t) for t in checkpoint.steps} <= held:
                 return False
-        latest = max((int(t) for s, _ in holding for t in s.state_steps), default=-1)
-        if any(int(t) > latest for t in checkpoint.state_steps):
+        states = {int(t) for s, _ in holding for t in s.state_steps}
+        if max(states, default=-1) < resume or not {int(t) for t in checkpoint.state_steps if int(t) < resume} <= states:
             return False
     return True
 
