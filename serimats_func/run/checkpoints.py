@@ -216,6 +216,11 @@ def load_learner(store: str | os.PathLike | Store, model: nn.Module, step: int |
     """
     store = store if isinstance(store, Store) else Store(store)
     store.check()
+    return store.retrying(lambda: _load_learner(store, model, step, coords))
+
+
+def _load_learner(store: Store, model: nn.Module, step: int | None, coords: Mapping[str, Any]
+                  ) -> tuple[nn.Module, torch.optim.Optimizer]:
     learner_id, config = select_learner(store.configs(), coords, f"the store {store.path}")
     held = [(s, p, int(t)) for s, p in store.holders(learner_id, checkpoints=False) for t in s.state_steps]
     steps = sorted({t for _, _, t in held})

@@ -22,7 +22,7 @@ from ..core.data import TrainingData
 from ..core.metrics import BUILTIN_DIMS, MetricFn
 from ..core.step import LossFn
 from ..store.locks import Claims
-from ..store.zarr_store import FlatState, Store
+from ..store.zarr_store import DamagedSourceError, FlatState, Store
 from .checkpoints import Checkpoints
 from .grid import Grid, LearnerSpec
 from .planning import Chunk, Plan
@@ -100,6 +100,10 @@ class Runner:
                             bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(part.learners)} learners")
                             self.train_chunk(part, claims, bar, data_cache, again.evaluation_learners.get(part.structure))
                             trained = True
+                    except DamagedSourceError:  # set aside (with a warning): plan again without it
+                        _release_quietly(claims, mine)
+                        trained = True
+                        break
                     except BaseException:
                         _release_quietly(claims, mine)  # the error that stopped the run is the one to see
                         raise
@@ -216,6 +220,11 @@ def read_results(store: Store, grid: Grid, need: Callable[[LearnerSpec], Need], 
                  steps: Sequence[int], attrs: Mapping) -> xr.Dataset:
     """The grid's results as stored at ``steps`` (NaN for learners the store does not serve all that
     ``need(spec)`` asks of yet)."""
+    return store.retrying(lambda: _read_results(store, grid, need, metric_names, steps, attrs))
+
+
+def _read_results(store: Store, grid: Grid, need: Callable[[LearnerSpec], Need], metric_names: Sequence[str],
+                  steps: Sequence[int], attrs: Mapping) -> xr.Dataset:
     requests, present = [], set()
     for spec in grid.learners:
         wanted = need(spec)

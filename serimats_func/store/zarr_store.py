@@ -45,7 +45,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from . import locks
-from .layout import BATCHES, CHECKPOINTS, CLAIMS, FOLDERS, PENDING, StoreLayout
+from . import integrity, locks
+from .layout import BATCHES, CHECKPOINTS, CLAIMS, FOLDERS, PENDING, STATES, StoreLayout
 
 FORMAT = "serimats-func/2"
 FORMAT_HISTORY = {"serimats-func/1": "learner ids before interventions at any step (version 0.1)"}
@@ -73,6 +73,19 @@ FlatState = dict[str, tuple[np.ndarray, str]]  # path -> (array, torch dtype nam
 
 class StoreError(ValueError):
     """A path that is not a serimats-func store, or a store that cannot be used."""
+
+
+class DamagedSourceError(StoreError):
+    """A batch or checkpoint found damaged while it was read: it is set aside (``damaged/``) and its learners are
+    missing from the store; read again (or plan again) without it."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"The store's {path} is damaged: {problem}.")
+        self.path, self.problem = path, problem
+
+
+class DamagedStoreWarning(UserWarning):
+    """A batch or checkpoint of a store was found damaged and set aside; its learners are trained again."""
 
 
 class StoreWriteError(OSError):
@@ -125,6 +138,17 @@ class Source:
     @property
     def state_steps(self) -> list[int]:
         return self.attrs.get("state_steps", [])
+
+
+@dataclass
+class Verification:
+    """What ``Store.verify`` found: folders verified, written without checksums (by an older version: read, nothing
+    to verify against), damaged (with what is wrong), and already set aside in ``damaged/``."""
+
+    verified: list[Path] = field(default_factory=list)
+    unsealed: list[Path] = field(default_factory=list)
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+    set_aside: list[Path] = field(default_factory=list)
 
 
 class Store:
@@ -212,21 +236,110 @@ class Store:
         return self._names("batch")
 
     def sources(self, checkpoints: bool = True) -> list[Source]:
-        """Every batch (oldest first), then every checkpoint (oldest first) (cached until they change)."""
-        names = (tuple(self._names("batch")), tuple(self._names("checkpoint")))
+        """Every batch (oldest first), then every checkpoint (oldest first) (cached until they change). Each is
+        verified the first time this ``Store`` sees it (its manifest, digest and metric arrays' checksums, see
+        ``integrity``): a damaged one is set aside into ``damaged/`` with a warning, and its learners are missing."""
+        folders = (tuple(self.layout.folders("batch")), tuple(self.layout.folders("checkpoint")))
         cache = getattr(self, "_cache", None)
-        if cache is None or cache[0] != names:
+        if cache is None or cache[0] != folders:
             found = []
-            for kind, kind_names in (("batch", names[0]), ("checkpoint", names[1])):
-                for name in kind_names:
-                    path = self.layout.of_kind(kind) / name
-                    try:
-                        attrs = dict(zarr.open_group(path, mode="r").attrs)
-                    except (FileNotFoundError, KeyError):  # a checkpoint removed meanwhile
-                        continue
-                    found.append(Source(kind, name, path, attrs))
-            self._cache = cache = (names, found, _holders(found))
+            for kind, paths in zip(("batch", "checkpoint"), folders, strict=True):
+                for path in paths:
+                    source = self._verified_source(kind, path)
+                    if source is not None:
+                        found.append(source)
+            folders = (tuple(self.layout.folders("batch")), tuple(self.layout.folders("checkpoint")))
+            self._cache = cache = (folders, found, _holders(found))
         return [s for s in cache[1] if checkpoints or s.kind == "batch"]
+
+    def _verified_source(self, kind: str, path: Path) -> Source | None:
+        """The source in ``path``, verified once per ``Store`` (None: gone meanwhile, or found damaged and set aside)."""
+        verified = self.__dict__.setdefault("_verified", {})
+        if str(path) in verified:
+            return verified[str(path)]
+        if str(path) in self.__dict__.get("_damaged", {}):
+            return None
+        try:
+            if not self.layout.is_group(path):
+                raise integrity.Damaged(path, f"its {integrity.METADATA} is missing")
+            attrs = integrity.read_attributes(path)
+            problem = integrity.problem(path, attrs) or integrity.unreadable(  # states: checked when read
+                path, keep=lambda array: not array.startswith(STATES + "/"))
+            if problem is not None:
+                raise integrity.Damaged(path, problem)
+        except FileNotFoundError:  # a checkpoint removed meanwhile
+            return None
+        except integrity.Damaged as damage:
+            if path.exists():  # else removed meanwhile (a checkpoint another process pruned)
+                self._set_aside(path, damage.problem)
+            return None
+        source = verified[str(path)] = Source(kind, path.name, path, attrs)
+        return source
+
+    def _set_aside(self, path: Path, problem: str) -> None:
+        """Move a damaged batch or checkpoint into ``damaged/`` (never deleted), and warn naming it and what is
+        wrong; if it cannot be moved, this ``Store`` ignores it."""
+        damaged = self.__dict__.setdefault("_damaged", {})
+        if str(path) in damaged:
+            return
+        damaged[str(path)] = problem
+        self.__dict__.get("_verified", {}).pop(str(path), None)
+        self._cache = None
+        target = self.layout.damaged / f"{path.parent.name}-{path.name}"
+        try:
+            self.layout.damaged.mkdir(exist_ok=True)
+            if target.exists():
+                target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(path, target)
+            where = f"it is moved to {target} (nothing is deleted)"
+        except FileNotFoundError:
+            return  # another process set it aside first
+        except OSError as error:
+            where = f"it could not be moved aside ({error.strerror or error}), so it is ignored"
+        warnings.warn(f"Damaged {'checkpoint' if path.parent.name == CHECKPOINTS else 'batch'} {path}: {problem}. "
+                      f"{where[0].upper()}{where[1:]}; its learners count as missing and are trained again. "
+                      f"`serimats-func check {self.path}` verifies the whole store.", DamagedStoreWarning, stacklevel=3)
+
+    def verify(self) -> Verification:
+        """Verify every batch and checkpoint in full: manifest, digest, and every chunk of every array decoded (its
+        CRC-32C checked). Reads only; changes nothing (a run or ``open_store`` sets damaged ones aside)."""
+        report = Verification()
+        for kind in ("batch", "checkpoint"):
+            for path in self.layout.folders(kind):
+                try:
+                    if not self.layout.is_group(path):
+                        raise integrity.Damaged(path, f"its {integrity.METADATA} is missing")
+                    attrs = integrity.read_attributes(path)
+                    problem = integrity.problem(path, attrs) or integrity.unreadable(path)
+                except FileNotFoundError:
+                    continue
+                except integrity.Damaged as damage:
+                    attrs, problem = {}, damage.problem
+                if problem is not None:
+                    report.damaged.append((path, problem))
+                elif integrity.sealed(attrs):
+                    report.verified.append(path)
+                else:
+                    report.unsealed.append(path)
+        if self.layout.damaged.is_dir():
+            report.set_aside.extend(sorted(self.layout.damaged.iterdir()))
+        return report
+
+    def damaged(self, source: Source, error: BaseException | str) -> DamagedSourceError:
+        """Set ``source`` aside after ``error`` while reading it; the error to raise (callers read again without it)."""
+        problem = error if isinstance(error, str) else integrity.unreadable(source.path) or (
+            f"it cannot be read ({type(error).__name__}: {error})")
+        self._set_aside(source.path, problem)
+        return DamagedSourceError(source.path, problem)
+
+    def retrying(self, read):
+        """``read()``, again without each source it finds damaged (set aside meanwhile)."""
+        for _ in range(len(self.sources()) + 1):
+            try:
+                return read()
+            except DamagedSourceError:
+                continue
+        return read()
 
     def holders(self, learner_id: str, checkpoints: bool = True) -> list[tuple[Source, int]]:
         """Every (source, position) that holds ``learner_id``: batches oldest first, then checkpoints."""
@@ -331,10 +444,13 @@ class Store:
             group = zarr.create_group(pending, zarr_format=3, attributes=attrs)
             for key, (dims, values) in arrays.items():
                 group.create_array(key, data=values, chunks=tuple(max(1, d) for d in values.shape), dimension_names=list(dims),
-                                   chunk_key_encoding=FLAT_CHUNK_KEYS,
+                                   chunk_key_encoding=FLAT_CHUNK_KEYS, compressors=integrity.CODECS,
                                    fill_value=np.nan if values.dtype.kind == "f" else None)
             for step, state in states.items():
                 _write_state(group, StoreLayout.state_group(step), state)
+            integrity.seal(pending)
+        self.__dict__.setdefault("_verified", {})[str(target)] = Source(attrs["kind"], name, target,
+                                                                        integrity.read_attributes(target))
         return name
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -369,12 +485,15 @@ class Store:
             rows = members[source.name]
             positions = sorted({p for _, p in rows})
             at = {p: i for i, p in enumerate(positions)}
-            ds = self._open(source)
-            stored = [column.get(int(s), -1) for s in ds["step"].values]
             wanted = {m for row, p in rows for m, key in requests[row][2].items() if m in out and _serves(source, m, key, p)}
-            values = {m: ds[m].isel(learner=positions).values for m in wanted if m in ds}
-            stored_diverged = ds["diverged_at"].isel(learner=positions).values if "diverged_at" in ds else None
-            ds.close()
+            try:
+                ds = self._open(source)
+                stored = [column.get(int(s), -1) for s in ds["step"].values]
+                values = {m: ds[m].isel(learner=positions).values for m in wanted if m in ds}
+                stored_diverged = ds["diverged_at"].isel(learner=positions).values if "diverged_at" in ds else None
+                ds.close()
+            except Exception as error:  # a chunk that fails its checksum, metadata that is not JSON...
+                raise self.damaged(source, error) from error
             for row, position in rows:
                 learner_id, st, keys = requests[row]
                 asked = {column[int(s)] for s in st}
@@ -424,14 +543,22 @@ class Store:
         for i, (source, position, step) in enumerate(locations):
             grouped.setdefault((source.name, step), []).append((i, position))
             paths[(source.name, step)] = source.path
+        sources = {source.name: source for source, _, _ in locations}
         for (name, step), members in grouped.items():
-            group = zarr.open_group(paths[(name, step)] / StoreLayout.state_group(step), mode="r")
+            source, where = sources[name], StoreLayout.state_group(step)
             positions = sorted({p for _, p in members})
             at = {p: k for k, p in enumerate(positions)}
-            arrays = {}
-            for path, node in group.members(max_depth=None):
-                if isinstance(node, zarr.Array):
-                    arrays[path] = (node.get_orthogonal_selection((positions,)), node.attrs["torch_dtype"])
+            problem = integrity.problem(source.path, source.attrs, under=where)  # no chunk read as Zarr's fill value
+            if problem is not None:
+                raise self.damaged(source, problem)
+            try:
+                group = zarr.open_group(paths[(name, step)] / where, mode="r")
+                arrays = {}
+                for path, node in group.members(max_depth=None):
+                    if isinstance(node, zarr.Array):
+                        arrays[path] = (node.get_orthogonal_selection((positions,)), node.attrs["torch_dtype"])
+            except Exception as error:  # a chunk that fails its checksum, metadata that is not JSON...
+                raise self.damaged(source, integrity.unreadable(source.path, under=where) or error) from error
             for i, position in members:
                 out[i] = {path: (values[at[position]], dtype) for path, (values, dtype) in arrays.items()}
         return out  # type: ignore[return-value]
@@ -572,7 +699,7 @@ def _write_state(group: zarr.Group, prefix: str, state: FlatState) -> None:
         array = group.create_array(f"{prefix}/{path}", shape=values.shape, dtype=values.dtype,
                                    chunks=(chunk, *values.shape[1:]), chunk_key_encoding=FLAT_CHUNK_KEYS,
                                    dimension_names=["learner", *(f"{leaf}.{i}" for i in range(1, values.ndim))],
-                                   attributes={"torch_dtype": torch_dtype})
+                                   attributes={"torch_dtype": torch_dtype}, compressors=integrity.CODECS)
         array[...] = values
 
 
@@ -592,6 +719,10 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     if not store.layout.mark.is_file():
         raise StoreError(f"{store.path} is not a serimats-func store (no zarr.json).")
     store.check()
+    return store.retrying(lambda: _open_store(store))
+
+
+def _open_store(store: Store) -> xr.Dataset:
     batches = store.sources(checkpoints=False)
     ids = list(dict.fromkeys(i for b in batches for i in b.ids))
     by_name: dict[str, set[str]] = {}
@@ -615,11 +746,14 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
         cols = [column[int(s)] for s in b.steps]
         for s in b.state_steps:
             has_state[rows, column[int(s)]] = True
-        ds = store._open(b)
-        for metric in b.metric_keys:
-            if metric not in ds:
-                continue
-            block = ds[metric].values  # (learners of the batch, its steps, *own dims)
+        try:
+            ds = store._open(b)
+            blocks = {m: ds[m].values for m in b.metric_keys if m in ds}  # (learners of the batch, its steps, *own dims)
+            d = ds["diverged_at"].values if "diverged_at" in ds else None
+            ds.close()
+        except Exception as error:  # a chunk that fails its checksum...
+            raise store.damaged(b, error) from error
+        for metric, block in blocks.items():
             where = [[order[d][_plain_label(v)] for v in b.dim_labels.get(d, range(block.shape[2 + i]))]
                      for i, d in enumerate(own.get(metric, ()))]
             for position, r in enumerate(rows):
@@ -628,10 +762,8 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
                     if not filled[name][r, c]:
                         values[name][(r, c, *np.ix_(*where))] = block[position, i]
                         filled[name][r, c] = True
-        if "diverged_at" in ds:
-            d = ds["diverged_at"].values
+        if d is not None:
             diverged[rows] = np.where((d >= 0) & ((diverged[rows] < 0) | (d < diverged[rows])), d, diverged[rows])
-        ds.close()
         for learner_id, config in zip(b.ids, b.attrs["configs"], strict=True):
             info.setdefault(learner_id, {**_flat_config(config),
                                          **{k: b.attrs.get(k) for k in ENVIRONMENT}})
