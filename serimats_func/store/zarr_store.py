@@ -13,9 +13,10 @@ observations of trajectories: metric values at steps, and full states at steps. 
                                        each array (learner, ...) with attr "torch_dtype"
         attrs: learner_ids, configs (each learner's resolved configuration, with its "coords"), steps,
                metric_keys ({metric: digest of what decides its values}), state_steps, device,
-               device_name, torch, python
-      checkpoints/<set>-<step>-<hex>/  a chunk in training: the same layout, metrics up to "step" and its
-                                       state at "step"; removed once batches hold all it holds
+               device_name, torch, python, manifest ({file: bytes}), digest (see ``integrity``)
+      checkpoints/<set>-<step>-<hex>/  a chunk in training: the same layout, metrics up to "step", its state
+                                       at "step" and the states kept before; removed once batches hold all it holds
+      damaged/<folder>-<name>/         batches and checkpoints found damaged, set aside (never deleted)
       .pending/                        folders being written (each marked by a held lock file)
       .claims/<learner id>.lock        held (fcntl.flock) by the process training that learner
 
@@ -24,6 +25,8 @@ Every batch is a plain Zarr group that ``xarray.open_zarr(path_to_batch)`` reads
 checkpoints and the store itself are written aside and renamed into place in one step, so a crash never
 leaves a half-written group where readers look. A learner may be in several batches (longer training
 adds a batch with its new steps); its value at a step is the oldest batch's (equal by construction).
+Every chunk carries a CRC-32C, every batch a manifest and a digest: a damaged batch is reported, set aside into
+``damaged/`` and its learners count as missing (``integrity``; ``Store.verify`` checks a whole store).
 
 >>> import numpy as np, tempfile
 >>> store = Store(tempfile.mkdtemp() + "/demo.zarr")
