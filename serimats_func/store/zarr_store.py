@@ -318,8 +318,10 @@ class Store:
                     continue
                 except integrity.Damaged as damage:
                     attrs, problem = {}, damage.problem
-                if problem is not None:
+                if problem is not None and path.exists():  # else a checkpoint removed meanwhile
                     report.damaged.append((path, problem))
+                elif problem is not None:
+                    continue
                 elif integrity.sealed(attrs):
                     report.verified.append(path)
                 else:
