@@ -2,6 +2,8 @@
 
 - ``serimats-func demo``: the user's first example on MNIST-1D (31 MLPs), with a table and plots.
 - ``serimats-func ls STORE``: the learners of a store, their coordinates, steps done, metrics.
+- ``serimats-func check STORE``: verify every batch and checkpoint (manifests, digests, every chunk's checksum);
+  print what is damaged, exit 1 if anything is.
 - ``serimats-func plot STORE METRIC --by COORD [--sel k=v ...] [--out PNG]``: a metric against step, a line
   per value of COORD, mean and spread over seeds; other coordinates are panels or selected with ``--sel``.
 """
@@ -117,6 +119,31 @@ def list_store(path: str | Path) -> str:
     return "\n".join(lines).rstrip()
 
 
+def check_store(path: str | Path) -> tuple[str, bool]:
+    """A report of ``Store.verify`` in words, and whether the store holds damage."""
+    store = Store(path)
+    if not store.layout.mark.is_file():
+        raise SystemExit(f"{path}: no such store.")
+    store.check()
+    report = store.verify()
+    n = len(report.verified) + len(report.unsealed) + len(report.damaged)
+    lines = [f"{path}: {n} batch(es) and checkpoint(s); {len(report.verified)} verified (manifest, digest and every "
+             f"chunk's CRC-32C), {len(report.damaged)} damaged."]
+    for folder, problem in report.damaged:
+        lines.append(f"  DAMAGED {folder.relative_to(store.path)}: {problem}")
+    if report.damaged:
+        lines.append("The next run() or open_store sets the damaged ones aside into damaged/ (nothing is deleted) and "
+                     "their learners count as missing: run the experiment again to train them.")
+    if report.unsealed:
+        lines.append(f"{len(report.unsealed)} were written without checksums (by an older version): they read, but "
+                     "there is no checksum or manifest to verify them against.")
+    if report.set_aside:
+        lines.append(f"{len(report.set_aside)} damaged folder(s) already set aside in "
+                     f"{store.layout.damaged} (kept, never deleted): "
+                     + ", ".join(p.name for p in report.set_aside))
+    return "\n".join(lines), bool(report.damaged)
+
+
 def _selection(ds: xr.Dataset, pairs: list[str]) -> dict:
     """``k=v`` strings as a selection, each value matched to the coordinate's own values."""
     sel = {}
@@ -169,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ls = commands.add_parser("ls", help="list the learners of a store")
     ls.add_argument("store")
+    c = commands.add_parser("check", help="verify a store's checksums and manifests; exit 1 if anything is damaged")
+    c.add_argument("store")
     p = commands.add_parser("plot", help="plot a stored metric against step")
     p.add_argument("store")
     p.add_argument("metric", help="e.g. test_acc, train_loss, control_distance")
@@ -186,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         demo(args.epochs, args.store, progress=not args.no_progress)
     elif args.command == "ls":
         print(list_store(args.store))
+    elif args.command == "check":
+        text, damaged = check_store(args.store)
+        print(text)
+        return 1 if damaged else 0
     elif args.command == "plot":
         print(plot_store(args.store, args.metric, args.by, args.sel, args.out, args.kind, args.col, args.row, args.y))
     elif args.command == "submit":

@@ -124,6 +124,7 @@ class Logger:
         a broken metric fails here, before anything is trained, with its name and the shapes of the failing
         operation's tensors in the message. Returns each metric's dimension names, shape and whether it reads
         the control. ``taken``: names the metrics' dimensions may not use (the grid's coordinates)."""
+        _check_names(self.metric_names(), taken)
         infos = {name: self._check_one(name, fn, template, params, buffers, train, test, batch)
                  for name, fn in self.metrics().items()}
         _check_dims(infos, taken)
@@ -192,10 +193,41 @@ class MetricInfo(NamedTuple):
     reads_control: bool  # it reads learner.control: NaN for learners without one
 
 
+def coordinate_names(taken: Sequence[str] = ()) -> dict[str, str]:
+    """Every name a result or ``open_store`` gives a coordinate or a variable of its own, and what it is: a metric
+    named so would clash with it. ``taken``: the grid's coordinates (its axes and one-valued axes...)."""
+    from .optimizers import REGISTRY
+    from .store.zarr_store import CONFIG_COORDS, ENVIRONMENT, STORE_VARIABLES
+
+    names = {n: "a coordinate of the grid" for n in taken}
+    names.update({n: "an optimizer hyperparameter, a coordinate of open_store" for f in REGISTRY.values()
+                  for n in f.arguments})
+    names.update({n: "a coordinate of open_store (where a batch was trained)" for n in ENVIRONMENT})
+    names.update({n: "a coordinate of open_store (each learner's configuration)" for n in CONFIG_COORDS})
+    names.update({d: "the dimension of control_layer_distance" for dims in BUILTIN_DIMS.values() for d in dims})
+    names.update({n: "a dimension or variable of every result" for n in STORE_VARIABLES})
+    names.update({"control": "a coordinate of every result", "control_learner": "a coordinate of every result"})
+    return names
+
+
+def _check_names(names: Sequence[str], taken: Sequence[str]) -> None:
+    """Refuse a metric named like a coordinate (``lr``, ``step``, ``device``, a grid axis): its values and the
+    coordinate would clash in the result and in ``open_store``."""
+    reserved = coordinate_names(taken)
+    for name in names:
+        if name in reserved:
+            raise ValueError(f"Metric {name!r} is named like {reserved[name]} ({name!r}); the result and open_store "
+                             f"would hold both under one name. Rename the method (e.g. {name + '_metric'!r}).")
+
+
 def _check_dims(infos: dict[str, MetricInfo], taken: Sequence[str]) -> None:
     reserved = {"learner", "step", *(d for dims in BUILTIN_DIMS.values() for d in dims), *taken}
     sizes: dict[str, tuple[str, int]] = {}
     for name, info in infos.items():
+        other = next((m for m, i in infos.items() if name in i.dims), None)
+        if other is not None:
+            raise ValueError(f"Metric {name!r} is named like a dimension of metric {other!r}; the result would hold "
+                             "both under one name. Rename the method or the dimension in dims=.")
         for dim, size in zip(info.dims, info.shape, strict=True):
             if dim in reserved:
                 raise ValueError(f"Metric {name!r} names a dimension {dim!r}, which the result already has (a grid "

@@ -65,3 +65,28 @@ def debris(store) -> list[str]:
     """What a finished run must not leave: folders being written, checkpoints, claims, half-made stores."""
     left = [p for folder in (pending(store), checkpoints(store), claims(store)) for p in Path(folder).iterdir()]
     return [str(p) for p in left + being_made(store) if p.name != METADATA]
+
+
+def damaged(store) -> Path:
+    """Where damaged batches and checkpoints are set aside (moved, never deleted)."""
+    return Path(store) / "damaged"
+
+
+def batch_names(store) -> list[str]:
+    """The batches' folders, oldest first."""
+    return entries(batches(store))
+
+
+def state_array(batch_folder, step: int, name: str, part: str = "params") -> Path:
+    """The folder of one array of a kept state: ``batches/<b>/states/<step>/params/<name>``."""
+    return Path(batch_folder) / states_group(step, part) / name
+
+
+def metric_array(batch_folder, metric: str) -> Path:
+    """The folder of one metric's array in a batch: ``batches/<b>/<metric>``."""
+    return Path(batch_folder) / metric
+
+
+def chunk(array_folder) -> Path:
+    """The first chunk file of an array (chunk keys ``0.0.0``, beside its ``zarr.json``)."""
+    return sorted(p for p in Path(array_folder).iterdir() if p.name != METADATA)[0]

@@ -19,7 +19,7 @@ import time
 import traceback
 
 
-def experiment(store: str, seeds: list[int], chunk: int, callbacks=()):
+def experiment(store: str, seeds: list[int], chunk: int, callbacks=(), **settings):
     import torch
 
     from serimats_func.interventions import InitWeights
@@ -30,7 +30,7 @@ def experiment(store: str, seeds: list[int], chunk: int, callbacks=()):
     x, y = torch.randn(256, 40, generator=g), torch.randint(0, 10, (256,), generator=g)
     return make_experiment([InitWeights.make_variations(seed=seeds)], model=MLP(widths=(16,), in_features=40),
                            data=((x, y), (x[:64], y[:64])), steps=12, batch_size=32, log_every=4, checkpoint_every=6,
-                           max_learners_per_chunk=chunk, store=store, callbacks=callbacks)
+                           max_learners_per_chunk=chunk, store=store, callbacks=callbacks, **settings)
 
 
 PHASES = ["building the experiment"]  # the phase a child is in, innermost last
@@ -201,6 +201,55 @@ def concurrent(plan: dict) -> dict:
     return out
 
 
+def resume(plan: dict) -> dict:
+    """Kept states and checkpoints: a run with ``keep_every`` is SIGKILLed once its first chunk has passed a
+    checkpoint (it waits there, past the checkpoint, until killed), then run again; the rerun notes each update
+    it does (chunk, step) in ``PLAN["store"].steps``."""
+    from serimats_func.callbacks import Callback
+
+    settings = {"keep_every": plan["keep_every"]}  # a checkpoint every 6 steps, as every run here
+    run = {"seeds": plan["seeds"], "chunk": plan["chunk"]}
+    marker, noted = plan["store"] + ".waiting", plan["store"] + ".steps"
+
+    class WaitPastCheckpoint(Callback):
+        def on_step(self, chunk, step, state, loss) -> None:
+            if step == 7:  # the step-6 checkpoint is in place
+                open(marker, "w").close()
+                time.sleep(600)
+
+    class NoteSteps(Callback):
+        def on_step(self, chunk, step, state, loss) -> None:
+            if loss is not None:
+                with open(noted, "a") as f:
+                    f.write(f"{chunk.index} {step}\n")
+
+    def go(store: str, callbacks) -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                experiment(store, run["seeds"], run["chunk"], callbacks=callbacks, **settings).run()
+                os._exit(0)
+            except BaseException:
+                traceback.print_exc()
+                sys.stderr.flush()
+                os._exit(1)
+        return pid
+
+    out = {"reference": wait(go(plan["reference"], []))}
+    pid = go(plan["store"], [WaitPastCheckpoint()])
+    deadline = time.monotonic() + 120
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out["waited"] = os.path.exists(marker)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    store = plan["store"]
+    out["checkpoints"] = sorted(p for p in os.listdir(os.path.join(store, "checkpoints")) if p != "zarr.json")
+    out["rerun"] = wait(go(store, [NoteSteps()]))
+    out["steps"] = [tuple(map(int, line.split())) for line in open(noted).read().splitlines()]
+    return out
+
+
 def main(path: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's library
     import torch
@@ -211,7 +260,8 @@ def main(path: str) -> None:
 
     plan = json.loads(open(path).read())
     result = {"kills": kills(plan["kills"]) if "kills" in plan else None,
-              "concurrent": concurrent(plan["concurrent"]) if "concurrent" in plan else None}
+              "concurrent": concurrent(plan["concurrent"]) if "concurrent" in plan else None,
+              "resume": resume(plan["resume"]) if "resume" in plan else None}
     print(json.dumps(result))
 
 

@@ -290,6 +290,25 @@ class BrokenMetric(Logger):
         return learner.model.no_such_layer.weight.norm()
 
 
+def metric_named(name: str) -> Logger:
+    """A logger with one metric called ``name``."""
+    def metric(self, learner):
+        return learner.model[1].weight.norm()
+
+    metric.__name__ = metric.__qualname__ = name
+    return type(f"Logs_{name}", (Logger,), {name: register_metric(metric)})()
+
+
+class UnitMetrics(Logger):
+    @register_metric(dims=("unit",))
+    def unit_norms(self, learner):
+        return learner.model[1].weight.norm(dim=1)
+
+    @register_metric
+    def unit(self, learner):
+        return learner.model[1].weight.norm()
+
+
 def bad_factory(width):
     raise RuntimeError("out of widths")
 
@@ -422,6 +441,30 @@ MISTAKES = [
     ("logger=Logger, the class", dict(logger=lambda: Logger), r"got the class Logger: use logger=Logger\(\)"),
     ("a logger that is not a Logger", dict(logger=lambda: print), "logger= takes a Logger instance"),
     ("a metric that fails", dict(logger=lambda: BrokenMetric()), "Metric 'broken' failed on a learner"),
+    ("a metric named lr", dict(logger=lambda: metric_named("lr")),
+     r"Metric 'lr' is named like an optimizer hyperparameter.*Rename the method \(e.g. 'lr_metric'\)"),
+    ("a metric named betas under SGD", dict(logger=lambda: metric_named("betas")),
+     "Metric 'betas' is named like an optimizer hyperparameter.*Rename the method"),
+    ("a metric named device", dict(logger=lambda: metric_named("device")),
+     r"Metric 'device' is named like a coordinate of open_store \(where a batch was trained\).*Rename the method"),
+    ("a metric named like a grid axis", dict(logger=lambda: metric_named("epsilon"),
+                                             interventions=lambda: [PerturbWeights.make_variations(epsilon=(0.0, 0.1))]),
+     "Metric 'epsilon' is named like a coordinate of the grid.*Rename the method"),
+    ("a metric named like a one-valued axis", dict(logger=lambda: metric_named("seed"),
+                                                   interventions=lambda: [InitWeights.make_variations(seed=3)]),
+     "Metric 'seed' is named like a coordinate of the grid.*Rename the method"),
+    ("a metric named step", dict(logger=lambda: metric_named("step")),
+     "Metric 'step' is named like a dimension or variable of every result.*Rename the method"),
+    ("a metric named learner", dict(logger=lambda: metric_named("learner")),
+     "Metric 'learner' is named like a dimension or variable of every result"),
+    ("a metric named diverged_at", dict(logger=lambda: metric_named("diverged_at")),
+     "Metric 'diverged_at' is named like a dimension or variable of every result"),
+    ("a metric named model", dict(logger=lambda: metric_named("model")),
+     r"Metric 'model' is named like a coordinate of open_store \(each learner's configuration\)"),
+    ("a metric named layer", dict(logger=lambda: metric_named("layer")),
+     "Metric 'layer' is named like the dimension of control_layer_distance"),
+    ("a metric named like another metric's dimension", dict(logger=lambda: UnitMetrics()),
+     "Metric 'unit' is named like a dimension of metric 'unit_norms'.*Rename the method or the dimension"),
     ("a model with no parameters", dict(model=lambda: NoParameters()),
      r"NoParameters has no parameters, so there is nothing to train. Give it layers with weights"),
     ("a model whose layers are in a plain list", dict(model=lambda: HiddenInAList()),

@@ -91,3 +91,26 @@ def test_when_one_of_two_processes_is_killed_the_other_trains_the_learners_it_ha
     assert_same_learners(killed["store"], union)
     assert all(len(where) == 1 for where in Store(killed["store"]).index().values())
     assert store_paths.debris(Path(killed["store"])) == []
+
+
+def test_a_run_that_keeps_states_sigkilled_after_a_checkpoint_resumes_from_it_to_the_same_numbers(tmp_path):
+    """keep_every=4 and a checkpoint every 6 steps (12 steps, two chunks of two): killed at step 7, the rerun goes on
+    from the step-6 checkpoint (which holds the state kept at step 4); its metrics and kept states are the reference's."""
+    from tests.test_kept_states_and_checkpoints import assert_same_states
+
+    plan = {"resume": {"seeds": [0, 1, 2, 3], "chunk": 2, "keep_every": 4, "reference": str(tmp_path / "reference.zarr"),
+                       "store": str(tmp_path / "killed.zarr")}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    done = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "plan.json")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])["resume"]
+    assert result["reference"] == 0 and result["waited"] and result["rerun"] == 0, done.stderr[-3000:]
+    assert len(result["checkpoints"]) == 1  # what the kill left: the step-6 checkpoint of the first chunk
+    first = [step for chunk, step in result["steps"] if chunk == 0]
+    second = [step for chunk, step in result["steps"] if chunk == 1]
+    assert first == list(range(7, 13)) and second == list(range(1, 13))  # resumed from the checkpoint
+    assert_same_learners(tmp_path / "killed.zarr", metrics_by_learner(tmp_path / "reference.zarr"))
+    assert_same_states(tmp_path / "killed.zarr", tmp_path / "reference.zarr")
+    assert sorted(Store(tmp_path / "killed.zarr").sources()[0].state_steps) == [4, 8, 12]
+    assert store_paths.debris(tmp_path / "killed.zarr") == []

@@ -7,6 +7,7 @@ import errno
 import pickle
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,6 +242,44 @@ def test_a_fault_while_writing_ends_with_a_clear_message_and_a_store_that_holds_
     assert open_store(store).sizes["learner"] == 2  # the first batch, nothing half-written
     assert sorted(p.name for p in store_paths.pending(store).iterdir()) == [store_paths.METADATA]
     assert_same_metrics(experiment(FOUR, max_learners_per_chunk=2, steps=8, store=store).run(), reference)
+
+
+@pytest.mark.parametrize("release", ["lock file", "claims"])
+def test_a_permission_lost_mid_run_ends_with_the_store_write_error_not_one_from_releasing_claims(
+        experiment, tmp_path, monkeypatch, release):
+    import zarr.storage._local as local
+
+    store = tmp_path / "s.zarr"
+    real_put, real_unlink, real_release = local._put, Path.unlink, Claims.release
+    lost = []
+
+    def put(path, value, exclusive=False):
+        if lost:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_put(path, value, exclusive)
+
+    def unlink(self, *args, **kw):  # the claims' lock files cannot be removed either
+        if lost and self.name.endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_unlink(self, *args, **kw)
+
+    def claims_release(self, ids=None):
+        if lost:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self.folder))
+        return real_release(self, ids)
+
+    steps = CountSteps()
+    monkeypatch.setattr(local, "_put", put)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    if release == "claims":
+        monkeypatch.setattr(Claims, "release", claims_release)
+    exp = experiment(FOUR, store=store, steps=8, callbacks=[steps])
+    exp.store.create()
+    steps.on_chunk_end = lambda chunk, result: lost.append(True)  # lost after training, before the batch is written
+    with pytest.raises(StoreWriteError, match=r"Could not write the batch .*Permission denied.*restore write permission"):
+        exp.run()
+    monkeypatch.undo()
+    assert experiment(FOUR, store=store, steps=8).plan().to_train == 4  # nothing half-written; runs again
 
 
 def test_learners_another_live_process_claimed_are_waited_for_and_trained_here_if_it_dies(experiment, tmp_path):

@@ -91,7 +91,9 @@ def restore(fresh: Any, stored: Sequence[FlatState | None]) -> Any:
 
 class Checkpoints:
     """Saves a chunk in training into the store every ``every_steps`` steps (else every ``every_seconds``):
-    its metrics so far and its full state, as a checkpoint named by its learner set."""
+    its metrics so far, its full state and the states kept at the steps it has passed (``keep_states``,
+    ``keep_every``), as a checkpoint named by its learner set: a run stopped at any moment goes on from its
+    newest checkpoint, whatever states it keeps."""
 
     def __init__(self, store: Store, ids: Sequence[str], configs: Sequence[Mapping],
                  metric_keys: Mapping[str, str] | Sequence[Mapping[str, str]], attrs: Mapping[str, Any],
@@ -105,6 +107,7 @@ class Checkpoints:
         self.saved: str | None = None
         self.current: tuple[int, Any] | None = None  # (updates done, the chunk's state then)
         self._snapshot: Callable[[], tuple[Sequence[int], Mapping[str, np.ndarray]]] | None = None
+        self._kept: Mapping[int, FlatState] = {}  # {step: flat state (N, ...)} kept so far
 
     def due(self, step: int) -> bool:
         """Whether to save after ``step`` updates: every ``every_steps`` if set, else on time."""
@@ -117,9 +120,10 @@ class Checkpoints:
         {name: (N, len(steps), *its own dims)}."""
         flat = state if isinstance(state, dict) and all(isinstance(v, tuple) for v in state.values()) else \
             flatten(state, len(self.ids))
+        kept = {t: s for t, s in self._kept.items() if t < step}
         self.saved = self.store.write_checkpoint(step, self.ids, self.configs, steps, metrics,
                                                  {"diverged_at": flat["diverged_at"][0]}, self.metric_keys, self.attrs, flat,
-                                                 self.dims, self.labels)
+                                                 self.dims, self.labels, kept=kept)
         self._last = time.monotonic()
         return self.saved
 
@@ -127,10 +131,12 @@ class Checkpoints:
     def path(self) -> str:
         return str(self.store.layout.checkpoint(self.saved or ""))
 
-    def follow(self, step: int, state: Any, snapshot: Callable[[], tuple[Sequence[int], Mapping[str, np.ndarray]]]) -> None:
+    def follow(self, step: int, state: Any, snapshot: Callable[[], tuple[Sequence[int], Mapping[str, np.ndarray]]],
+               kept: Mapping[int, FlatState] | None = None) -> None:
         """Follow a chunk from ``step``: ``snapshot()`` gives its logged steps recorded in full so far and their
-        metrics; ``track`` gives its state as it goes."""
+        metrics, ``kept`` (filled as it goes) its kept states; ``track`` gives its state as it goes."""
         self._start, self._snapshot = step, snapshot
+        self._kept = kept if kept is not None else {}
         self.track(step, state)
 
     def track(self, step: int, state: Any) -> None:
@@ -210,6 +216,11 @@ def load_learner(store: str | os.PathLike | Store, model: nn.Module, step: int |
     """
     store = store if isinstance(store, Store) else Store(store)
     store.check()
+    return store.retrying(lambda: _load_learner(store, model, step, coords))
+
+
+def _load_learner(store: Store, model: nn.Module, step: int | None, coords: Mapping[str, Any]
+                  ) -> tuple[nn.Module, torch.optim.Optimizer]:
     learner_id, config = select_learner(store.configs(), coords, f"the store {store.path}")
     held = [(s, p, int(t)) for s, p in store.holders(learner_id, checkpoints=False) for t in s.state_steps]
     steps = sorted({t for _, _, t in held})

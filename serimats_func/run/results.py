@@ -99,6 +99,10 @@ def store_results(store: Store) -> xr.Dataset:
     that made it): one dimension per coordinate with several values, plus ``step``. A learner stored in several
     batches is read from all of them (the oldest value at a step). Two learners with the same coordinates (they differ in
     something that is not a coordinate, such as the model) are refused: open them through their ``Experiment``."""
+    return store.retrying(lambda: _store_results(store))
+
+
+def _store_results(store: Store) -> xr.Dataset:
     steps_of: dict[str, set[int]] = {}
     configs: dict[str, dict] = {}
     metrics: list[str] = []

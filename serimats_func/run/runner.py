@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import xarray as xr
 from tqdm.auto import tqdm
@@ -21,7 +22,7 @@ from ..core.data import TrainingData
 from ..core.metrics import BUILTIN_DIMS, MetricFn
 from ..core.step import LossFn
 from ..store.locks import Claims
-from ..store.zarr_store import Store
+from ..store.zarr_store import DamagedSourceError, FlatState, Store
 from .checkpoints import Checkpoints
 from .grid import Grid, LearnerSpec
 from .planning import Chunk, Plan
@@ -99,7 +100,14 @@ class Runner:
                             bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(part.learners)} learners")
                             self.train_chunk(part, claims, bar, data_cache, again.evaluation_learners.get(part.structure))
                             trained = True
-                    finally:
+                    except DamagedSourceError:  # set aside (with a warning): plan again without it
+                        _release_quietly(claims, mine)
+                        trained = True
+                        break
+                    except BaseException:
+                        _release_quietly(claims, mine)  # the error that stopped the run is the one to see
+                        raise
+                    with self.store.writing("the release of claims on learners", claims.folder):
                         claims.release(mine)
                 plan = self.plan(learners)  # what is left: learners that other processes train
                 if plan.chunks and not trained:
@@ -130,11 +138,12 @@ class Runner:
             self.callbacks.on_chunk_start(info)
             result = train_chunk(specs, data, schedule, s.loss, s.device, on_step=self._on_step(info, bar),
                                  metrics=s.metrics, checkpoints=checkpoints, evaluate=s.evaluate,
-                                 start=self.chunk_start(chunk, schedule, keys), keep=self.learners.keep_steps(schedule),
+                                 start=self.chunk_start(chunk, schedule, keys, self.learners.keep_steps(schedule)),
+                                 keep=self.learners.keep_steps(schedule),
                                  controls=s.controls, reads_control=s.reads_control, speed=s.speed, report=self.report,
                                  evaluation_learners=evaluation_learners)
             self.callbacks.on_chunk_end(info, result)
-            checkpoints.follow(chunk.start, None, lambda: (result.steps, result.metrics))
+            checkpoints.follow(chunk.start, None, lambda: (result.steps, result.metrics), result.states)
             checkpoints.track(last, result.states[last])
             states = {step: {path: (values[written], dtype) for path, (values, dtype) in state.items()}
                       for step, state in result.states.items()}
@@ -165,9 +174,11 @@ class Runner:
 
         return on_step
 
-    def chunk_start(self, chunk: Chunk, schedule: Schedule, keys: list[dict[str, str]]) -> ChunkStart:
-        """The chunk's stored states and the metric values of earlier steps that its batch carries: those at
-        logged steps before its start that no batch holds for some of its learners (they are in checkpoints)."""
+    def chunk_start(self, chunk: Chunk, schedule: Schedule, keys: list[dict[str, str]],
+                    keep: Sequence[int] = ()) -> ChunkStart:
+        """The chunk's stored states and what of earlier steps its batch carries: the metric values at logged steps
+        before its start, and the states kept at ``keep`` steps before it, that no batch holds for some of its
+        learners (they are in checkpoints)."""
         first = min(s.first_unstored for s in chunk.starts)
         prefix = tuple(t for t in schedule.log_steps if first <= t < chunk.start)
         records = {}
@@ -179,7 +190,20 @@ class Runner:
         states = None
         if chunk.start > 0:
             states = self.store.read_states([(s.source, s.position, s.step) for s in chunk.starts])
-        return ChunkStart(chunk.start, states, prefix, records)
+        return ChunkStart(chunk.start, states, prefix, records, self.carried_states(chunk, keep))
+
+    def carried_states(self, chunk: Chunk, keep: Sequence[int]) -> dict[int, FlatState]:
+        """The states kept at ``keep`` steps before the chunk's start that no batch holds for some of its learners,
+        read from where the store holds them (a checkpoint): {step: flat state (N, ...)}."""
+        out: dict[int, FlatState] = {}
+        for step in (k for k in keep if k < chunk.start):
+            holders = [self.store.holders(spec.id) for spec in chunk.learners]
+            if all(any(src.kind == "batch" and step in src.state_steps for src, _ in held) for held in holders):
+                continue
+            flats = self.store.read_states([next((src, p, step) for src, p in held if step in src.state_steps)
+                                            for held in holders])
+            out[step] = {path: (np.stack([f[path][0] for f in flats]), dtype) for path, (_, dtype) in flats[0].items()}
+        return out
 
     def training_data(self, setup: Setup) -> TrainingData:
         """The setup's train and test tensors on the device."""
@@ -196,6 +220,11 @@ def read_results(store: Store, grid: Grid, need: Callable[[LearnerSpec], Need], 
                  steps: Sequence[int], attrs: Mapping) -> xr.Dataset:
     """The grid's results as stored at ``steps`` (NaN for learners the store does not serve all that
     ``need(spec)`` asks of yet)."""
+    return store.retrying(lambda: _read_results(store, grid, need, metric_names, steps, attrs))
+
+
+def _read_results(store: Store, grid: Grid, need: Callable[[LearnerSpec], Need], metric_names: Sequence[str],
+                  steps: Sequence[int], attrs: Mapping) -> xr.Dataset:
     requests, present = [], set()
     for spec in grid.learners:
         wanted = need(spec)
@@ -207,6 +236,15 @@ def read_results(store: Store, grid: Grid, need: Callable[[LearnerSpec], Need], 
     if len(present) < len(grid.learners):
         shown = Grid(grid.dims, grid.scalars, [(c, s) for c, s in grid.cells if s.id in present])
     return assemble(shown, stored, sorted(steps), dict(attrs), order=list(metric_names), controls=grid.has_controls)
+
+
+def _release_quietly(claims: Claims, ids) -> None:
+    """Let go of claims while another error ends the run: a failure here (a lost permission) must not hide it;
+    a claim's lock dies with the process anyway."""
+    try:
+        claims.release(ids)
+    except Exception:
+        pass
 
 
 def _environment(device: torch.device) -> dict:

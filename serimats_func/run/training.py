@@ -192,12 +192,14 @@ def chunk_optimizer(specs: Sequence[LearnerSpec]):
 class ChunkStart:
     """Where a chunk starts: after ``step`` updates, from each learner's stored state (None, or no ``states``:
     its initial state), carrying the metric values of earlier logged ``steps`` (``records`` {name: (N,
-    len(steps))}) into its batch."""
+    len(steps))}) and the states kept at earlier steps that only checkpoints hold (``kept`` {step: flat state
+    (N, ...)}) into its checkpoints and its batch."""
 
     step: int = 0
     states: Sequence[FlatState | None] | None = None
     steps: tuple[int, ...] = ()
     records: Mapping[str, np.ndarray] = field(default_factory=dict)
+    kept: Mapping[int, FlatState] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,16 +231,17 @@ def train_chunk(
     report: list[ChunkSpeed] | None = None,
     evaluation_learners: int | None = None,
 ) -> ChunkResult:
-    """Train one chunk of learners of one structure from ``start`` (default: their initial states) to the end
-    of ``schedule``, recording metrics (N, steps, *their dims) at its logged steps from ``start.step`` on and
-    keeping full states at the ``keep`` steps. With ``checkpoints``, save the chunk when they are due, and when
-    interrupted (Ctrl-C) before re-raising (see ``Checkpoints.interrupted``). ``controls``: record the metrics
-    against each learner's control (NaN for learners whose control is not in ``specs``); ``reads_control``: the
-    custom metrics that read ``learner.control``. ``speed`` says how the step may be accelerated (default
-    ``Speed()``); what was chosen, and what choosing and compiling cost, is appended to ``report``.
-    ``evaluation_learners`` caps the learners of one evaluation pass (memory: ``planning.evaluation_learners``).
-    ``on_step(step, state, loss)`` is called where the chunk starts (``loss`` None) and after each update (``step``
-    updates done, the step's loss (N,)): ``runner`` drives the progress bar and the callbacks from it.
+    """Train one chunk of learners of one structure from ``start`` (default: their initial states) to the end of
+    ``schedule``, recording metrics (N, steps, *their dims) at its logged steps from ``start.step`` on and keeping
+    full states at the ``keep`` steps (with those ``start.kept`` carries). With ``checkpoints``, save the chunk
+    (with its kept states) when they are due, and when interrupted (Ctrl-C) before re-raising (see
+    ``Checkpoints.interrupted``). ``controls``: record the metrics against each learner's control (NaN for
+    learners whose control is not in ``specs``); ``reads_control``: the custom metrics that read
+    ``learner.control``. ``speed`` says how the step may be accelerated (default ``Speed()``); what was chosen,
+    and what choosing and compiling cost, is appended to ``report``. ``evaluation_learners`` caps the learners of
+    one evaluation pass (memory: ``planning.evaluation_learners``). ``on_step(step, state, loss)`` is called where
+    the chunk starts (``loss`` None) and after each update (``step`` updates done, the step's loss (N,)):
+    ``runner`` drives the progress bar and the callbacks from it.
 
     A lone learner is trained as two identical copies: with a learner axis of 1, torch turns batched
     matmuls into plain ones whose rounding differs, and a learner must give the same numbers whether it
@@ -301,9 +304,9 @@ def train_chunk(
             return [], {}
         return list(recorded), {m: torch.stack(v[:k], dim=1)[:n_learners].cpu().numpy() for m, v in record.records.items()}
 
-    kept: dict[int, FlatState] = {}
+    kept: dict[int, FlatState] = dict(start.kept)  # every checkpoint holds the kept states passed so far
     if checkpoints is not None:
-        checkpoints.follow(start.step, state, snapshot)
+        checkpoints.follow(start.step, state, snapshot, kept)
     template.train()
     step_numbers = torch.arange(schedule.total_steps + 1, device=device)  # on the device: no copy per step
     with torch.no_grad(), acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):

@@ -21,6 +21,7 @@ CHECKPOINTS = "checkpoints"  # chunks in training
 PENDING = ".pending"  # folders being written
 CLAIMS = ".claims"  # one lock file per learner in training
 STATES = "states"  # inside a batch or checkpoint: full states, one group per step
+DAMAGED = "damaged"  # batches and checkpoints found damaged, set aside (never deleted)
 GROUP_MARK = "zarr.json"  # what makes a folder a (complete) Zarr group
 FOLDERS = (BATCHES, CHECKPOINTS, PENDING, CLAIMS)  # the store's own folders, made with it
 KINDS = {"batch": BATCHES, "checkpoint": CHECKPOINTS}  # a source's kind -> its folder
@@ -56,6 +57,10 @@ class StoreLayout:
     def claims(self) -> Path:
         return self.root / CLAIMS
 
+    @property
+    def damaged(self) -> Path:
+        return self.root / DAMAGED
+
     def folder(self, name: str) -> Path:
         """One of the store's ``FOLDERS``."""
         return self.root / name
@@ -86,7 +91,11 @@ class StoreLayout:
 
     def names(self, kind: str) -> list[str]:
         """The names of the complete sources of ``kind`` ("batch" or "checkpoint"), sorted (oldest first)."""
+        return [p.name for p in self.folders(kind) if self.is_group(p)]
+
+    def folders(self, kind: str) -> list[Path]:
+        """Every folder in the folder of ``kind``, sorted: sources, and damaged ones that lost their zarr.json."""
         folder = self.of_kind(kind)
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if self.is_group(p))
+        return sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name)

@@ -61,11 +61,15 @@ class FileLock:
                 return False
 
     def release(self, remove: bool = True) -> None:
-        """Let go; with ``remove``, delete the file first (nobody can hold it then)."""
+        """Let go; with ``remove``, delete the file first (nobody can hold it then). Never fails on the file: a
+        lock file that cannot be removed (a lost write permission) is a free lock, which the next run removes."""
         if self._fd is None:
             return
         if remove:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
@@ -160,8 +164,12 @@ class Claims:
     def __enter__(self) -> Claims:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, kind, error, tb) -> None:
+        try:
+            self.release()
+        except Exception:
+            if error is None:  # else the error that ends the block is the one to see
+                raise
 
 
 def _allow_open_files(count: int) -> None:

@@ -13,9 +13,10 @@ observations of trajectories: metric values at steps, and full states at steps. 
                                        each array (learner, ...) with attr "torch_dtype"
         attrs: learner_ids, configs (each learner's resolved configuration, with its "coords"), steps,
                metric_keys ({metric: digest of what decides its values}), state_steps, device,
-               device_name, torch, python
-      checkpoints/<set>-<step>-<hex>/  a chunk in training: the same layout, metrics up to "step" and its
-                                       state at "step"; removed once batches hold all it holds
+               device_name, torch, python, manifest ({file: bytes}), digest (see ``integrity``)
+      checkpoints/<set>-<step>-<hex>/  a chunk in training: the same layout, metrics up to "step", its state
+                                       at "step" and the states kept before; removed once batches hold all it holds
+      damaged/<folder>-<name>/         batches and checkpoints found damaged, set aside (never deleted)
       .pending/                        folders being written (each marked by a held lock file)
       .claims/<learner id>.lock        held (fcntl.flock) by the process training that learner
 
@@ -24,6 +25,8 @@ Every batch is a plain Zarr group that ``xarray.open_zarr(path_to_batch)`` reads
 checkpoints and the store itself are written aside and renamed into place in one step, so a crash never
 leaves a half-written group where readers look. A learner may be in several batches (longer training
 adds a batch with its new steps); its value at a step is the oldest batch's (equal by construction).
+Every chunk carries a CRC-32C, every batch a manifest and a digest: a damaged batch is reported, set aside into
+``damaged/`` and its learners count as missing (``integrity``; ``Store.verify`` checks a whole store).
 
 >>> import numpy as np, tempfile
 >>> store = Store(tempfile.mkdtemp() + "/demo.zarr")
@@ -45,7 +48,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +56,19 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from . import locks
-from .layout import BATCHES, CHECKPOINTS, CLAIMS, FOLDERS, PENDING, StoreLayout
+from . import integrity, locks
+from .layout import BATCHES, CHECKPOINTS, CLAIMS, FOLDERS, PENDING, STATES, StoreLayout
 
 FORMAT = "serimats-func/2"
 FORMAT_HISTORY = {"serimats-func/1": "learner ids before interventions at any step (version 0.1)"}
 FLAT_CHUNK_KEYS = {"name": "v2", "separator": "."}  # chunk files beside zarr.json: fewer folders
 STATE_CHUNK_BYTES = 4 * 2**20  # learners per stored chunk of a state array: about this many bytes
+
+# Names ``open_store`` gives its own dimensions, variables and coordinates along ``learner`` (beside each learner's
+# grid coordinates and its optimizer's hyperparameters): a metric may not take one of them.
+STORE_VARIABLES = ("learner", "step", "diverged_at", "has_state")
+CONFIG_COORDS = ("optimizer", "experiment_seed", "model", "dataset", "batch_size", "control", "config")
+ENVIRONMENT = ("device", "device_name", "torch", "python")  # where a batch was trained
 
 Request = tuple[str, Sequence[int], Mapping[str, str | None]]  # (learner id, steps, {metric: digest or None})
 FlatState = dict[str, tuple[np.ndarray, str]]  # path -> (array, torch dtype name), one learner or (learner, ...)
@@ -67,6 +76,19 @@ FlatState = dict[str, tuple[np.ndarray, str]]  # path -> (array, torch dtype nam
 
 class StoreError(ValueError):
     """A path that is not a serimats-func store, or a store that cannot be used."""
+
+
+class DamagedSourceError(StoreError):
+    """A batch or checkpoint found damaged while it was read: it is set aside (``damaged/``) and its learners are
+    missing from the store; read again (or plan again) without it."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"The store's {path} is damaged: {problem}.")
+        self.path, self.problem = path, problem
+
+
+class DamagedStoreWarning(UserWarning):
+    """A batch or checkpoint of a store was found damaged and set aside; its learners are trained again."""
 
 
 class StoreWriteError(OSError):
@@ -119,6 +141,17 @@ class Source:
     @property
     def state_steps(self) -> list[int]:
         return self.attrs.get("state_steps", [])
+
+
+@dataclass
+class Verification:
+    """What ``Store.verify`` found: folders verified, written without checksums (by an older version: read, nothing
+    to verify against), damaged (with what is wrong), and already set aside in ``damaged/``."""
+
+    verified: list[Path] = field(default_factory=list)
+    unsealed: list[Path] = field(default_factory=list)
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+    set_aside: list[Path] = field(default_factory=list)
 
 
 class Store:
@@ -206,21 +239,112 @@ class Store:
         return self._names("batch")
 
     def sources(self, checkpoints: bool = True) -> list[Source]:
-        """Every batch (oldest first), then every checkpoint (oldest first) (cached until they change)."""
-        names = (tuple(self._names("batch")), tuple(self._names("checkpoint")))
+        """Every batch (oldest first), then every checkpoint (oldest first) (cached until they change). Each is
+        verified the first time this ``Store`` sees it (its manifest, digest and metric arrays' checksums, see
+        ``integrity``): a damaged one is set aside into ``damaged/`` with a warning, and its learners are missing."""
+        folders = (tuple(self.layout.folders("batch")), tuple(self.layout.folders("checkpoint")))
         cache = getattr(self, "_cache", None)
-        if cache is None or cache[0] != names:
+        if cache is None or cache[0] != folders:
             found = []
-            for kind, kind_names in (("batch", names[0]), ("checkpoint", names[1])):
-                for name in kind_names:
-                    path = self.layout.of_kind(kind) / name
-                    try:
-                        attrs = dict(zarr.open_group(path, mode="r").attrs)
-                    except (FileNotFoundError, KeyError):  # a checkpoint removed meanwhile
-                        continue
-                    found.append(Source(kind, name, path, attrs))
-            self._cache = cache = (names, found, _holders(found))
+            for kind, paths in zip(("batch", "checkpoint"), folders, strict=True):
+                for path in paths:
+                    source = self._verified_source(kind, path)
+                    if source is not None:
+                        found.append(source)
+            folders = (tuple(self.layout.folders("batch")), tuple(self.layout.folders("checkpoint")))
+            self._cache = cache = (folders, found, _holders(found))
         return [s for s in cache[1] if checkpoints or s.kind == "batch"]
+
+    def _verified_source(self, kind: str, path: Path) -> Source | None:
+        """The source in ``path``, verified once per ``Store`` (None: gone meanwhile, or found damaged and set aside)."""
+        verified = self.__dict__.setdefault("_verified", {})
+        if str(path) in verified:
+            return verified[str(path)]
+        if str(path) in self.__dict__.get("_damaged", {}):
+            return None
+        try:
+            if not self.layout.is_group(path):
+                raise integrity.Damaged(path, f"its {integrity.METADATA} is missing")
+            attrs = integrity.read_attributes(path)
+            problem = integrity.problem(path, attrs) or integrity.unreadable(  # states: checked when read
+                path, keep=lambda array: not array.startswith(STATES + "/"))
+            if problem is not None:
+                raise integrity.Damaged(path, problem)
+        except FileNotFoundError:  # a checkpoint removed meanwhile
+            return None
+        except integrity.Damaged as damage:
+            if path.exists():  # else removed meanwhile (a checkpoint another process pruned)
+                self._set_aside(path, damage.problem)
+            return None
+        source = verified[str(path)] = Source(kind, path.name, path, attrs)
+        return source
+
+    def _set_aside(self, path: Path, problem: str) -> None:
+        """Move a damaged batch or checkpoint into ``damaged/`` (never deleted), and warn naming it and what is
+        wrong; if it cannot be moved, this ``Store`` ignores it."""
+        damaged = self.__dict__.setdefault("_damaged", {})
+        if str(path) in damaged:
+            return
+        damaged[str(path)] = problem
+        self.__dict__.get("_verified", {}).pop(str(path), None)
+        self._cache = None
+        target = self.layout.damaged / f"{path.parent.name}-{path.name}"
+        try:
+            self.layout.damaged.mkdir(exist_ok=True)
+            if target.exists():
+                target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(path, target)
+            where = f"it is moved to {target} (nothing is deleted)"
+        except FileNotFoundError:
+            return  # another process set it aside first
+        except OSError as error:
+            where = f"it could not be moved aside ({error.strerror or error}), so it is ignored"
+        warnings.warn(f"Damaged {'checkpoint' if path.parent.name == CHECKPOINTS else 'batch'} {path}: {problem}. "
+                      f"{where[0].upper()}{where[1:]}; its learners count as missing and are trained again. "
+                      f"`serimats-func check {self.path}` verifies the whole store.", DamagedStoreWarning, stacklevel=3)
+
+    def verify(self) -> Verification:
+        """Verify every batch and checkpoint in full: manifest, digest, and every chunk of every array decoded (its
+        CRC-32C checked). Reads only; changes nothing (a run or ``open_store`` sets damaged ones aside)."""
+        report = Verification()
+        for kind in ("batch", "checkpoint"):
+            for path in self.layout.folders(kind):
+                try:
+                    if not self.layout.is_group(path):
+                        raise integrity.Damaged(path, f"its {integrity.METADATA} is missing")
+                    attrs = integrity.read_attributes(path)
+                    problem = integrity.problem(path, attrs) or integrity.unreadable(path)
+                except FileNotFoundError:
+                    continue
+                except integrity.Damaged as damage:
+                    attrs, problem = {}, damage.problem
+                if problem is not None and path.exists():  # else a checkpoint removed meanwhile
+                    report.damaged.append((path, problem))
+                elif problem is not None:
+                    continue
+                elif integrity.sealed(attrs):
+                    report.verified.append(path)
+                else:
+                    report.unsealed.append(path)
+        if self.layout.damaged.is_dir():
+            report.set_aside.extend(sorted(self.layout.damaged.iterdir()))
+        return report
+
+    def damaged(self, source: Source, error: BaseException | str) -> DamagedSourceError:
+        """Set ``source`` aside after ``error`` while reading it; the error to raise (callers read again without it)."""
+        problem = error if isinstance(error, str) else integrity.unreadable(source.path) or (
+            f"it cannot be read ({type(error).__name__}: {error})")
+        self._set_aside(source.path, problem)
+        return DamagedSourceError(source.path, problem)
+
+    def retrying(self, read):
+        """``read()``, again without each source it finds damaged (set aside meanwhile)."""
+        for _ in range(len(self.sources()) + 1):
+            try:
+                return read()
+            except DamagedSourceError:
+                continue
+        return read()
 
     def holders(self, learner_id: str, checkpoints: bool = True) -> list[tuple[Source, int]]:
         """Every (source, position) that holds ``learner_id``: batches oldest first, then checkpoints."""
@@ -272,12 +396,14 @@ class Store:
                          metrics: Mapping[str, np.ndarray], per_learner: Mapping[str, np.ndarray],
                          metric_keys: Mapping[str, str] | Sequence[Mapping[str, str]], attrs: Mapping[str, Any],
                          state: FlatState, dims: Mapping[str, Sequence[str]] | None = None,
-                         labels: Mapping[str, Sequence] | None = None) -> str:
-        """Add a checkpoint of a chunk in training: its metrics so far and its state at ``step``. Named by the
-        learner set and the step; older checkpoints of the same learners are removed once it is in place."""
+                         labels: Mapping[str, Sequence] | None = None,
+                         kept: Mapping[int, FlatState] | None = None) -> str:
+        """Add a checkpoint of a chunk in training: its metrics so far, its state at ``step`` and the states
+        ``kept`` at earlier steps. Named by the learner set and the step; older checkpoints of the same learners
+        are removed once it is in place."""
         name = f"{learner_set(ids)}-{step:010d}-{uuid.uuid4().hex[:8]}"
         self._write_group(CHECKPOINTS, name, ids, configs, steps, metrics, per_learner, metric_keys,
-                          {"kind": "checkpoint", "step": int(step), **attrs}, {step: state}, dims, labels)
+                          {"kind": "checkpoint", "step": int(step), **attrs}, {**(kept or {}), step: state}, dims, labels)
         sources = self.sources()
         batches = [s for s in sources if s.kind == "batch"] + [s for s in sources if s.name == name]
         for old in sources:
@@ -323,10 +449,13 @@ class Store:
             group = zarr.create_group(pending, zarr_format=3, attributes=attrs)
             for key, (dims, values) in arrays.items():
                 group.create_array(key, data=values, chunks=tuple(max(1, d) for d in values.shape), dimension_names=list(dims),
-                                   chunk_key_encoding=FLAT_CHUNK_KEYS,
+                                   chunk_key_encoding=FLAT_CHUNK_KEYS, compressors=integrity.CODECS,
                                    fill_value=np.nan if values.dtype.kind == "f" else None)
             for step, state in states.items():
                 _write_state(group, StoreLayout.state_group(step), state)
+            integrity.seal(pending)
+        self.__dict__.setdefault("_verified", {})[str(target)] = Source(attrs["kind"], name, target,
+                                                                        integrity.read_attributes(target))
         return name
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -361,12 +490,15 @@ class Store:
             rows = members[source.name]
             positions = sorted({p for _, p in rows})
             at = {p: i for i, p in enumerate(positions)}
-            ds = self._open(source)
-            stored = [column.get(int(s), -1) for s in ds["step"].values]
             wanted = {m for row, p in rows for m, key in requests[row][2].items() if m in out and _serves(source, m, key, p)}
-            values = {m: ds[m].isel(learner=positions).values for m in wanted if m in ds}
-            stored_diverged = ds["diverged_at"].isel(learner=positions).values if "diverged_at" in ds else None
-            ds.close()
+            try:
+                ds = self._open(source)
+                stored = [column.get(int(s), -1) for s in ds["step"].values]
+                values = {m: ds[m].isel(learner=positions).values for m in wanted if m in ds}
+                stored_diverged = ds["diverged_at"].isel(learner=positions).values if "diverged_at" in ds else None
+                ds.close()
+            except Exception as error:  # a chunk that fails its checksum, metadata that is not JSON...
+                raise self.damaged(source, error) from error
             for row, position in rows:
                 learner_id, st, keys = requests[row]
                 asked = {column[int(s)] for s in st}
@@ -416,14 +548,22 @@ class Store:
         for i, (source, position, step) in enumerate(locations):
             grouped.setdefault((source.name, step), []).append((i, position))
             paths[(source.name, step)] = source.path
+        sources = {source.name: source for source, _, _ in locations}
         for (name, step), members in grouped.items():
-            group = zarr.open_group(paths[(name, step)] / StoreLayout.state_group(step), mode="r")
+            source, where = sources[name], StoreLayout.state_group(step)
             positions = sorted({p for _, p in members})
             at = {p: k for k, p in enumerate(positions)}
-            arrays = {}
-            for path, node in group.members(max_depth=None):
-                if isinstance(node, zarr.Array):
-                    arrays[path] = (node.get_orthogonal_selection((positions,)), node.attrs["torch_dtype"])
+            problem = integrity.problem(source.path, source.attrs, under=where)  # no chunk read as Zarr's fill value
+            if problem is not None:
+                raise self.damaged(source, problem)
+            try:
+                group = zarr.open_group(paths[(name, step)] / where, mode="r")
+                arrays = {}
+                for path, node in group.members(max_depth=None):
+                    if isinstance(node, zarr.Array):
+                        arrays[path] = (node.get_orthogonal_selection((positions,)), node.attrs["torch_dtype"])
+            except Exception as error:  # a chunk that fails its checksum, metadata that is not JSON...
+                raise self.damaged(source, integrity.unreadable(source.path, under=where) or error) from error
             for i, position in members:
                 out[i] = {path: (values[at[position]], dtype) for path, (values, dtype) in arrays.items()}
         return out  # type: ignore[return-value]
@@ -538,7 +678,9 @@ def _plain_label(value: Any) -> Any:
 
 
 def _dominated(checkpoint: Source, others: Sequence[Source]) -> bool:
-    """Whether ``others`` hold every metric value and a state at or after every state of ``checkpoint``."""
+    """Whether ``others`` hold every metric value of ``checkpoint``, every state it keeps at an earlier step, and a
+    state at or after its own step."""
+    resume = int(checkpoint.attrs.get("step", max(checkpoint.state_steps, default=-1)))
     for position, learner_id in enumerate(checkpoint.ids):
         holding = [(s, s.ids.index(learner_id)) for s in others if learner_id in s.ids]
         for metric in checkpoint.metric_keys:
@@ -546,8 +688,8 @@ def _dominated(checkpoint: Source, others: Sequence[Source]) -> bool:
             held = {int(t) for s, p in holding if s.key(metric, p) == key for t in s.steps}
             if not {int(t) for t in checkpoint.steps} <= held:
                 return False
-        latest = max((int(t) for s, _ in holding for t in s.state_steps), default=-1)
-        if any(int(t) > latest for t in checkpoint.state_steps):
+        states = {int(t) for s, _ in holding for t in s.state_steps}
+        if max(states, default=-1) < resume or not {int(t) for t in checkpoint.state_steps if int(t) < resume} <= states:
             return False
     return True
 
@@ -562,7 +704,7 @@ def _write_state(group: zarr.Group, prefix: str, state: FlatState) -> None:
         array = group.create_array(f"{prefix}/{path}", shape=values.shape, dtype=values.dtype,
                                    chunks=(chunk, *values.shape[1:]), chunk_key_encoding=FLAT_CHUNK_KEYS,
                                    dimension_names=["learner", *(f"{leaf}.{i}" for i in range(1, values.ndim))],
-                                   attributes={"torch_dtype": torch_dtype})
+                                   attributes={"torch_dtype": torch_dtype}, compressors=integrity.CODECS)
         array[...] = values
 
 
@@ -582,6 +724,10 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     if not store.layout.mark.is_file():
         raise StoreError(f"{store.path} is not a serimats-func store (no zarr.json).")
     store.check()
+    return store.retrying(lambda: _open_store(store))
+
+
+def _open_store(store: Store) -> xr.Dataset:
     batches = store.sources(checkpoints=False)
     ids = list(dict.fromkeys(i for b in batches for i in b.ids))
     by_name: dict[str, set[str]] = {}
@@ -605,11 +751,14 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
         cols = [column[int(s)] for s in b.steps]
         for s in b.state_steps:
             has_state[rows, column[int(s)]] = True
-        ds = store._open(b)
-        for metric in b.metric_keys:
-            if metric not in ds:
-                continue
-            block = ds[metric].values  # (learners of the batch, its steps, *own dims)
+        try:
+            ds = store._open(b)
+            blocks = {m: ds[m].values for m in b.metric_keys if m in ds}  # (learners of the batch, its steps, *own dims)
+            d = ds["diverged_at"].values if "diverged_at" in ds else None
+            ds.close()
+        except Exception as error:  # a chunk that fails its checksum...
+            raise store.damaged(b, error) from error
+        for metric, block in blocks.items():
             where = [[order[d][_plain_label(v)] for v in b.dim_labels.get(d, range(block.shape[2 + i]))]
                      for i, d in enumerate(own.get(metric, ()))]
             for position, r in enumerate(rows):
@@ -618,13 +767,11 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
                     if not filled[name][r, c]:
                         values[name][(r, c, *np.ix_(*where))] = block[position, i]
                         filled[name][r, c] = True
-        if "diverged_at" in ds:
-            d = ds["diverged_at"].values
+        if d is not None:
             diverged[rows] = np.where((d >= 0) & ((diverged[rows] < 0) | (d < diverged[rows])), d, diverged[rows])
-        ds.close()
         for learner_id, config in zip(b.ids, b.attrs["configs"], strict=True):
             info.setdefault(learner_id, {**_flat_config(config),
-                                         **{k: b.attrs.get(k) for k in ("device", "device_name", "torch", "python")}})
+                                         **{k: b.attrs.get(k) for k in ENVIRONMENT}})
     coords: dict[str, Any] = {"learner": np.array(ids, dtype=str), "step": np.array(steps, dtype=np.int64)}
     names = list(dict.fromkeys(k for i in ids for k in info[i]))
     for name in names:
