@@ -72,7 +72,8 @@ def demo(epochs: int = 20, store: str = "runs/demo.zarr", progress: bool = True)
         distance = np.nanmean(final.control_distance.sel(epsilon=eps).values)
         print(f"{eps:>8g}  {len(acc):>8}  {acc.mean():>8.4f} ± {acc.std():.4f}  {gap.mean():>15.4f}  {distance:>10.4f}")
     print(f"\ntrained {plan.to_train} learners, {plan.in_store} reused from {store}; "
-          f"plots: {png}, {scaling}; {time.perf_counter() - started:.1f} s in all")
+          f"plots: {png}, {scaling}; {time.perf_counter() - started:.1f} s in all with {torch.get_num_threads()} "
+          "torch thread(s) (OMP_NUM_THREADS or torch.set_num_threads sets them)")
     return exp
 
 
