@@ -41,6 +41,7 @@ from .run.checkpoints import load_learner, select_learner
 from .run.grid import Grid, LearnerSpec, build_grid, class_name
 from .run.identity import describe_callable, describe_class, digest
 from .run.planning import Plan, describe_group, make_plan
+from .run.results import experiment_record
 from .run.resume import Need, Start, start_of
 from .run.runner import Learners, Runner, RunSettings, read_results
 from .run.setup import Setup, SetupContext
@@ -48,6 +49,7 @@ from .run.training import Schedule
 from .store.zarr_store import Store
 
 DEFAULT_OPTIMIZER = Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
+DEFAULT_STORE = Path("runs") / "serimats.zarr"  # every experiment's, unless store= says otherwise
 
 
 class Experiment:
@@ -71,7 +73,11 @@ class Experiment:
         eval_batch_size: examples per vmapped evaluation batch (default 256 on a CPU, 1024 on CUDA);
             it changes no number: losses are computed on the logits of the whole set.
         evaluate: record the train and test loss and accuracy (default True).
-        store: the Zarr store's path; default ``runs/<name>.zarr``.
+        store: the Zarr store's path; default ``runs/serimats.zarr``, one store for every experiment (a learner is
+            found by its id, so an experiment reuses what any other stored). Give ``store=`` to keep a grid apart.
+        name: the experiment's name in its store (default: made from its intervention classes' names); it selects
+            the experiment's learners for ``serimats-func ls/plot/tensorboard --experiment NAME``, and names its
+            plots folder ``runs/<name>_plots`` beside the default store. Not part of any learner's id.
         max_learners_per_chunk: cap on the learners trained together (memory decides otherwise).
         logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too (besides the
             built-in metrics: see ``metrics``).
@@ -195,7 +201,7 @@ class Experiment:
         self.logger = logger or Logger()
 
         self.interventions = list(interventions) if isinstance(interventions, (list, tuple)) else [interventions]
-        self.name = name or _default_name(self.interventions)
+        self.name = _checked_name(name) if name is not None else _default_name(self.interventions)
         self.grid: Grid = build_grid(self.interventions, self.base, self.seed)
         self._by_id = {s.id: s for s in self.grid.learners}
         self._check_log_at()
@@ -210,8 +216,11 @@ class Experiment:
             trial.trial_step(group, self.loss, smallest)
         # compared with what they are at run() (after the trial step, which may move a model's Python counters)
         self._built_from = self._identity_inputs()
-        self.store = Store(store if store is not None else Path("runs") / f"{self.name}.zarr")
+        self.store_given = store is not None
+        self.store = Store(store if store is not None else DEFAULT_STORE)
         self.store.check()
+        if store is None:
+            _note_old_default_store(self.name, self.store)
 
     def _check_log_at(self) -> None:
         for setup in {id(s.setup): s.setup for s in self.grid.learners}.values():
@@ -267,9 +276,14 @@ class Experiment:
         return self.schedule_of(self.base)
 
     def schedule_of(self, setup: Setup) -> Schedule:
+        """The schedule of learners with this setup's data and batch size: metrics are recorded at step 0, each epoch's
+        end, the last step, every ``log_every``, at ``log_at`` and wherever a full state is kept (``keep_states``,
+        ``keep_every``)."""
         spe = steps_per_epoch(len(setup.data.x), setup.batch_size)
         total = self.steps if self.steps is not None else spe * (self.epochs if self.epochs is not None else 1)
-        return Schedule(total_steps=total, steps_per_epoch=spe, log_every=self.log_every, log_at=self.log_at)
+        every = range(self.keep_every, total + 1, self.keep_every) if self.keep_every else ()
+        log_at = tuple(sorted({*self.log_at, *(k for k in (*self.keep_states, *every) if k <= total)}))
+        return Schedule(total_steps=total, steps_per_epoch=spe, log_every=self.log_every, log_at=log_at)
 
     def metric_names(self) -> list[str]:
         """The recorded metrics, in the result's order: built-in ones, then the logger's."""
@@ -363,23 +377,25 @@ class Experiment:
         plan = make_plan(self.grid, self._start, self.eval_batch_size, self.device, self.max_learners_per_chunk,
                          data_bytes=self.data_bytes, learners=learners)
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
-        plan.speed = self.speed.describe()
+        plan.speed = self.speed.describe(self.context.dtype)
         return plan
 
     def run(self, plot: bool = False, executor: Any = None, shards: int | None = None) -> xr.Dataset:
         """Train the learners missing from the store, then return the whole grid's results.
-        With ``plot=True``, also save the plots (``Plotter.save_all``) as PNGs in ``runs/<name>_plots/`` next
+        With ``plot=True``, also save the plots (``Plotter.save_all``) as PNGs in ``plots_folder`` next
         to the store, and show them when running in Jupyter. With a submitit ``executor``
         (``submitit.AutoExecutor(folder)``: Slurm on a cluster, local processes elsewhere), train them as
         ``shards`` jobs (default 1) and wait for them (see ``serimats_func.cluster``)."""
         if executor is not None:
             from .cluster import run_sharded
 
+            self.record()
             ds = run_sharded(self, executor, 1 if shards is None else shards)
         else:
             if shards is not None:
                 raise ValueError("shards= needs an executor=, e.g. submitit.AutoExecutor('runs/jobs').")
             plan = self.plan()  # ids taken again, from the code and values as they are now
+            self.record()
             if plan.chunks:
                 self.speed_report = []
                 self._runner().train(plan)
@@ -407,10 +423,24 @@ class Experiment:
             self._built_from = self._identity_inputs()  # training may move a model's Python counters
         return plan.to_train
 
+    def record(self) -> None:
+        """Record in the store which learners this experiment's name names, and where they lie in its grid (a small
+        record, written once per name and grid; ``run()`` does it): ``serimats-func ls/plot/tensorboard --experiment``
+        and ``open_store(path, experiment=...)`` read it."""
+        self.store.record_experiment(experiment_record(self.name, self.grid))
+
+    def folder(self, kind: str) -> Path:
+        """A folder of this experiment's outputs beside its store: ``runs/<name>_<kind>`` beside the default store
+        (one per experiment), ``<store name>_<kind>`` beside a store given with ``store=``."""
+        if self.store_given:
+            return self.store.path.with_name(f"{self.store.path.stem}_{kind}")
+        return self.store.path.parent / f"{self.name}_{kind}"
+
     @property
     def plots_folder(self) -> Path:
-        """Where ``run(plot=True)`` writes its PNGs: ``<store name>_plots`` beside the store."""
-        return self.store.path.with_name(self.store.path.stem + "_plots")
+        """Where ``run(plot=True)`` writes its PNGs: ``runs/<name>_plots`` beside the default store, ``<store
+        name>_plots`` beside a store given with ``store=``."""
+        return self.folder("plots")
 
     def _runner(self) -> Runner:
         """The run loop, given this experiment's parts and settings as they are now (a shard may have changed
@@ -510,6 +540,30 @@ def _device(device: str | torch.device | None) -> torch.device:
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
+def _checked_name(name: object) -> str:
+    """An experiment name: a plain name (it names a record in the store and a folder beside it), never a path."""
+    if not isinstance(name, str):
+        raise ValueError(f"name= takes a string, such as name='momentum-sweep'; got {name!r}.")
+    if not name or name.startswith(".") or any(c in name for c in "/\\") or not name.isprintable() or len(name) > 200:
+        plain = re.sub(r"[^\w.+=,-]+", "_", name).strip("._")[:200] or "experiment"
+        raise ValueError(f"name={name!r} cannot name an experiment: a name selects its learners in the store and names "
+                         f"its plots folder beside the store (runs/<name>_plots), so it must be a plain name, not a path: "
+                         f"no '/' or '\\', not starting with '.', printable, at most 200 characters. Use e.g. "
+                         f"name={plain!r}; to choose where the store is, pass store='path/to/store.zarr'.")
+    return name
+
+
+def _note_old_default_store(name: str, store: Store) -> None:
+    """Warn, until this experiment has run on the default store, that the store an earlier version made for it
+    (``runs/<name>.zarr``) is not read: its learners would be trained again."""
+    old = store.path.parent / f"{name}.zarr"
+    if (old / "zarr.json").is_file() and old != store.path and (
+            not store.path.exists() or name not in store.experiments()):
+        warnings.warn(f"{old} is the store that earlier versions made for this experiment by default; the default store "
+                      f"is now {store.path}, one store for every experiment. To reuse the learners stored in {old}, pass "
+                      f"store={str(old)!r}; else they are trained again into {store.path}.", stacklevel=3)
 
 
 def _default_name(interventions: list) -> str:

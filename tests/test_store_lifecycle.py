@@ -151,7 +151,7 @@ def test_open_store_gives_every_learner_with_its_configuration_and_runs_no_code(
     ds = open_store(store)
     assert ds.sizes["learner"] == 11 and ds.step.values.tolist() == [0, 8, 16]
     one = str(perturbed.learner.sel(epsilon=0.1, seed=3).values)
-    np.testing.assert_array_equal(ds.test_acc.sel(learner=one, step=[0, 16]).values,
+    np.testing.assert_array_equal(ds.test_acc.sel(learner=one, step=[0, 8, 16]).values,  # 8: a kept state's step
                                   perturbed.test_acc.sel(epsilon=0.1, seed=3).values)
     assert ds.epsilon.sel(learner=one) == 0.1 and ds.seed.sel(learner=one) == 3 and ds.lr.sel(learner=one) == 0.01
     assert str(ds.optimizer.sel(learner=one).values) == "SGD" and ds.momentum.sel(learner=one) == 0.9

@@ -73,13 +73,16 @@ class Speed:
     def plain(self) -> bool:
         return self.compile is False and self.convolutions == "vmap" and self.precision == "float32"
 
-    def describe(self) -> str:
-        """In words, for ``Experiment.plan()``."""
+    def describe(self, dtype: torch.dtype = torch.float32) -> str:
+        """In words, for ``Experiment.plan()``, with the learners' ``dtype``: ``"...; float64"``, or for float32
+        learners their precision (``"float32"``, ``"tf32"``, ``"bf16"``)."""
         compile_words = {True: "compiled step", False: "eager step",
                          "auto": f"eager step, compiled when a chunk would train longer than "
                                  f"{AUTO_COMPILE_SECONDS['cpu']:.0f} s (CPU) / {AUTO_COMPILE_SECONDS['cuda']:.0f} s (CUDA)"}
         conv = "convolutions measured per chunk" if self.convolutions == "auto" else f"convolutions '{self.convolutions}'"
-        return f"{compile_words[self.compile]}; {conv}; {self.precision}"
+        numbers = self.precision if dtype == torch.float32 else str(dtype).removeprefix("torch.") + (
+            "" if self.precision == "float32" else f", precision={self.precision!r}")
+        return f"{compile_words[self.compile]}; {conv}; {numbers}"
 
 
 @dataclass

@@ -94,15 +94,33 @@ class _Stored:
     control_id: str | None = None
 
 
-def store_results(store: Store) -> xr.Dataset:
-    """Every learner of ``store`` laid out on the coordinates its configuration names (without the experiment
-    that made it): one dimension per coordinate with several values, plus ``step``. A learner stored in several
-    batches is read from all of them (the oldest value at a step). Two learners with the same coordinates (they differ in
-    something that is not a coordinate, such as the model) are refused: open them through their ``Experiment``."""
-    return store.retrying(lambda: _store_results(store))
+def experiment_record(name: str, grid: Grid) -> dict:
+    """What the store records of an experiment named ``name``: its learners and their place in its grid (labels,
+    cells, controls), so that ``store_results(store, name)`` lays them out as ``Experiment.results()`` does."""
+    return {"experiment": name, "dims": {d: [_plain(v) for v in labels] for d, labels in grid.dims.items()},
+            "scalars": {k: _plain(v) for k, v in grid.scalars.items()},
+            "learner_ids": [spec.id for _, spec in grid.cells], "cells": [list(cell) for cell, _ in grid.cells],
+            "control": [bool(spec.control) for _, spec in grid.cells],
+            "control_learner": [spec.control_id or "" for _, spec in grid.cells]}
 
 
-def _store_results(store: Store) -> xr.Dataset:
+def _plain(label):
+    """A label as JSON keeps it (numpy numbers as Python numbers, anything else not JSON as its text)."""
+    label = label.item() if hasattr(label, "item") and not isinstance(label, str) else label
+    return label if isinstance(label, (str, int, float, bool, type(None))) else str(label)
+
+
+def store_results(store: Store, experiment: str | None = None) -> xr.Dataset:
+    """The learners of ``store`` laid out on coordinates, over every step stored for them: with ``experiment`` (a
+    name the store records), that experiment's learners on its own grid, as its ``results()`` lays them out;
+    without, every learner of the store on the coordinates its configuration names (one dimension per coordinate
+    with several values). A learner stored in several batches is read from all of them (the oldest value at a step).
+    Without ``experiment``, two learners with the same coordinates (they differ in something that is not a
+    coordinate, such as the model) are refused: name the experiment, or open them through their ``Experiment``."""
+    return store.retrying(lambda: _store_results(store, experiment))
+
+
+def _store_results(store: Store, experiment: str | None) -> xr.Dataset:
     steps_of: dict[str, set[int]] = {}
     configs: dict[str, dict] = {}
     metrics: list[str] = []
@@ -112,8 +130,41 @@ def _store_results(store: Store) -> xr.Dataset:
             configs.setdefault(learner_id, config)
         metrics += [m for m in source.metric_keys if m not in metrics]
     chosen = {i: sorted(st) for i, st in steps_of.items()}
-    if not chosen:
-        raise ValueError(f"{store.path} holds no learner yet.")
+    attrs = {"store": str(store.path)}
+    if experiment is not None:
+        grid = _recorded_grid(store, experiment, chosen)
+        attrs["experiment"] = experiment
+    else:
+        if not chosen:
+            raise ValueError(f"{store.path} holds no learner yet.")
+        grid = _grid_of_configs(store, configs, chosen)
+    mine = list(dict.fromkeys(spec.id for _, spec in grid.cells))
+    held = {m for i in mine for source, _ in store.holders(i, checkpoints=False) for m in source.metric_keys}
+    metrics = [m for m in METRICS if m in held] + [m for m in metrics if m in held and m not in METRICS]
+    stored = store.read([(i, chosen[i], dict.fromkeys(metrics)) for i in mine], metrics)
+    steps = sorted({s for i in mine for s in chosen[i]})
+    return assemble(grid, stored, steps, attrs, order=metrics,
+                    controls=any(spec.control_id for _, spec in grid.cells))
+
+
+def _recorded_grid(store: Store, experiment: str, chosen: dict[str, list[int]]) -> Grid:
+    """The grid of the experiment named ``experiment`` as the store records it, with only its stored learners."""
+    records = store.experiments()
+    if experiment not in records:
+        raise ValueError(f"{store.path} holds no experiment named {experiment!r}; it holds: "
+                         f"{', '.join(repr(n) for n in records) or 'none (it was written before experiments were recorded)'}.")
+    record = records[experiment]
+    grid = Grid(dims=dict(record["dims"]), scalars=dict(record["scalars"]))
+    for learner_id, cell, control, control_id in zip(record["learner_ids"], record["cells"], record["control"],
+                                                     record["control_learner"], strict=True):
+        if learner_id in chosen:
+            grid.cells.append((tuple(cell), _Stored(learner_id, control, control_id or None)))
+    if not grid.cells:
+        raise ValueError(f"{store.path} holds no learner of the experiment {experiment!r} yet.")
+    return grid
+
+
+def _grid_of_configs(store: Store, configs: dict[str, dict], chosen: dict[str, list[int]]) -> Grid:
     labelled = [(configs[i].get("coords", {}), _Stored(i, bool(configs[i].get("control", False)))) for i in chosen]
     names = list(dict.fromkeys(name for coords, _ in labelled for name in coords))
     labels = {n: _ordered(list(dict.fromkeys(coords.get(n) for coords, _ in labelled))) for n in names}
@@ -125,13 +176,11 @@ def _store_results(store: Store) -> xr.Dataset:
         if cell in seen:
             where = ", ".join(f"{n}={coords.get(n)!r}" for n in dims) or "no coordinate"
             raise ValueError(f"Learners {seen[cell]} and {spec.id} of {store.path} have the same coordinates ({where}); "
-                             "they differ in something that is not a coordinate. Read them through their Experiment.")
+                             "they differ in something that is not a coordinate. Name their experiment (--experiment "
+                             "NAME), or read them through their Experiment.")
         seen[cell] = spec.id
         grid.cells.append((cell, spec))
-    metrics = [m for m in METRICS if m in metrics] + [m for m in metrics if m not in METRICS]
-    stored = store.read([(spec.id, chosen[spec.id], dict.fromkeys(metrics)) for _, spec in grid.cells], metrics)
-    steps = sorted({s for st in chosen.values() for s in st})
-    return assemble(grid, stored, steps, {"store": str(store.path)}, order=metrics)
+    return grid
 
 
 def _ordered(labels: list) -> list:

@@ -20,11 +20,12 @@ BATCHES = "batches"  # one group per trained chunk, never changed once in place
 CHECKPOINTS = "checkpoints"  # chunks in training
 PENDING = ".pending"  # folders being written
 CLAIMS = ".claims"  # one lock file per learner in training
+EXPERIMENTS = "experiments"  # one small record per experiment name and grid: which learners it names
 STATES = "states"  # inside a batch or checkpoint: full states, one group per step
 DAMAGED = "damaged"  # batches and checkpoints found damaged, set aside (never deleted)
 GROUP_MARK = "zarr.json"  # what makes a folder a (complete) Zarr group
-FOLDERS = (BATCHES, CHECKPOINTS, PENDING, CLAIMS)  # the store's own folders, made with it
-KINDS = {"batch": BATCHES, "checkpoint": CHECKPOINTS}  # a source's kind -> its folder
+FOLDERS = (BATCHES, CHECKPOINTS, PENDING, CLAIMS, EXPERIMENTS)  # the store's own folders, made with it
+KINDS = {"batch": BATCHES, "checkpoint": CHECKPOINTS, "experiment": EXPERIMENTS}  # a source's kind -> its folder
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,16 @@ class StoreLayout:
     def damaged(self) -> Path:
         return self.root / DAMAGED
 
+    @property
+    def experiments(self) -> Path:
+        return self.root / EXPERIMENTS
+
     def folder(self, name: str) -> Path:
         """One of the store's ``FOLDERS``."""
         return self.root / name
 
     def of_kind(self, kind: str) -> Path:
-        """The folder of sources of ``kind`` ("batch" or "checkpoint")."""
+        """The folder of sources of ``kind`` ("batch", "checkpoint" or "experiment")."""
         return self.root / KINDS[kind]
 
     def batch(self, name: str) -> Path:
@@ -90,7 +95,7 @@ class StoreLayout:
         return (folder / GROUP_MARK).is_file()
 
     def names(self, kind: str) -> list[str]:
-        """The names of the complete sources of ``kind`` ("batch" or "checkpoint"), sorted (oldest first)."""
+        """The names of the complete sources of ``kind`` ("batch", "checkpoint", "experiment"), sorted (oldest first)."""
         return [p.name for p in self.folders(kind) if self.is_group(p)]
 
     def folders(self, kind: str) -> list[Path]:

@@ -16,6 +16,10 @@ observations of trajectories: metric values at steps, and full states at steps. 
                device_name, torch, python, manifest ({file: bytes}), digest (see ``integrity``)
       checkpoints/<set>-<step>-<hex>/  a chunk in training: the same layout, metrics up to "step", its state
                                        at "step" and the states kept before; removed once batches hold all it holds
+      experiments/<time>-<hex>/        an experiment's record: attrs {"experiment": its name, "learner_ids",
+                                       "cells", "dims", "scalars", "control", "control_learner"}: which learners
+                                       the experiment of that name names and where they lie in its grid (the
+                                       newest record of a name is its grid)
       damaged/<folder>-<name>/         batches and checkpoints found damaged, set aside (never deleted)
       .pending/                        folders being written (each marked by a held lock file)
       .claims/<learner id>.lock        held (fcntl.flock) by the process training that learner
@@ -57,7 +61,7 @@ import xarray as xr
 import zarr
 
 from . import integrity, locks
-from .layout import BATCHES, CHECKPOINTS, CLAIMS, FOLDERS, PENDING, STATES, StoreLayout
+from .layout import BATCHES, CHECKPOINTS, CLAIMS, EXPERIMENTS, FOLDERS, PENDING, STATES, StoreLayout
 
 FORMAT = "serimats-func/2"
 FORMAT_HISTORY = {"serimats-func/1": "learner ids before interventions at any step (version 0.1)"}
@@ -412,6 +416,37 @@ class Store:
                 self.remove_checkpoint(old.name)
         return name
 
+    # -- experiment records ------------------------------------------------------------------------------
+
+    def experiments(self) -> dict[str, dict[str, Any]]:
+        """Experiment name -> its newest record (the attrs of ``experiments/<time>-<hex>``), names in the order
+        they were first recorded. A store written before records existed has none."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.layout.names("experiment"):
+            try:
+                attrs = dict(zarr.open_group(self.layout.experiments / name, mode="r").attrs)
+            except (FileNotFoundError, KeyError):
+                continue
+            out[attrs["experiment"]] = attrs
+        return out
+
+    def record_experiment(self, record: Mapping[str, Any]) -> str | None:
+        """Add ``record`` ({"experiment": name, "learner_ids": [...], ...}, JSON) unless the newest record of its
+        name holds the same; returns the new record's folder name (None: nothing written). Records, like batches,
+        are written aside and renamed into place, and never changed."""
+        record = json.loads(json.dumps(dict(record)))  # plain JSON, as it will be read back
+        newest = self.experiments().get(record["experiment"])
+        if newest is not None and {k: v for k, v in newest.items() if k != "kind"} == record:
+            return None
+        self.create()
+        stamp = time.time_ns()
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(stamp // 10**9))}.{stamp % 10**9:09d}-{uuid.uuid4().hex[:8]}"
+        target = self._folder(EXPERIMENTS) / name
+        pending = self._folder(PENDING) / f"experiment-{name}"
+        with self.writing(f"the record of the experiment {record['experiment']!r}", pending), locks.aside(target, pending):
+            zarr.create_group(pending, zarr_format=3, attributes={"kind": "experiment", **record})
+        return name
+
     def remove_checkpoint(self, name: str) -> None:
         path = self.layout.checkpoint(name)
         if not path.exists():
@@ -710,8 +745,9 @@ def _write_state(group: zarr.Group, prefix: str, state: FlatState) -> None:
 
 # -- reading a whole store, without this library's code --------------------------------------------------
 
-def open_store(path: str | os.PathLike) -> xr.Dataset:
-    """Every learner in the store's batches as one Dataset: dims ``learner`` (ids) and ``step``; one data
+def open_store(path: str | os.PathLike, experiment: str | None = None) -> xr.Dataset:
+    """Every learner in the store's batches (or, with ``experiment``, those of the experiment of that name) as one
+    Dataset: dims ``learner`` (ids) and ``step``; one data
     variable per metric (``name`` or, when the store holds one metric name computed two ways, e.g. on two
     test sets, ``name@<digest>``), ``diverged_at`` (learner; -1: never) and ``has_state`` (learner, step:
     whether a full state is kept there, for ``load_learner``). Each learner's configuration is flattened into
@@ -724,16 +760,25 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     if not store.layout.mark.is_file():
         raise StoreError(f"{store.path} is not a serimats-func store (no zarr.json).")
     store.check()
-    return store.retrying(lambda: _open_store(store))
+    return store.retrying(lambda: _open_store(store, experiment))
 
 
-def _open_store(store: Store) -> xr.Dataset:
+def _open_store(store: Store, experiment: str | None) -> xr.Dataset:
     batches = store.sources(checkpoints=False)
     ids = list(dict.fromkeys(i for b in batches for i in b.ids))
+    if experiment is not None:
+        records = store.experiments()
+        if experiment not in records:
+            raise StoreError(f"{store.path} holds no experiment named {experiment!r}; it holds: "
+                             f"{', '.join(repr(n) for n in records) or 'none'}.")
+        named = set(records[experiment]["learner_ids"])
+        ids = [i for i in ids if i in named]
+        batches = [b for b in batches if named & set(b.ids)]
     by_name: dict[str, set[str]] = {}
+    wanted = set(ids)
     for b in batches:
         for metric in b.metric_keys:
-            by_name.setdefault(metric, set()).update(b.key(metric, p) for p in range(len(b.ids)))
+            by_name.setdefault(metric, set()).update(b.key(metric, p) for p, i in enumerate(b.ids) if i in wanted)
     variables = {(m, k): (m if len(keys) == 1 else f"{m}@{k}") for m, keys in by_name.items() for k in keys}
     own, labels = store._own_dims(batches, list(by_name))
     order = {d: {v: i for i, v in enumerate(values)} for d, values in labels.items()}
@@ -747,7 +792,8 @@ def _open_store(store: Store) -> xr.Dataset:
     diverged = np.full(len(ids), -1, dtype=np.int64)
     info: dict[str, dict[str, Any]] = {}
     for b in batches:
-        rows = np.array([row[i] for i in b.ids])
+        members = [(p, row[i]) for p, i in enumerate(b.ids) if i in row]  # (position in the batch, row)
+        positions, rows = np.array([p for p, _ in members]), np.array([r for _, r in members])
         cols = [column[int(s)] for s in b.steps]
         for s in b.state_steps:
             has_state[rows, column[int(s)]] = True
@@ -761,15 +807,18 @@ def _open_store(store: Store) -> xr.Dataset:
         for metric, block in blocks.items():
             where = [[order[d][_plain_label(v)] for v in b.dim_labels.get(d, range(block.shape[2 + i]))]
                      for i, d in enumerate(own.get(metric, ()))]
-            for position, r in enumerate(rows):
+            for position, r in members:
                 name = variables[(metric, b.key(metric, position))]
                 for i, c in enumerate(cols):
                     if not filled[name][r, c]:
                         values[name][(r, c, *np.ix_(*where))] = block[position, i]
                         filled[name][r, c] = True
         if d is not None:
+            d = d[positions]
             diverged[rows] = np.where((d >= 0) & ((diverged[rows] < 0) | (d < diverged[rows])), d, diverged[rows])
         for learner_id, config in zip(b.ids, b.attrs["configs"], strict=True):
+            if learner_id not in row:
+                continue
             info.setdefault(learner_id, {**_flat_config(config),
                                          **{k: b.attrs.get(k) for k in ENVIRONMENT}})
     coords: dict[str, Any] = {"learner": np.array(ids, dtype=str), "step": np.array(steps, dtype=np.int64)}
