@@ -115,7 +115,7 @@ def shard_device(requested: Any, index: int) -> Any:
 def run_sharded(exp: Shardable, executor: Any, shards: int, source: Source | None = None,
                 poll_seconds: float = 1.0) -> xr.Dataset:
     """Train ``exp``'s missing learners as ``shards`` jobs of ``executor``; wait; return the results."""
-    from tqdm.auto import tqdm
+    from .jupyter import progress_bar
 
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards must be a positive integer; got {shards!r}.")
@@ -125,7 +125,7 @@ def run_sharded(exp: Shardable, executor: Any, shards: int, source: Source | Non
     parts = split_families(families(todo), shards)
     job = ShardJob(source or exp, parts)
     jobs = executor.map_array(job, list(range(len(parts))))
-    with tqdm(total=len(todo), unit=" learners", disable=not exp.progress, desc=f"{exp.name}: {len(jobs)} shards") as bar:
+    with progress_bar(total=len(todo), desc=f"{exp.name}: {len(jobs)} shards", unit=" learners", disable=not exp.progress) as bar:
         _wait(jobs, lambda: _landed(exp, todo), bar, poll_seconds)
     failures = [(i, j) for i, j in enumerate(jobs) if _failed(j)]
     if failures:

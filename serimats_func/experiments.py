@@ -34,8 +34,9 @@ from .core.data import as_tensors, steps_per_epoch
 from .core.learners import initial_model_state
 from .core.metrics import Data
 from .interventions.optimizer import Optimizer, as_optimizer
+from .jupyter import show_inline
 from .loggers import Logger, metric_specs
-from .plotter import Plotter, show
+from .plotter import Plotter
 from .run import trial
 from .run.checkpoints import load_learner, select_learner
 from .run.grid import Grid, LearnerSpec, build_grid, class_name
@@ -50,6 +51,7 @@ from .store.zarr_store import Store
 
 DEFAULT_OPTIMIZER = Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
 DEFAULT_STORE = Path("runs") / "serimats.zarr"  # every experiment's, unless store= says otherwise
+MAX_INLINE_PLOTS = 4  # run(plot=True) in Jupyter shows at most this many of the PNGs it writes
 
 
 class Experiment:
@@ -383,7 +385,8 @@ class Experiment:
     def run(self, plot: bool = False, executor: Any = None, shards: int | None = None) -> xr.Dataset:
         """Train the learners missing from the store, then return the whole grid's results.
         With ``plot=True``, also save the plots (``Plotter.save_all``) as PNGs in ``plots_folder`` next
-        to the store, and show them when running in Jupyter. With a submitit ``executor``
+        to the store; in Jupyter, show the few that ``Plotter.headline`` names (the main metric's curves and the
+        growth of the distance to the control; at most 4 files) and name the others. With a submitit ``executor``
         (``submitit.AutoExecutor(folder)``: Slurm on a cluster, local processes elsewhere), train them as
         ``shards`` jobs (default 1) and wait for them (see ``serimats_func.cluster``)."""
         if executor is not None:
@@ -404,7 +407,10 @@ class Experiment:
                 self.store.clean()
             ds = self.results()
         if plot:
-            show(Plotter(ds).save_all(self.plots_folder))
+            plotter = Plotter(ds)
+            plots = plotter.save_each(self.plots_folder)
+            shown = [path for name in plotter.headline() for path in plots.get(name, [])][:MAX_INLINE_PLOTS]
+            show_inline(shown, [path for paths in plots.values() for path in paths], self.plots_folder)
         return ds
 
     def learners_to_train(self) -> list[LearnerSpec]:

@@ -9,7 +9,9 @@
   log-log axes (steps from 1; controls left out: their distance is 0), one panel per window.
 - ``heatmap(metric, x=..., y=..., step=-1)``: the mean over seeds at one step over two coordinates, each cell
   labelled with its value.
-- ``save_all(folder)``: all of these as PNG files (what ``Experiment.run(plot=True)`` writes).
+- ``save_all(folder)``: all of these as PNG files (what ``Experiment.run(plot=True)`` writes); ``headline()``:
+  the few of them that ``run(plot=True)`` also shows in Jupyter (the main metric's curves, the growth of the
+  distance to the control).
 
 Each method returns a matplotlib ``Figure`` (shown inline in Jupyter), drawn with xarray's plotting.
 
@@ -50,6 +52,7 @@ STEP_LABEL = "step (updates done)"
 WINDOW_DIMS = ("when", "at")  # a window or step of intervention: one panel each in scaling plots
 MAX_LABELLED_CELLS = 100  # heat maps label each cell with its value up to this many cells
 MAX_TICKS = 12
+MAIN_METRICS = ("test_acc", "train_loss")  # the main metric: the first one a result has
 MAX_FACETS = 12  # save_all draws a metric's own dimension with more values as a heat map, not as panels
 
 
@@ -186,30 +189,48 @@ class Plotter:
         accuracy (else train loss) at the last step when two coordinates vary; a metric with a dimension of its
         own of more than 12 values (a custom metric per unit) is a heat map over it and the steps. A dimension
         beyond what a plot shows (lines, columns, rows) gets one file per value (``curves_<metric>_<dim>=<value>.png``)."""
+        return [path for paths in self.save_each(folder).values() for path in paths]
+
+    def save_each(self, folder: str | Path) -> dict[str, list[Path]]:
+        """What ``save_all`` writes, by plot: ``{"curves_test_acc": [path], "scaling_control_distance": [...]}``
+        (a plot with one file per value of a dimension beyond what it shows lists them all)."""
         folder = Path(folder)
-        paths = []
+        plots: dict[str, list[Path]] = {}
         grid_dims = set(self.ds["learner"].dims) if "learner" in self.ds.coords else set()
         for metric in self.metrics():
             dims = self._non_seed_dims(metric)
             big = [d for d in dims if d not in grid_dims and self.ds.sizes[d] > MAX_FACETS]
             if big:  # a metric's own dimension with many values (units...): a heat map over it and the steps
                 others = [d for d in dims if d != big[0]]
-                paths += self._save_each(folder, f"heatmap_{metric}", metric, others[2:],
-                                         lambda sel, m=metric, d=big[0]: self.heatmap(m, x=d, y="step", sel=sel))
+                plots[f"heatmap_{metric}"] = self._save_each(
+                    folder, f"heatmap_{metric}", metric, others[2:],
+                    lambda sel, m=metric, d=big[0]: self.heatmap(m, x=d, y="step", sel=sel))
                 continue
-            paths += self._save_each(folder, f"curves_{metric}", metric, dims[3:],
-                                     lambda sel, m=metric: self.curves(m, sel=sel))
+            plots[f"curves_{metric}"] = self._save_each(folder, f"curves_{metric}", metric, dims[3:],
+                                                        lambda sel, m=metric: self.curves(m, sel=sel))
         if "control_distance" in self.metrics():
             dims = self._non_seed_dims("control_distance")
             first = [d for d in ("epsilon", *WINDOW_DIMS) if d in dims]
             beyond = [d for d in dims if d not in first][3 - len(first):]
-            paths += self._save_each(folder, "scaling_control_distance", "control_distance", beyond,
-                                     lambda sel: self.scaling("control_distance", sel=sel))
-        summary = next((m for m in ("test_acc", "train_loss") if m in self.metrics()), None)
+            plots["scaling_control_distance"] = self._save_each(
+                folder, "scaling_control_distance", "control_distance", beyond,
+                lambda sel: self.scaling("control_distance", sel=sel))
+        summary = self.main_metric()
         if summary and len(self._non_seed_dims(summary)) >= 2:
-            paths += self._save_each(folder, f"heatmap_{summary}", summary, self._non_seed_dims(summary)[4:],
-                                     lambda sel: self.heatmap(summary, sel=sel))
-        return paths
+            plots[f"heatmap_{summary}"] = self._save_each(folder, f"heatmap_{summary}", summary,
+                                                          self._non_seed_dims(summary)[4:],
+                                                          lambda sel: self.heatmap(summary, sel=sel))
+        return {name: paths for name, paths in plots.items() if paths}
+
+    def main_metric(self) -> str | None:
+        """The metric a run is read by: the test accuracy, else the train loss (None if neither has a number)."""
+        return next((m for m in MAIN_METRICS if m in self.metrics()), None)
+
+    def headline(self) -> list[str]:
+        """The plots of ``save_each`` that ``Experiment.run(plot=True)`` shows in Jupyter: the curves of the main
+        metric, and how the distance to the control grows when learners have controls."""
+        main, metrics = self.main_metric(), self.metrics()
+        return [f"curves_{main}"] * (main is not None) + ["scaling_control_distance"] * ("control_distance" in metrics)
 
     def _non_seed_dims(self, metric: str) -> list[str]:
         da = self.ds[metric]
@@ -382,16 +403,3 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
-
-def show(paths: Sequence[Path]) -> None:
-    """Show PNG files inline when running in a Jupyter kernel (nothing elsewhere)."""
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is None or not hasattr(shell, "kernel"):
-        return
-    for path in paths:
-        display(Image(filename=str(path)))

@@ -1,13 +1,13 @@
 """Plots that cannot mislead: only seeds are averaged, every other dimension is a line, a panel or selected;
 what each plot draws is the data; the PNGs that run(plot=True) writes are readable."""
 
-import sys
-import types
+import base64
 
 import numpy as np
 import pytest
 import xarray as xr
 
+from serimats_func import jupyter
 from serimats_func import plotter as plotting
 from serimats_func.interventions import PerturbWeights
 from serimats_func.plotter import Plotter
@@ -95,7 +95,8 @@ def test_heatmap_cells_hold_the_mean_over_seeds_at_the_chosen_step():
         Plotter(ds).heatmap("test_acc", step=5)
 
 
-def test_run_with_plot_writes_readable_pngs_next_to_the_store_and_shows_them_in_jupyter(experiment, monkeypatch):
+def test_run_with_plot_writes_readable_pngs_next_to_the_store_and_prints_nothing_outside_jupyter(experiment, monkeypatch,
+                                                                                                 capsys):
     drawn, shown = [], []
     real_save = plotting.save_figure
 
@@ -105,20 +106,44 @@ def test_run_with_plot_writes_readable_pngs_next_to_the_store_and_shows_them_in_
         return real_save(fig, path)
 
     monkeypatch.setattr(plotting, "save_figure", checked)
-    kernel = types.SimpleNamespace(kernel=object())  # IPython inside Jupyter: a shell with a kernel
-    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel))
-    monkeypatch.setitem(sys.modules, "IPython.display", types.SimpleNamespace(
-        Image=lambda filename: filename, display=shown.append))
+    monkeypatch.setattr(jupyter, "_display", lambda *a, **k: shown.append(a))
     exp = experiment([PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
                       PerturbWeights.make_variations(epsilon=(0.01, 0.1), seed=(1, 2))], steps=8, log_every=2)
     exp.run(plot=True)
-    folder = exp.store.path.parent / f"{exp.store.path.stem}_plots"
-    names = sorted(p.name for p in folder.iterdir())
+    names = sorted(p.name for p in exp.plots_folder.iterdir())
+    assert exp.plots_folder == exp.store.path.parent / f"{exp.store.path.stem}_plots"
     assert {"curves_test_acc.png", "curves_control_distance.png", "curves_control_layer_distance.png",
             "scaling_control_distance.png"} <= set(names)
-    assert sorted(p.name for p in drawn) == names and sorted(shown) == sorted(str(p) for p in drawn)
+    assert sorted(p.name for p in drawn) == names
+    assert shown == [] and capsys.readouterr().out == ""  # outside Jupyter: the files only, as before
     for path in drawn:
         assert_png_not_blank(path)
+
+
+def test_run_with_plot_in_jupyter_shows_the_main_metric_and_the_distance_growth_and_names_the_rest(experiment, monkeypatch,
+                                                                                                  capsys):
+    shown = []
+    monkeypatch.setattr(jupyter, "in_jupyter", lambda: True)  # what a Jupyter kernel answers
+    monkeypatch.setattr(jupyter, "_display", lambda data, raw: shown.append(base64.b64decode(data["image/png"])))
+    exp = experiment([PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
+                      PerturbWeights.make_variations(epsilon=(0.01, 0.1), seed=(1, 2))], steps=8, log_every=2)
+    exp.run(plot=True)
+    written = sorted(exp.plots_folder.iterdir())
+    assert len(written) > 10  # every metric's curves, the scaling plot, the heat map
+    headline = [exp.plots_folder / "curves_test_acc.png", exp.plots_folder / "scaling_control_distance.png"]
+    assert shown == [p.read_bytes() for p in headline]  # the two figures inline, in that order, as written
+    rest = sorted(p.name for p in written if p not in headline)
+    out = capsys.readouterr().out
+    assert out == f"{len(rest)} more plots in {exp.plots_folder}/: " + ", ".join(sorted(rest, key=out.index)) + "\n"
+
+
+def test_the_plots_shown_inline_are_the_main_metric_then_the_distance_growth():
+    ds = grid_result()
+    assert Plotter(ds).headline() == ["curves_test_acc"]
+    assert Plotter(ds.rename(test_acc="train_loss")).headline() == ["curves_train_loss"]  # no test set
+    ds["control_distance"] = ds.test_acc.copy()
+    ds["test_acc"][:] = np.nan  # a metric without a number is not drawn
+    assert Plotter(ds).headline() == ["scaling_control_distance"]
 
 
 def test_a_plot_says_how_many_learners_diverged_and_left_the_mean():

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..acceleration.prepare import ChunkSpeed, Speed
 from ..callbacks import Callbacks, ChunkInfo
 from ..core.data import TrainingData
 from ..core.metrics import BUILTIN_DIMS, MetricFn
 from ..core.step import LossFn
+from ..jupyter import progress_bar
 from ..store.locks import Claims
 from ..store.zarr_store import DamagedSourceError, FlatState, Store
 from .checkpoints import Checkpoints
@@ -84,8 +85,8 @@ class Runner:
         self.store.create()
         total = sum(len(c.learners) * self.learners.schedule_of(c.learners[0].setup).total_steps for c in plan.chunks)
         data_cache: dict[tuple[int, int], TrainingData] = {}
-        with self.store.claims() as claims, tqdm(total=total, unit=" learner-steps", disable=not s.progress,
-                                                 desc=s.name) as bar:
+        with self.store.claims() as claims, progress_bar(total=total, desc=s.name, unit=" learner-steps",
+                                                         disable=not s.progress) as bar:
             self.store.clean(claims)
             while plan.chunks:
                 trained = False
