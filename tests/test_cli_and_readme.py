@@ -130,3 +130,7 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     assert np.isnan(ds.test_acc.sel(epsilon=0, seed=1)).all()
     assert namespace["fig"].axes[0].get_ylabel() == "test accuracy"
     assert store_paths.metadata(tmp_path / "runs" / "perturb.zarr").exists()
+    groups = namespace["groups"]  # Muon with AdamW on the biases and a rate of its own on the last layer
+    assert dict(groups.train_loss.sizes) == {"lr": 2, "lr[5.weight]": 2, "step": 2}
+    assert groups["optimizer[*.bias]"].item() == "AdamW" and groups["lr[*.bias]"].item() == 3e-4
+    assert len(np.unique(groups.train_loss.isel(step=-1))) == 4

@@ -217,3 +217,11 @@ def test_a_glob_that_matches_nothing_is_refused_naming_the_parameters(experiment
 def test_bad_groups_are_refused_with_the_fix(groups, message):
     with pytest.raises(ValueError, match=message):
         Optimizer(torch.optim.SGD, lr=0.1, param_groups=groups)
+
+
+def test_variations_without_groups_take_the_experiments_groups_when_they_name_its_class(experiment):
+    exp = experiment([Optimizer.make_variations(optimizers=(torch.optim.SGD, torch.optim.Adam), lr=(0.1, 0.2))],
+                     optimizer=Optimizer(torch.optim.SGD, lr=0.1, param_groups={"*.bias": dict(lr=0.01)}))
+    groups = {(s.coords["optimizer"], s.coords["lr"]): s.config["optimizer"].get("param_groups") for s in exp.grid.learners}
+    assert all(g[0]["params"] == ["1.bias", "3.bias"] and g[0]["lr"] == 0.01 for (o, _), g in groups.items() if o == "SGD")
+    assert all(g is None for (o, _), g in groups.items() if o == "Adam")  # another class: torch.optim's defaults, no groups

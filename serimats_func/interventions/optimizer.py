@@ -64,7 +64,8 @@ class Optimizer(Intervention):
         """As ``Intervention.make_variations``, each hyperparameter of a group an axis too
         (``param_groups={"fc3.*": dict(lr=(0.01, 0.1))}``: coordinate ``lr[fc3.*]``)."""
         items = super().make_variations(control=control, **axes)
-        return Variations(cls, items, tuple(dict.fromkeys(a for v in items for a in v.given)))
+        groups = tuple(dict.fromkeys(a for v in items for a in v._group_axes()))
+        return Variations(cls, items, tuple(a for k in items.given for a in (groups if k == "param_groups" else [k])))
 
     @classmethod
     def _values_of(cls, name: str, value: Any) -> list:
