@@ -21,6 +21,12 @@ Workloads:
   (relative to the repository root; the remaining 2,000 are the evaluation's test set), SGD lr=0.01
   momentum=0.9, batch 64, float32. Without that folder: synthetic 1x28x28 data of the same size (said so).
 
+Optimizer axis: ``--optimizers sgd,adam,rmsprop,muon`` trains each workload with each of these optimizers in
+turn (``OPTIMIZERS`` below: torch.optim's classes; Muon with AdamW on the non-matrices, ``MuonWithAdamW`` in the
+serial loop, as the library does), the optimizers of one N measured one after another so that they share the
+machine's state; the naive way has hand-written updates for SGD and Adam only. A second table gives serial/ours per
+optimizer side by side.
+
 S is chosen per (workload, N) from 3 warm-up steps of each way, so that the slowest way takes about
 ``--seconds`` (at least ``--min-steps``). Above ``--max-serial`` learners the serial loop is not run: its time per
 learner-step is extrapolated from the largest N measured (marked ``*``). Printed per cell: microseconds per
@@ -36,6 +42,7 @@ Usage::
     python benchmarks/speed.py --workloads mlp --n 1,4 --seconds 0.3
     python benchmarks/speed.py --device cuda --json gpu.json         # N = 1 8 32 ... 4096; serial up to 128
     python benchmarks/speed.py --steps 200 --threads 1 --no-eval
+    python benchmarks/speed.py --workloads mlp --optimizers sgd,adam,rmsprop,muon --n 16 --no-eval
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ from serimats_func.callbacks import Callback  # noqa: E402
 from serimats_func.core import evaluation as lib_evaluation  # noqa: E402
 from serimats_func.interventions import InitWeights, Optimizer  # noqa: E402
 from serimats_func.models import MLP, Lenet5  # noqa: E402
+from serimats_func.optimizers import torch_optimizer  # noqa: E402
 from serimats_func.run import training as lib_training  # noqa: E402
 
 CPU_NS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -84,6 +92,16 @@ MNIST_ROOT = REPO / ".." / "shared" / "data" / "mnist"
 LENET_TRAIN, LENET_TOTAL = 8000, 10000
 WAYS = ("serial", "naive", "ours", "compiled")
 COMPILED_NS = {"mlp": (32, 64, 128), "lenet": ()}  # where "compiled" runs by default on a CPU (--compiled-n)
+OPTIMIZERS = {  # --optimizers: name -> (torch.optim class, hyperparameters)
+    "sgd": (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
+    "adam": (torch.optim.Adam, {"lr": 1e-3}),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-3}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 1e-2}),
+    "nadam": (torch.optim.NAdam, {"lr": 2e-3}),
+    "adafactor": (torch.optim.Adafactor, {"lr": 1e-2}),
+    "muon": (torch.optim.Muon, {"lr": 0.02}),
+}
 
 
 # ---------------------------------------------------------------------------------------------- workloads
@@ -101,6 +119,20 @@ class Workload:
     batch_size: int
     note: str = ""
     classes: int = 10
+    optimizer_name: str = ""  # set by --optimizers
+
+    @property
+    def key(self) -> str:
+        """The workload and, with --optimizers, its optimizer: ``mlp`` or ``mlp/rmsprop``."""
+        return f"{self.name}/{self.optimizer_name}" if self.optimizer_name else self.name
+
+
+def with_optimizer(workload: Workload, name: str) -> Workload:
+    """The workload trained with ``OPTIMIZERS[name]`` in place of its own optimizer."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    cls, hparams = OPTIMIZERS[name]
+    return dataclasses.replace(workload, optimizer=cls, hparams=dict(hparams), optimizer_name=name)
 
 
 def mlp_workload() -> Workload:
@@ -305,8 +337,8 @@ class Serial:
         self.workload, self.n, self.data, self.device = workload, n, data, device
 
     def _learner(self, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = seeded_model(self.workload, seed, self.device)
-        return model, self.workload.optimizer(model.parameters(), **self.workload.hparams)
+        model = seeded_model(self.workload, seed, self.device)  # Muon: torch's Muon and AdamW (MuonWithAdamW)
+        return model, torch_optimizer(self.workload.optimizer, list(model.named_parameters()), **self.workload.hparams)
 
     def warmup(self, steps: int, batches: Batches) -> float:
         """Seconds of one learner-step, from a throwaway learner."""
@@ -662,7 +694,8 @@ def choose_steps(n: int, estimates: dict, args: argparse.Namespace) -> int:
 
 def make_ways(workload: Workload, n: int, data: tuple, ctx: Context) -> dict:
     classes = {"serial": Serial, "naive": Naive, "ours": Ours, "compiled": Compiled}
-    run = {"serial": n <= ctx.max_serial, "compiled": n in compiled_counts(workload.name, ctx.args)}
+    run = {"serial": n <= ctx.max_serial, "compiled": n in compiled_counts(workload.name, ctx.args),
+           "naive": workload.optimizer in (torch.optim.SGD, torch.optim.Adam)}  # its hand-written updates
     return {name: cls(workload, n, data, ctx.device) for name, cls in classes.items() if run.get(name, True)}
 
 
@@ -694,7 +727,7 @@ def per_learner_step(result: dict, n: int, steps: int) -> dict:
 
 
 def extrapolated_serial(workload: Workload, n: int, ctx: Context) -> dict | None:
-    reference = ctx.serial_reference.get(workload.name)
+    reference = ctx.serial_reference.get(workload.key)
     if reference is None:
         return None
     ref_n, seconds_per = reference
@@ -712,7 +745,7 @@ def measure_training(workload: Workload, n: int, data: tuple, ctx: Context) -> d
         result, error = (None, errors[name]) if errors[name] else guarded(way.timed, steps, batches)
         results[name] = {"error": error} if result is None else {**result, **per_learner_step(result, n, steps)}
     if "serial" in ways and "us" in results["serial"]:
-        ctx.serial_reference[workload.name] = (n, results["serial"]["us"] / 1e6)
+        ctx.serial_reference[workload.key] = (n, results["serial"]["us"] / 1e6)
     elif "serial" not in ways:
         results["serial"] = extrapolated_serial(workload, n, ctx) or {"error": "not run"}
     return {"steps": steps, "estimates_s": estimates,
@@ -729,9 +762,9 @@ def measure_evaluation(workload: Workload, n: int, sets: list, ctx: Context) -> 
     if n <= ctx.max_serial:
         serial = serial_evaluation(workload, n, sets, batch_size, ctx.device)
         out.update(serial_s=serial.seconds, serial_other_cpu_s=serial.other_cpu_s)
-        ctx.serial_eval_reference[workload.name] = (n, serial.seconds / n)
-    elif workload.name in ctx.serial_eval_reference:
-        ref_n, per_learner = ctx.serial_eval_reference[workload.name]
+        ctx.serial_eval_reference[workload.key] = (n, serial.seconds / n)
+    elif workload.key in ctx.serial_eval_reference:
+        ref_n, per_learner = ctx.serial_eval_reference[workload.key]
         out.update(serial_s=per_learner * n, serial_extrapolated_from_n=ref_n)
     return out
 
@@ -748,7 +781,8 @@ def loss_summary(results: dict, classes: int) -> dict:
 
 
 def measure_cell(workload: Workload, n: int, data: tuple, sets: list, ctx: Context) -> dict:
-    cell = {"workload": workload.name, "n": n, **measure_training(workload, n, data, ctx)}
+    cell = {"workload": workload.key, "optimizer": workload.optimizer.__name__, "n": n,
+            **measure_training(workload, n, data, ctx)}
     cell["loss"] = loss_summary(cell["ways"], workload.classes)
     if not ctx.args.no_eval:
         cell["evaluation"] = ev = measure_evaluation(workload, n, sets, ctx)
@@ -887,6 +921,28 @@ def markdown_table(cells: list[dict], ctx: Context) -> str:
     return "\n".join(rows)
 
 
+def optimizer_table(cells: list[dict]) -> str:
+    """serial/ours (and its steps-only ratio) per optimizer, side by side: one row per workload and N."""
+    names = list(dict.fromkeys(c["optimizer"] for c in cells))
+    rows = ["| workload | N | " + " | ".join(f"{o}: serial µs / ours µs = serial/ours (steps only)" for o in names) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    by_row: dict[tuple, dict] = {}
+    for c in cells:
+        by_row.setdefault((c["workload"].split("/")[0], c["n"]), {})[c["optimizer"]] = c["ways"]
+    for (workload, n), ways in by_row.items():
+        entries = []
+        for o in names:
+            w = ways.get(o)
+            if w is None:
+                entries.append("-")
+                continue
+            flag = "!" if any(r.get("contended") for r in w.values()) else ""
+            entries.append(f"{fmt(w['serial'].get('us'), '.1f')} / {fmt(w['ours'].get('us'), '.1f')}{flag} = "
+                           f"{fmt(ratio(w['serial'], w['ours']), '.2f')} ({fmt(steps_ratio(w['serial'], w['ours']), '.2f')})")
+        rows.append(f"| {workload} | {n} | " + " | ".join(entries) + " |")
+    return "\n".join(rows)
+
+
 def jsonable(value: object) -> object:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -920,6 +976,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="skip the whole-set evaluation timing")
     p.add_argument("--compiled-n", help="learner counts at which Experiment(compile=True) is timed too (default on a CPU: "
                                         "mlp 32,64,128, lenet none; on CUDA 32,128,512,1024; empty for none)")
+    p.add_argument("--optimizers", help=f"comma-separated, each workload trained with each in turn (default: the "
+                                        f"workload's own): {', '.join(OPTIMIZERS)}")
     p.add_argument("--mnist-root", type=Path, default=MNIST_ROOT)
     p.add_argument("--json", type=Path, help="also write everything to this JSON file")
     args = p.parse_args(argv)
@@ -936,16 +994,22 @@ def learner_counts(args: argparse.Namespace, device: torch.device) -> list[int]:
 
 def run_workload(name: str, ns: list[int], ctx: Context) -> list[dict]:
     workload = load_workload(name, ctx.args.mnist_root)
+    variants = ([with_optimizer(workload, o.strip()) for o in ctx.args.optimizers.split(",") if o.strip()]
+                if ctx.args.optimizers else [workload])
     flops = flops_per_learner_step(workload)
     print(f"\n== {workload.name}: {workload.description}; one learner-step = {flops / 1e6:.2f} MFLOP "
           f"(forward+backward, matmuls and convolutions)" + (f"\n   data: {workload.note}" if workload.note else ""))
     data = tuple(t.to(ctx.device) for t in workload.train)
     sets = [data, tuple(t.to(ctx.device) for t in workload.test)]
+    if len(variants) > 1 or variants[0] is not workload:
+        print("   in place of its optimizer, one after another at each N: " + "; ".join(
+            f"{v.optimizer.__name__} {', '.join(f'{k}={x:g}' for k, x in v.hparams.items())}" for v in variants))
     cells = []
     for n in ns:
-        cell = {**measure_cell(workload, n, data, sets, ctx), "flops": flops}
-        print_cell(cell, flops, ctx)
-        cells.append(cell)
+        for variant in variants:
+            cell = {**measure_cell(variant, n, data, sets, ctx), "flops": flops}
+            print_cell(cell, flops, ctx)
+            cells.append(cell)
     return cells
 
 
@@ -961,6 +1025,8 @@ def main(argv: list[str] | None = None) -> dict:
     print_header(env, peak, ctx)
     cells = [c for name in args.workloads.split(",") for c in run_workload(name.strip(), learner_counts(args, device), ctx)]
     table = markdown_table(cells, ctx)
+    if args.optimizers:
+        table += "\n\n" + optimizer_table(cells)
     print("\n" + table)
     result = {"environment": env, "matmul_peak": peak, "evaluation_off_by": evaluation_switch(),
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "cells": cells,

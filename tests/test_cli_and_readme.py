@@ -133,3 +133,7 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     augmented = namespace["augmented"]  # the CIFAR-style example: random crop and flip in the step
     assert dict(augmented.test_acc.sizes) == {"crop": 2, "seed": 2, "step": 4}
     assert float(augmented.test_acc.isel(step=-1).min()) > 0.5  # chance is 0.1
+    groups = namespace["groups"]  # Muon with AdamW on the biases and a rate of its own on the last layer
+    assert dict(groups.train_loss.sizes) == {"lr": 2, "lr[5.weight]": 2, "step": 2}
+    assert groups["optimizer[*.bias]"].item() == "AdamW" and groups["lr[*.bias]"].item() == 3e-4
+    assert len(np.unique(groups.train_loss.isel(step=-1))) == 4

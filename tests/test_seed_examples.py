@@ -75,6 +75,34 @@ def test_second_example_optimizers_and_learning_rates_gives_60_learners(mnist_ro
     assert len(np.unique(ds.train_loss.sel(step=0, optimizer="SGD", lr=0.01).values)) == 10
 
 
+def test_second_example_with_sgd_adam_rmsprop_and_muon_gives_one_result(mnist_root, store):
+    """The second example with four optimizers (two init seeds to keep it small): one result, one group per class;
+    Muon trains LeNet-5's linear matrices, AdamW its convolution kernels and biases."""
+    exp = Experiment(
+        model=Lenet5(),
+        dataset=datasets.mnist(mnist_root, train=True),
+        interventions=[
+            InitWeightsIntervention.make_variations(seed=range(2)),
+            OptimizerIntervention.make_variations(
+                optimizers=(torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Muon),
+                lr=(0.001, 0.01, 0.1),
+            ),
+        ],
+        test_dataset=datasets.mnist(mnist_root, train=False),
+        store=store,
+        progress=False,
+    )
+    plan = exp.plan()
+    assert plan.to_train == 24 and len({c.structure for c in plan.chunks}) == 4
+    ds = exp.run()
+
+    assert dict(ds.sizes) == {"seed": 2, "optimizer": 4, "lr": 3, "step": 2}
+    assert ds.optimizer.values.tolist() == ["SGD", "Adam", "RMSprop", "Muon"]
+    assert not np.isnan(ds.test_acc).any()
+    final = ds.train_loss.isel(step=-1)
+    assert len(np.unique(final.values)) == 24  # every optimizer, rate and seed trains differently
+
+
 def test_third_example_momentum_windows_gives_540_learners_and_54_without_init_weights(mnist_digits, tmp_path):
     """The seed's third example as written (the lambda, the windows), scaled down: 32 MNIST digits, batch 16,
     3 steps, windows one step long."""

@@ -43,6 +43,7 @@ from torch.func import grad_and_value, vmap
 from ..acceleration import convolutions
 from ..interventions.base import Intervention, Numbers
 from ..optimizers import FunctionalOptimizer
+from ..optimizers.base import stacked_update
 from . import keys, pytrees
 from .hook_points import METHODS, POINT
 from .learners import forward
@@ -410,34 +411,6 @@ def autograd_grad_and_value(fn: Callable, has_aux: bool = True) -> Callable:
         return grads, (loss.detach(), pytrees.tree_map(lambda t: t.detach(), aux))
 
     return run
-
-
-def stacked_update(twin: FunctionalOptimizer, grads: dict, opt: dict, params: dict, hparams: dict) -> tuple[dict, dict]:
-    """``twin.update`` of N learners at once, on stacked leaves (N, ...): each viewed as (N, numel) and each
-    per-learner number (N,) as (N, 1), so that they broadcast as under ``vmap``. The update is elementwise
-    per learner, so every learner gets exactly the numbers ``vmap(twin.update)`` gives it. A family that is not
-    elementwise (``twin.stacked``) gets the leaves in their true shape (N, *shape) and the numbers (N,).
-
-    >>> import torch
-    >>> from serimats_func.optimizers import functional_twin
-    >>> twin = functional_twin(torch.optim.SGD, lr=0.1)
-    >>> params = {"w": torch.ones(3, 2)}  # N = 3
-    >>> hparams = {k: torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64) if k == "lr" else torch.zeros(3, dtype=torch.float64)
-    ...            for k in twin.numeric}
-    >>> new, _ = stacked_update(twin, {"w": torch.ones(3, 2)}, torch.func.vmap(twin.init)(params), params, hparams)
-    >>> new["w"][:, 0].tolist()
-    [0.8999999761581421, 0.800000011920929, 0.699999988079071]
-    """
-    if twin.stacked is not None:  # matrix operations (Muon, Adafactor): leaves in their true shape (N, *shape)
-        return twin.stacked(grads, opt, params, hparams)
-    n = len(pytrees.leaves(params)[0])
-
-    def rows(t: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N, numel); (N,) -> (N, 1)
-        return t.reshape(n, -1) if t.ndim > 1 else t.reshape(n, 1)
-
-    new_params, new_opt = twin.update(*(pytrees.tree_map(rows, tree) for tree in (grads, opt, params, hparams)))
-    shaped = lambda new, old: new.reshape(old.shape)  # noqa: E731
-    return pytrees.tree_map(shaped, new_params, params), pytrees.tree_map(shaped, new_opt, opt)
 
 
 def initial_hooks(hooks: Hooks, model: ModelState, inter: Mapping[str, InterventionData]

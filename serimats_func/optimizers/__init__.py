@@ -29,6 +29,7 @@ from .base import (
     is_optimizer,
     register_optimizer,
 )
+from .groups import CombinedOptimizer, GroupedOptimizer, GroupedState, ParamGroup, grouped_twin
 from .lion import Lion, LionState, lion
 from .muon import MuonState, MuonWithAdamW, muon
 from .nadam import NAdamState, nadam
@@ -36,12 +37,13 @@ from .radam import RAdamState, radam
 from .rmsprop import RMSpropState, rmsprop
 from .sgd import SGDState, sgd
 
-__all__ = ["HPARAM_DTYPE", "REGISTRY", "AdadeltaState", "AdafactorState", "AdagradState", "AdamState", "AdamaxState",
-           "FunctionalOptimizer", "Lion", "LionState", "MuonState", "MuonWithAdamW", "NAdamState", "OptimizerFamily",
-           "RAdamState", "RMSpropState", "SGDState", "adadelta", "adafactor", "adagrad", "adam", "adamax", "canonical",
-           "family_of", "functional_twin", "hyperparameter_names", "is_optimizer", "lion", "muon", "nadam",
-           "numeric_hparams", "radam", "register_optimizer", "resolve", "rmsprop", "sgd", "structure_key", "supported",
-           "torch_defaults", "torch_optimizer"]
+__all__ = ["AdadeltaState", "AdafactorState", "AdagradState", "AdamState", "AdamaxState", "CombinedOptimizer",
+           "FunctionalOptimizer", "GroupedOptimizer", "GroupedState", "HPARAM_DTYPE", "Lion", "LionState",
+           "MuonState", "MuonWithAdamW", "NAdamState", "OptimizerFamily", "ParamGroup", "RAdamState", "REGISTRY",
+           "RMSpropState", "SGDState", "adadelta", "adafactor", "adagrad", "adam", "adamax", "canonical", "family_of",
+           "functional_twin", "grouped_twin", "hyperparameter_names", "is_optimizer", "lion", "muon", "nadam",
+           "numeric_hparams", "radam", "register_optimizer", "resolve", "rmsprop", "sgd", "structure_key",
+           "supported", "torch_defaults", "torch_optimizer"]
 
 
 def supported() -> tuple[type | str, ...]:

@@ -72,7 +72,8 @@ class OptimizerFamily:
     torch.optim's per-parameter state, for ``load_learner``. ``choices`` are structural arguments that are not
     True/False (Muon's ``ns_steps``); ``nullable`` names split numbers that may be None (NaN per learner: Adafactor's
     ``eps1``); ``probe_shape`` is the parameter shape torch.optim's own checks run on; ``make_torch(named, settings)``
-    builds the torch.optim optimizer over named parameters where ``torch_class(params, **settings)`` does not."""
+    builds the torch.optim optimizer over groups of named parameters, each ``(named, settings)``, where
+    ``torch_class([{"params": ..., **settings}, ...])`` does not."""
 
     name: str
     torch_class: type | None
@@ -88,7 +89,8 @@ class OptimizerFamily:
     choices: tuple[str, ...] = ()
     nullable: frozenset[str] = frozenset()
     probe_shape: tuple[int, ...] = (1,)
-    make_torch: Callable[[Sequence[tuple[str, torch.Tensor]], Mapping[str, Any]], torch.optim.Optimizer] | None = None
+    make_torch: Callable[[Sequence[tuple[Sequence[tuple[str, torch.Tensor]], Mapping[str, Any]]]],
+                         torch.optim.Optimizer] | None = None
 
     @property
     def arguments(self) -> tuple[str, ...]:
@@ -97,9 +99,18 @@ class OptimizerFamily:
 
     def torch_optimizer(self, named: Sequence[tuple[str, torch.Tensor]], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
         """The torch.optim optimizer of these hyperparameters over the named parameters."""
+        return self.torch_optimizer_groups([(named, settings)])
+
+    def torch_optimizer_groups(self, groups: Sequence[tuple[Sequence[tuple[str, torch.Tensor]], Mapping[str, Any]]]
+                               ) -> torch.optim.Optimizer:
+        """The torch.optim optimizer with one param group per ``(named parameters, hyperparameters)``, in order."""
         if self.make_torch is not None:
-            return self.make_torch(named, settings)
-        return self.torch_class([p for _, p in named], **settings)
+            return self.make_torch(groups)
+        if len(groups) == 1:
+            named, settings = groups[0]
+            return self.torch_class([p for _, p in named], **settings)
+        return self.torch_class([{"params": [p for _, p in named], **settings} for named, settings in groups],
+                                **groups[0][1])
 
     def numeric_names(self) -> tuple[str, ...]:
         """The per-learner numbers ``update`` reads, e.g. ``beta1, beta2`` for ``betas``."""
@@ -263,6 +274,35 @@ def per_dtype(make: Callable[[torch.dtype], dict]) -> Callable[[torch.dtype], di
         return cache[dtype]
 
     return get
+
+
+def stacked_update(twin: FunctionalOptimizer, grads: Params, opt: OptState, params: Params, hparams: HParams
+                   ) -> tuple[Params, OptState]:
+    """``twin.update`` of N learners at once, on stacked leaves (N, ...): each viewed as (N, numel) and each
+    per-learner number (N,) as (N, 1), so that they broadcast as under ``vmap``. The update is elementwise
+    per learner, so every learner gets exactly the numbers ``vmap(twin.update)`` gives it. A family that is not
+    elementwise (``twin.stacked``) gets the leaves in their true shape (N, *shape) and the numbers (N,).
+
+    >>> twin = REGISTRY["SGD"].build(REGISTRY["SGD"].resolve({"lr": 0.1}), frozenset())
+    >>> params = {"w": torch.ones(3, 2)}  # N = 3
+    >>> hparams = {k: torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64) if k == "lr" else torch.zeros(3, dtype=torch.float64)
+    ...            for k in twin.numeric}
+    >>> new, _ = stacked_update(twin, {"w": torch.ones(3, 2)}, torch.func.vmap(twin.init)(params), params, hparams)
+    >>> new["w"][:, 0].tolist()
+    [0.8999999761581421, 0.800000011920929, 0.699999988079071]
+    """
+    if twin.stacked is not None:  # matrix operations (Muon, Adafactor): leaves in their true shape (N, *shape)
+        return twin.stacked(grads, opt, params, hparams)
+    n = len(optree.tree_leaves(params)[0])
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N, numel); (N,) -> (N, 1)
+        return t.reshape(n, -1) if t.ndim > 1 else t.reshape(n, 1)
+
+    new_params, new_opt = twin.update(*(optree.tree_map(rows, tree, none_is_leaf=False)
+                                        for tree in (grads, opt, params, hparams)))
+    shaped = lambda new, old: new.reshape(old.shape)  # noqa: E731
+    return (optree.tree_map(shaped, new_params, params, none_is_leaf=False),
+            optree.tree_map(shaped, new_opt, opt, none_is_leaf=False))
 
 
 def one_learner(stacked: Callable) -> Callable:

@@ -36,6 +36,7 @@ from .base import (
     per_learner,
     register_optimizer,
 )
+from .groups import CombinedOptimizer
 
 OTHERS = {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}  # AdamW for non-matrix parameters
 
@@ -109,10 +110,11 @@ def muon(nesterov: bool = True, ns_coefficients: Sequence[float] = (3.4445, -4.7
     return FunctionalOptimizer("Muon", init, one_learner(stacked), MUON.numeric_names(), MUON, stacked)
 
 
-class MuonWithAdamW(torch.optim.Optimizer):
+class MuonWithAdamW(CombinedOptimizer):
     """``torch.optim.Muon`` over the matrices and ``torch.optim.AdamW(**OTHERS)`` over the other parameters, as one
     optimizer: its param_groups are Muon's then AdamW's, its state theirs. What ``load_learner`` gives back for a
-    Muon learner whose model has parameters that are not matrices.
+    Muon learner whose model has parameters that are not matrices. ``matrices`` may be param groups (dicts), as
+    torch.optim takes them.
 
     >>> layer = torch.nn.Linear(3, 2)
     >>> opt = MuonWithAdamW([layer.weight], [layer.bias], lr=0.02)
@@ -120,34 +122,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
     [0.02, 0.0003]
     """
 
-    def __init__(self, matrices: Iterable[torch.Tensor], others: Iterable[torch.Tensor], **muon: Any):
+    def __init__(self, matrices: Iterable[torch.Tensor] | Iterable[dict], others: Iterable[torch.Tensor], **muon: Any):
         self.muon = torch.optim.Muon(matrices, **muon)
         self.adamw = torch.optim.AdamW(others, foreach=False, **OTHERS)
-        super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {})
-        self._link()
-
-    def _link(self) -> None:
-        k = len(self.muon.param_groups)
-        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:k], self.param_groups[k:]
-        self.muon.state = self.adamw.state = self.state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._link()
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.muon.step()
-        self.adamw.step()
-        return loss
+        super().__init__([self.muon, self.adamw])
 
 
-def _make_torch(named: Sequence[tuple[str, torch.Tensor]], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
-    matrices, others = [p for _, p in named if p.ndim == 2], [p for _, p in named if p.ndim != 2]
+def _make_torch(groups: Sequence[tuple[Sequence[tuple[str, torch.Tensor]], Mapping[str, Any]]]) -> torch.optim.Optimizer:
+    """torch's Muon over each group's matrices (one param group each) and, when some parameters are not matrices,
+    AdamW(**OTHERS) over all of those."""
+    matrices = [{"params": [p for _, p in named if p.ndim == 2], **settings} for named, settings in groups]
+    matrices = [g for g in matrices if g["params"]]
+    others = [p for named, _ in groups for _, p in named if p.ndim != 2]
+    settings = groups[0][1]
     return MuonWithAdamW(matrices, others, **settings) if others else torch.optim.Muon(matrices, **settings)
 
 

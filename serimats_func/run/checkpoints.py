@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core import pytrees
 from ..core.labels import selects
-from ..optimizers import family_of
+from ..optimizers import family_of, groups
 from ..store.zarr_store import FlatState, Store
 
 DERIVED_PARTS = ("n", "key", "active", "windows")  # interventions' data rebuilt from each learner's spec
@@ -266,22 +266,38 @@ def _module(model: nn.Module, flat: FlatState) -> nn.Module:
 
 
 def _optimizer(config: Mapping, flat: FlatState, module: nn.Module) -> torch.optim.Optimizer:
-    """The learner's ``torch.optim`` optimizer over ``module``'s trainable parameters, with its stored state."""
+    """The learner's ``torch.optim`` optimizer over ``module``'s trainable parameters, with its stored state. With
+    parameter groups: one torch.optim optimizer per class, each group a param group of it (the main's first), and
+    a ``CombinedOptimizer`` of them when the groups use other classes than the main one."""
     settings = dict(config["optimizer"])
-    family = family_of(settings.pop("optimizer"))
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    opt = _part(flat, "opt")
+    param_groups = settings.pop("param_groups", None)
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    optimizer = family.torch_optimizer(trainable, settings)  # Muon: MuonWithAdamW when some are not matrices
+    if param_groups is None:  # no groups: the state lies at opt/<field>/<name>
+        parts = [(_settings(settings), trainable, "opt")]
+    else:  # part i at opt/parts/<i>/<field>/<name>; part 0 holds the parameters no group matched
+        grouped = {n for g in param_groups for n in g["params"]}
+        parts = [(_settings(settings), [(n, p) for n, p in trainable if n not in grouped], "opt/parts/0")]
+        named = dict(trainable)
+        parts += [(_settings({k: v for k, v in g.items() if k != "params"}), [(n, named[n]) for n in g["params"]],
+                   f"opt/parts/{i}") for i, g in enumerate(param_groups, start=1)]
+    optimizer = groups.torch_optimizer([(group, named) for group, named, _ in parts])  # Muon: MuonWithAdamW
     index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
     state: dict[int, dict[str, Any]] = {}
-    for name, param in trainable:
-        per_parameter = {field: v for k, v in opt.items() for field, _, of in [k.partition("/")] if of == name}
-        torch_state = family.torch_state(opt, per_parameter)
-        if torch_state is not None:
-            state[index[id(param)]] = torch_state
+    for group, named, prefix in parts:
+        opt = _part(flat, prefix)
+        for name, param in named:
+            per_parameter = {field: v for k, v in opt.items() for field, _, of in [k.partition("/")] if of == name}
+            torch_state = group.family.torch_state(opt, per_parameter)
+            if torch_state is not None:
+                state[index[id(param)]] = torch_state
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, held in state.items():  # scalars keep torch's own dtype (NAdam's float32 mu_product), which loading casts
         optimizer.state[params[i]].update({k: v for k, v in held.items() if v.ndim == 0})
     return optimizer
+
+
+def _settings(identity: Mapping[str, Any]) -> groups.ParamGroup:
+    """An optimizer's identity (``{"optimizer": "SGD", "lr": 0.1, ...}``) as a ParamGroup of torch.optim values."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in identity.items() if k != "optimizer"}
+    return groups.ParamGroup("", family_of(identity["optimizer"]).name, values)

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ..core import pytrees
-from ..optimizers import family_of, functional_twin
 from .grid import Grid, LearnerSpec
 from .resume import Start
 
@@ -119,7 +118,7 @@ class Plan:
 def describe_group(spec: LearnerSpec) -> str:
     """A group in words: its optimizer structure, and model, data and batch size where they vary."""
     setup = spec.setup
-    words = family_of(setup.optimizer_class).describe(setup.optimizer_structure())
+    words = setup.describe_optimizer()
     extra = []
     if setup.model_label is not None:
         extra.append(f"model {setup.model_label}")
@@ -219,7 +218,7 @@ def learner_memory(spec: LearnerSpec, batch_size: int, eval_batch_size: int) -> 
     template, example_x = setup.template, setup.template_info.example_x
     params = dict(template.named_parameters())
     param_bytes = pytrees.nbytes(params)
-    twin = functional_twin(setup.optimizer_class, frozenset(setup.varied_hyperparameters), **setup.optimizer_values)
+    twin = setup.optimizer_twin()
     opt_bytes = pytrees.nbytes(twin.init({k: params[k] for k in setup.trainable_names}))
     buffer_bytes = pytrees.nbytes(dict(template.named_buffers()))
     acts = activation_bytes(template, example_x)

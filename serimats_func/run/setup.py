@@ -32,6 +32,7 @@ from torch import nn
 from .. import optimizers as twins
 from ..core.data import as_tensors, fingerprint
 from ..core.learners import PROBE_KEY, behaviour_fingerprint, class_fingerprint, prepare_template, reset
+from ..optimizers import groups
 from .identity import describe_callable, describe_module, runs_user_code
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -145,11 +146,13 @@ class Setup:
     model_label: Any = None
     optimizer_class: type | None = None
     optimizer_values: dict[str, Any] = field(default_factory=dict)
+    optimizer_groups: tuple[groups.ParamGroup, ...] = ()  # parameter groups, in order (first matching glob wins)
     varied_hyperparameters: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.optimizer_class is None:
             self.optimizer_class, self.optimizer_values = self.default_optimizer.resolve_with(self.default_optimizer)
+            self.optimizer_groups = self.default_optimizer.groups_with(self.default_optimizer)
 
     def copy(self) -> Setup:
         return dataclasses.replace(self, optimizer_values=dict(self.optimizer_values),
@@ -199,10 +202,34 @@ class Setup:
         return info._weight_scale
 
     def optimizer_structure(self) -> tuple:
-        return twins.structure_key(self.optimizer_class, self.optimizer_values, frozenset(self.varied_hyperparameters))
+        main = twins.structure_key(self.optimizer_class, self.optimizer_values, frozenset(self.varied_hyperparameters))
+        return groups.structure(main, self.optimizer_groups, self.trainable_names)
 
     def optimizer_identity(self) -> dict[str, Any]:
-        return twins.canonical(self.optimizer_class, self.optimizer_values, frozenset(self.varied_hyperparameters))
+        main = twins.canonical(self.optimizer_class, self.optimizer_values, frozenset(self.varied_hyperparameters))
+        return groups.identity(main, self.optimizer_groups, self.trainable_names)
+
+    def describe_optimizer(self) -> str:
+        family = twins.family_of(self.optimizer_class)
+        main = family.describe(family.structure(self.optimizer_values, frozenset(self.varied_hyperparameters)))
+        return groups.describe(main, self.optimizer_groups, self.trainable_names)
+
+    @property
+    def optimizer_parts(self) -> tuple[groups.ParamGroup, ...]:
+        """The main optimizer (as a ParamGroup) and the parameter groups: one functional optimizer each."""
+        return (groups.ParamGroup("", self.optimizer_class, self.optimizer_values), *self.optimizer_groups)
+
+    def optimizer_twin(self, varied: frozenset[str] | None = None) -> twins.FunctionalOptimizer:
+        """The functional optimizer of this setup (``varied``: the hyperparameters interventions change, default
+        this setup's)."""
+        varied = frozenset(self.varied_hyperparameters) if varied is None else varied
+        return groups.grouped_twin(self.optimizer_parts[0], self.optimizer_groups, self.trainable_names, varied)
+
+    def optimizer_hparams(self, twin: twins.FunctionalOptimizer) -> dict[str, torch.Tensor]:
+        """One learner's hyperparameters as ``twin`` (this setup's structure) reads them."""
+        if isinstance(twin, groups.GroupedOptimizer):
+            return twin.hparams_for([p.values for p in self.optimizer_parts])
+        return twin.hparams(**self.optimizer_values)
 
     def group_key(self) -> tuple:
         """Learners with equal keys share a template, data and optimizer structure."""

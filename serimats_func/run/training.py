@@ -26,7 +26,6 @@ from ..core.purity import check_pure
 from ..core.state import ChunkState, InterventionData
 from ..core.step import Hook, Hooks, LossFn, initial_hooks, make_train_step
 from ..interventions.base import Intervention, Numbers
-from ..optimizers import functional_twin
 from ..store.zarr_store import FlatState
 from .checkpoints import Checkpoints, flatten, restore
 from .grid import LearnerSpec, class_name
@@ -156,10 +155,9 @@ def _hyperparameters(twin, specs: Sequence[LearnerSpec]) -> dict[str, torch.Tens
     resolved: dict[str, dict[str, torch.Tensor]] = {}
     rows = []
     for s in specs:
-        values = s.setup.optimizer_values
-        key = repr(sorted(values.items()))
+        key = repr([sorted(p.values.items()) for p in s.setup.optimizer_parts])
         if key not in resolved:
-            resolved[key] = twin.hparams(**values)
+            resolved[key] = s.setup.optimizer_hparams(twin)
         rows.append(resolved[key])
     return {k: torch.stack([row[k] for row in rows]) for k in twin.numeric}
 
@@ -185,7 +183,7 @@ def _structure_key(specs: Sequence[LearnerSpec], hooks: Hooks, twin, shared: boo
 def chunk_optimizer(specs: Sequence[LearnerSpec]):
     setup = specs[0].setup
     varied = frozenset().union(*(s.setup.varied_hyperparameters for s in specs))
-    return functional_twin(setup.optimizer_class, varied, **setup.optimizer_values)
+    return setup.optimizer_twin(varied)
 
 
 @dataclass
