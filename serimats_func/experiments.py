@@ -162,7 +162,7 @@ class Experiment:
             raise ValueError(f"store= takes the path of the Zarr store (a str or pathlib.Path such as "
                              f"'runs/sweep.zarr'); got {store!r} ({type(store).__name__}).")
         if name is not None:
-            _check_name(name)
+            _checked_name(name)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -516,16 +516,6 @@ def _flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False; got {value!r} (a {type(value).__name__}, which would be "
                          f"taken as {bool(value)}).")
-
-
-def _check_name(name: object) -> None:
-    """An experiment's name names its store (``runs/<name>.zarr``): one plain file name, never a path."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"name must be a non-empty string; got {name!r}.")
-    if "/" in name or "\\" in name or ".." in name or name.startswith("."):
-        raise ValueError(f"name={name!r} is not a plain name: it would put the store outside runs/ (the default "
-                         "store is runs/<name>.zarr). Give a name without '/', '\\', '..' or a leading '.', and give "
-                         "store='path/to/store.zarr' to choose where the store goes.")
 
 
 def _device(device: str | torch.device | None) -> torch.device:
