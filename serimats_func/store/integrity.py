@@ -6,7 +6,8 @@ group is sealed: its attributes get a ``manifest`` (every file of the group, wit
 is deleted or cut short is found without reading it, so a missing chunk is never read as Zarr's fill value) and a
 ``digest`` (BLAKE2b over its other attributes, learner ids and configurations included, and over every array's
 ``zarr.json``: edited ids or metadata are found). ``problem`` checks the manifest and the digest (cheap: file sizes
-and small files); ``unreadable`` decodes arrays, which checks their chunks' CRC-32C. A group written before
+and small files); ``bad_checksum`` checks chunks' CRC-32C from their files; ``unreadable`` decodes arrays, which
+checks them too (and reads groups written without checksums). A group written before
 checksums existed has neither: it is read as it is (``sealed`` says which).
 
 >>> import numpy as np, tempfile, zarr
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -124,6 +126,18 @@ def problem(folder: Path, attrs: dict[str, Any], under: str | None = None) -> st
     if _digest(folder, attrs, manifest) != attrs[DIGEST]:
         return ("its attributes or its arrays' metadata changed since it was written (the digest over learner_ids, "
                 "configs, steps and every zarr.json does not match)")
+    return None
+
+
+def bad_checksum(folder: Path, attrs: dict[str, Any], keep: Callable[[str], bool] = lambda path: True) -> str | None:
+    """Check the CRC-32C of every chunk of the sealed group at ``folder`` whose path ``keep`` accepts, straight from
+    the files (as Zarr's ``crc32c`` codec does when decoding, without decoding): the first that fails, or None."""
+    for relative in attrs.get(MANIFEST, {}):
+        if relative.endswith(METADATA) or not keep(relative):
+            continue
+        data = (folder / relative).read_bytes()
+        if np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:]:
+            return f"the chunk {relative} cannot be decoded ({_cause(ValueError('checksum'))})"
     return None
 
 

@@ -270,8 +270,10 @@ class Store:
             if not self.layout.is_group(path):
                 raise integrity.Damaged(path, f"its {integrity.METADATA} is missing")
             attrs = integrity.read_attributes(path)
-            problem = integrity.problem(path, attrs) or integrity.unreadable(  # states: checked when read
-                path, keep=lambda array: not array.startswith(STATES + "/"))
+            metrics = lambda relative: not relative.startswith(STATES + "/")  # noqa: E731 (states: checked when read)
+            problem = integrity.problem(path, attrs) or (
+                integrity.bad_checksum(path, attrs, metrics) if integrity.sealed(attrs) else
+                integrity.unreadable(path, keep=metrics))
             if problem is not None:
                 raise integrity.Damaged(path, problem)
         except FileNotFoundError:  # a checkpoint removed meanwhile
