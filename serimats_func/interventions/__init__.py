@@ -13,11 +13,12 @@ functions at named points of the training step (see ``Intervention``), vmapped o
 from .activations import PerturbActivations
 from .base import Derived, Intervention, Numbers, Variations
 from .data import BatchSize, DataOrder, Dataset
-from .gradients import PerturbGradients
+from .gradients import ClipGradients, PerturbGradients
 from .hyperparameters import PerturbHyperparameter, PerturbMomentum
 from .model import Model
 from .optimizer import Optimizer
 from .optimizer_state import ResetOptimizerState
+from .schedule import LRSchedule
 from .weights import InitWeights, PerturbWeights, perturb_weights
 
 # The seed's names.
@@ -31,9 +32,13 @@ PerturbGradientsIntervention = PerturbGradients
 PerturbActivationsIntervention = PerturbActivations
 ModelIntervention = Model
 ResetOptimizerStateIntervention = ResetOptimizerState
+LRScheduleIntervention = LRSchedule
+ClipGradientsIntervention = ClipGradients
 
 __all__ = [
     "BatchSize",
+    "ClipGradients",
+    "ClipGradientsIntervention",
     "DataOrder",
     "DataOrderIntervention",
     "Dataset",
@@ -41,6 +46,8 @@ __all__ = [
     "InitWeights",
     "InitWeightsIntervention",
     "Intervention",
+    "LRSchedule",
+    "LRScheduleIntervention",
     "Model",
     "ModelIntervention",
     "Numbers",
