@@ -130,3 +130,6 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     assert np.isnan(ds.test_acc.sel(epsilon=0, seed=1)).all()
     assert namespace["fig"].axes[0].get_ylabel() == "test accuracy"
     assert store_paths.metadata(tmp_path / "runs" / "perturb.zarr").exists()
+    cosine = namespace["cosine"]  # warmup + cosine: two schedules, two trajectories
+    assert dict(cosine.train_loss.sizes) == {"T_max": 2, "step": 2} and cosine.warmup.item() == 10
+    assert cosine.train_loss.isel(step=-1).diff("T_max").item() != 0
