@@ -468,13 +468,14 @@ class Experiment:
                  "steps": self.schedule.total_steps, "batch_size": self.batch_size}
         return read_results(self.store, self.grid, self.need, self.metric_names(), sorted(steps), attrs)
 
-    def load_learner(self, step: int | None = None, **coords) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def load_learner(self, step: int | None = None, *, with_scheduler: bool = False, **coords) -> tuple:
         """A learner of this grid, chosen by its coordinates (``epsilon=0.01, seed=3``), as a plain ``nn.Module``
         with its weights and buffers at ``step`` (default: the latest kept) and a ``torch.optim`` optimizer with
-        its state: see ``serimats_func.load_learner``."""
+        its state (and, with ``with_scheduler=True``, its torch scheduler): see ``serimats_func.load_learner``."""
         specs = {s.id: s for s in self.grid.learners}
         learner_id, _ = select_learner({i: s.config for i, s in specs.items()}, coords, f"the experiment {self.name!r}")
-        return load_learner(self.store, specs[learner_id].setup.model, step, learner=learner_id)
+        return load_learner(self.store, specs[learner_id].setup.model, step, with_scheduler=with_scheduler,
+                            learner=learner_id)
 
 
 def _log_at(steps: Sequence[int]) -> tuple[int, ...]:

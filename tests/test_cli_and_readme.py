@@ -137,3 +137,6 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     assert dict(groups.train_loss.sizes) == {"lr": 2, "lr[5.weight]": 2, "step": 2}
     assert groups["optimizer[*.bias]"].item() == "AdamW" and groups["lr[*.bias]"].item() == 3e-4
     assert len(np.unique(groups.train_loss.isel(step=-1))) == 4
+    cosine = namespace["cosine"]  # warmup + cosine: two schedules, two trajectories
+    assert dict(cosine.train_loss.sizes) == {"T_max": 2, "step": 2} and cosine.warmup.item() == 10
+    assert cosine.train_loss.isel(step=-1).diff("T_max").item() != 0

@@ -93,8 +93,9 @@ def test_a_checkpoint_survives_a_change_of_chunking(experiment, tmp_path):
 
 # -- kept states as plain PyTorch --------------------------------------------------------------------------
 
-def go_on_with_torch(module, optimizer, spec, start: int, stop: int) -> None:
-    """Plain PyTorch training from ``start`` to ``stop`` on the learner's own batches."""
+def go_on_with_torch(module, optimizer, spec, start: int, stop: int, scheduler=None) -> None:
+    """Plain PyTorch training from ``start`` to ``stop`` on the learner's own batches (stepping ``scheduler``, if
+    given, after each update)."""
     x, y, size = spec.setup.data.x, spec.setup.data.y, spec.setup.batch_size
     per_epoch = steps_per_epoch(len(x), size)
     module.train()
@@ -104,6 +105,8 @@ def go_on_with_torch(module, optimizer, spec, start: int, stop: int) -> None:
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(module(x[idx]), y[idx]).backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
 
 
 @pytest.mark.parametrize("optimizer", [Optimizer(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),

@@ -14,11 +14,12 @@ from .activations import PerturbActivations
 from .augment import Augment
 from .base import Derived, Intervention, Numbers, Variations
 from .data import BatchSize, DataOrder, Dataset
-from .gradients import PerturbGradients
+from .gradients import ClipGradients, PerturbGradients
 from .hyperparameters import PerturbHyperparameter, PerturbMomentum
 from .model import Model
 from .optimizer import Optimizer
 from .optimizer_state import ResetOptimizerState
+from .schedule import LRSchedule
 from .weights import InitWeights, PerturbWeights, perturb_weights
 
 # The seed's names.
@@ -32,10 +33,14 @@ PerturbGradientsIntervention = PerturbGradients
 PerturbActivationsIntervention = PerturbActivations
 ModelIntervention = Model
 ResetOptimizerStateIntervention = ResetOptimizerState
+LRScheduleIntervention = LRSchedule
+ClipGradientsIntervention = ClipGradients
 
 __all__ = [
     "Augment",
     "BatchSize",
+    "ClipGradients",
+    "ClipGradientsIntervention",
     "DataOrder",
     "DataOrderIntervention",
     "Dataset",
@@ -43,6 +48,8 @@ __all__ = [
     "InitWeights",
     "InitWeightsIntervention",
     "Intervention",
+    "LRSchedule",
+    "LRScheduleIntervention",
     "Model",
     "ModelIntervention",
     "Numbers",

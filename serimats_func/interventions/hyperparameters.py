@@ -66,40 +66,70 @@ class PerturbHyperparameter(Intervention):
         them per learner); the same for every value of a derived axis, so it is set once, before ``resolve``."""
         setup.varied_hyperparameters |= set(self.changes())
 
-    def check(self, setup: Any) -> None:
-        changes = self.changes()
-        for axis in changes:
-            self._has(axis, setup)
-        twins.resolve(setup.optimizer_class, {**setup.optimizer_values, **changes})  # torch.optim's own checks
-
     def is_default(self) -> bool:
         return not self.changes()
 
     def identity(self) -> dict[str, Any] | None:
         base = getattr(self, "_base", None)
         changes = {k: v for k, v in self.changes().items() if base is None or base.get(k) != v}
-        if not changes:
+        relative = sorted(a for a in getattr(self, "_relative", ()) if a in changes)
+        if not changes and not relative:
             return None  # a value equal to the optimizer's own changes nothing
         when = self.values.get("when")
-        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
-                "when": None if when is None else [list(w) for w in when]}
+        out = {**{k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
+               "when": None if when is None else [list(w) for w in when]}
+        return {**out, "relative": relative} if relative else out  # only under a schedule: other ids keep their form
 
     def resolve(self, setup: Any) -> list[Intervention]:
         out = super().resolve(setup)
         for v in out:
             v._base = dict(setup.optimizer_values)
+            family = twins.family_of(setup.optimizer_class)
+            v._relative = frozenset(family.source_of(k) for k in v._relative_numbers(setup))  # axes: lr, betas
         return out
 
+    def _relative_numbers(self, setup: Any) -> dict[str, tuple[float, float]]:
+        """The hyperparameters (numbers, ``beta1``) this variation sets relative to a schedule's value: those an
+        ``LRSchedule`` sets that were given as a function of the base value, with (base, value)."""
+        scheduled = getattr(setup, "scheduled_hyperparameters", frozenset())
+        if not scheduled or not self.derived:
+            return {}
+        family = twins.family_of(setup.optimizer_class)
+        new = twins.numeric_hparams(setup.optimizer_class, {**setup.optimizer_values, **self.changes()})
+        keep = twins.numeric_hparams(setup.optimizer_class, setup.optimizer_values)
+        return {k: (keep[k], new[k]) for k in scheduled & set(new) if family.source_of(k) in self.derived}
+
+    def check(self, setup: Any) -> None:
+        changes = self.changes()
+        for axis in changes:
+            self._has(axis, setup)
+        twins.resolve(setup.optimizer_class, {**setup.optimizer_values, **changes})  # torch.optim's own checks
+        zero = [k for k, (base, _) in self._relative_numbers(setup).items() if base == 0]
+        if zero:
+            raise ValueError(f"{type(self).__name__}: {zero[0]} is given as a function of its base value, which makes it "
+                             f"relative to the scheduled {zero[0]}, but its base value is 0; give an absolute value.")
+
     def numbers(self, setup: Any) -> dict[str, float]:
-        """Every numeric hyperparameter of the learner's optimizer: the value in the window, NaN to keep."""
+        """Every numeric hyperparameter of the learner's optimizer: the value in the window, NaN to keep; under an
+        ``LRSchedule``, also ``<name>_scale`` for each hyperparameter it schedules: the factor on the scheduled value
+        of one given as a function (``lr=lambda lr: lr * 2``: 2), NaN for one given absolutely or not at all."""
         new = twins.numeric_hparams(setup.optimizer_class, {**setup.optimizer_values, **self.changes()})
         keep = twins.numeric_hparams(setup.optimizer_class, setup.optimizer_values)
         family = twins.family_of(setup.optimizer_class)
         changed = {k for k in new if new[k] != keep[k] or family.source_of(k) in self.changes()}
-        return {k: (new[k] if k in changed else math.nan) for k in new}
+        relative = self._relative_numbers(setup)
+        out = {k: (new[k] if k in changed and k not in relative else math.nan) for k in new}
+        for k in sorted(getattr(setup, "scheduled_hyperparameters", frozenset()) & set(new)):  # the same for the chunk
+            out[f"{k}_scale"] = relative[k][1] / relative[k][0] if k in relative and k in changed else math.nan
+        return out
 
     def on_hyperparameters(self, h: dict, n: Any, ctx: Any) -> dict:
-        return {k: torch.where(torch.isnan(n[k]), v, n[k]) if k in n else v for k, v in h.items()}
+        out = {}
+        for k, v in h.items():
+            if f"{k}_scale" in n:  # relative to the schedule's value
+                v = torch.where(torch.isnan(n[f"{k}_scale"]), v, v * n[f"{k}_scale"])
+            out[k] = torch.where(torch.isnan(n[k]), v, n[k]) if k in n else v
+        return out
 
 
 class PerturbMomentum(PerturbHyperparameter):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ import optree
 import torch
 from torch import nn
 
+from .. import schedules
 from ..core import pytrees
 from ..core.labels import selects
 from ..optimizers import family_of, groups
@@ -195,14 +197,20 @@ def _describe(learner_id: str, config: dict) -> str:
     return f"learner={learner_id!r} ({_format(config.get('coords', {})) or 'no coordinates'})"
 
 
-def load_learner(store: str | os.PathLike | Store, model: nn.Module, step: int | None = None,
-                 **coords: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+def load_learner(store: str | os.PathLike | Store, model: nn.Module, step: int | None = None, *,
+                 with_scheduler: bool = False, **coords: Any) -> tuple[nn.Module, torch.optim.Optimizer] | tuple[
+                     nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """One learner's kept state as plain PyTorch: a copy of ``model`` (the experiment's template) holding its
     parameters and buffers, and a ``torch.optim`` optimizer of its class and hyperparameters with its state
     loaded (SGD's momentum buffers, Adam's moments and step), ready to go on training. ``coords`` select the
     learner by its coordinates in the grid (``epsilon=0.01, seed=3``; ``learner=<id>`` also works); ``step``
     chooses among its kept states (default: the latest, its final state). Interventions that act later in
     training (a momentum window ahead, say) are not part of the optimizer: apply them yourself.
+
+    ``with_scheduler=True`` returns a third item: the learner's ``LRSchedule`` as the torch scheduler on that
+    optimizer, stepped once per update done (``last_epoch`` = the step), the optimizer's lr (and OneCycleLR's
+    momentum or betas) set for the next update; ``None`` for a learner without a schedule. Go on with
+    ``optimizer.step(); scheduler.step()`` at each update.
 
     >>> import tempfile, torch
     >>> from serimats_func import Experiment, datasets
@@ -216,11 +224,11 @@ def load_learner(store: str | os.PathLike | Store, model: nn.Module, step: int |
     """
     store = store if isinstance(store, Store) else Store(store)
     store.check()
-    return store.retrying(lambda: _load_learner(store, model, step, coords))
+    return store.retrying(lambda: _load_learner(store, model, step, coords, with_scheduler))
 
 
-def _load_learner(store: Store, model: nn.Module, step: int | None, coords: Mapping[str, Any]
-                  ) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _load_learner(store: Store, model: nn.Module, step: int | None, coords: Mapping[str, Any],
+                  with_scheduler: bool = False) -> tuple:
     learner_id, config = select_learner(store.configs(), coords, f"the store {store.path}")
     held = [(s, p, int(t)) for s, p in store.holders(learner_id, checkpoints=False) for t in s.state_steps]
     steps = sorted({t for _, _, t in held})
@@ -235,7 +243,27 @@ def _load_learner(store: Store, model: nn.Module, step: int | None, coords: Mapp
                          "ask for one of those, or keep more with Experiment(keep_states=[...]) or keep_every=.")
     flat = store.read_states([at[0]])[0]
     module = _module(model, flat)
-    return module, _optimizer(config, flat, module)
+    optimizer = _optimizer(config, flat, module)
+    if not with_scheduler:
+        return module, optimizer
+    return module, optimizer, _scheduler(config, optimizer, step)
+
+
+def _scheduler(config: Mapping, optimizer: torch.optim.Optimizer, step: int) -> Any:
+    """The learner's torch scheduler on ``optimizer``, stepped ``step`` times (None without a schedule)."""
+    schedule = config["interventions"].get("LRSchedule")
+    if schedule is None:
+        return None
+    schedule = dict(schedule)
+    name, warmup = schedule.pop("scheduler"), schedule.pop("warmup")
+    family = None if name is None else schedules.family_of(name)
+    resolved = {k: tuple(v) if isinstance(v, list) else v for k, v in schedule.items()}
+    scheduler = schedules.build_torch(optimizer, family, resolved, warmup)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": these updates are done
+        for _ in range(step):
+            scheduler.step()
+    return scheduler
 
 
 def _part(flat: FlatState, prefix: str) -> dict[str, torch.Tensor]:

@@ -148,6 +148,7 @@ class Setup:
     optimizer_values: dict[str, Any] = field(default_factory=dict)
     optimizer_groups: tuple[groups.ParamGroup, ...] = ()  # parameter groups, in order (first matching glob wins)
     varied_hyperparameters: set[str] = field(default_factory=set)
+    scheduled_hyperparameters: frozenset[str] = frozenset()  # those an LRSchedule sets at each step ("lr", ...)
 
     def __post_init__(self) -> None:
         if self.optimizer_class is None:
