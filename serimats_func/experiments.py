@@ -38,9 +38,9 @@ from .loggers import Logger, metric_specs
 from .plotter import Plotter, show
 from .run import trial
 from .run.checkpoints import load_learner, select_learner
+from .run.forks import ForkTree, describe_forks, fork_tree, segments
 from .run.grid import Grid, LearnerSpec, build_grid
 from .run.identity import describe_callable, digest
-from .run.forks import ForkTree, describe_forks, fork_tree, segments
 from .run.planning import Plan, describe_group, make_plan
 from .run.resume import Need, Start, start_of, state_at
 from .run.runner import Learners, Runner, RunSettings, read_results

@@ -162,21 +162,20 @@ def describe_forks(tree: ForkTree, parts: Sequence[Segment], coords: dict[str, d
     many prefixes, and whether those are trained in this run or stored ("12 learners fork at step 1000 from 2
     prefixes not in the grid (trained here)")."""
     trained = {p.spec.id for p in parts}
-    lines: dict[tuple[int, str], tuple[set[str], set[str]]] = {}
+    lines: dict[tuple[int, bool, bool], tuple[set[str], set[str]]] = {}
     for child, (step, prefix) in tree.parent.items():
-        if child not in trained:
-            continue
-        kind = "prefixes not in the grid" if prefix.id in tree.prefixes else "grid learners"
-        status = "trained here" if prefix.id in trained else "stored"
-        children, parents = lines.setdefault((step, f"{kind} ({status})"), (set(), set()))
-        children.add(child)
-        parents.add(prefix.id)
+        if child in trained:
+            children, parents = lines.setdefault((step, prefix.id in tree.prefixes, prefix.id in trained), (set(), set()))
+            children.add(child)
+            parents.add(prefix.id)
     out = []
-    for (step, what), (children, parents) in sorted(lines.items()):
-        if len(parents) == 1 and next(iter(parents)) in coords:
-            where = coords[next(iter(parents))]
-            what = f"the grid learner {where or '(no coordinates)'} ({what.rsplit('(', 1)[1]}"
+    for (step, outside, here), (children, parents) in sorted(lines.items()):
+        status = "trained here" if here else "stored"
+        if not outside and len(parents) == 1:
+            what = f"the grid learner {coords.get(next(iter(parents))) or '(no coordinates)'}"
+        elif outside:
+            what = f"{len(parents)} prefix{'es' if len(parents) > 1 else ''} not in the grid"
         else:
-            what = f"{len(parents)} {what}" if len(parents) > 1 else f"1 {what.replace('prefixes', 'prefix', 1).replace('learners', 'learner', 1)}"
-        out.append(f"fork: {len(children)} learner(s) fork at step {step} from {what}")
+            what = f"{len(parents)} grid learners"
+        out.append(f"fork: {len(children)} learner(s) fork at step {step} from {what} ({status})")
     return out

@@ -305,7 +305,7 @@ def make_plan(
         if max_learners_per_chunk:
             size = min(size, max_learners_per_chunk)
 
-        def can_join(control: LearnerSpec, step: int = step) -> bool:
+        def can_join(control: LearnerSpec, step: int = step, starts: dict = starts) -> bool:
             found = again_start(control, step)
             if found is not None:
                 starts.setdefault(control.id, found)
