@@ -112,7 +112,7 @@ class Plan:
         continuing = self.continuing
         if continuing:
             n = sum(continuing.values())
-            lines.append(f"  {n} of them continue from stored states or fork ({self.to_train - n} from scratch): "
+            lines.append(f"  {n} of them continue from stored states ({self.to_train - n} from scratch): "
                          + ", ".join(f"{k} {where}" for where, k in continuing.items()))
         lines += [f"  {line}" for line in self.forks]
         groups: dict[tuple, list[Chunk]] = {}
