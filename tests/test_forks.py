@@ -110,3 +110,14 @@ def test_a_late_data_order_shows_every_example_once_per_epoch(at):
         else:
             seen = (at - epoch * spe) * b
             assert torch.equal(order[:seen], epoch_order(1, epoch, n)[:seen])
+
+
+def test_a_window_whose_value_is_the_optimizers_own_is_no_fork_and_no_loop(experiment):
+    from serimats_func.interventions import PerturbHyperparameter
+
+    exp = experiment([PerturbHyperparameter.make_variations(lr=(0.01, 0.5), when=(6, 16))], log_every=1)
+    plan = exp.plan()  # lr=0.01 is SGD's own: that learner is its own prefix, the lr=0.5 one forks from it
+    assert plan.learner_steps == 6 + 2 * 10
+    a = exp.run()
+    b = experiment([PerturbHyperparameter.make_variations(lr=(0.01, 0.5), when=(6, 16))], log_every=1, fork=False).run()
+    np.testing.assert_array_equal(a.train_loss.values, b.train_loss.values)

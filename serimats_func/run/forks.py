@@ -48,10 +48,13 @@ class ForkTree:
 
     def lineage(self, learner_id: str) -> list[tuple[str, int]]:
         """The learner's ancestors, nearest first, each with the last step up to which the learner equals it."""
-        out, bound = [], None
+        out, bound, seen = [], None, {learner_id}
         while learner_id in self.parent:
             step, prefix = self.parent[learner_id]
             bound = step if bound is None else min(bound, step)
+            if prefix.id in seen:  # a learner whose later interventions change nothing is its own prefix
+                break
+            seen.add(prefix.id)
             out.append((prefix.id, bound))
             learner_id = prefix.id
         return out
@@ -67,9 +70,9 @@ class ForkTree:
         """The prefixes and grid learners that the learners ``ids`` fork from, transitively."""
         out: dict[str, LearnerSpec] = {}
         for learner_id in ids:
-            while learner_id in self.parent:
+            while learner_id in self.parent and self.parent[learner_id][1].id not in out:
                 _, prefix = self.parent[learner_id]
-                out.setdefault(prefix.id, prefix)
+                out[prefix.id] = prefix
                 learner_id = prefix.id
         return list(out.values())
 
@@ -90,7 +93,7 @@ def fork_tree(learners: Sequence[LearnerSpec], to_train: Collection[str], total_
         chain = []
         for s, prefix in spec.prefixes:
             prefix = canonical.setdefault(prefix.id, prefix)
-            if s < total_of(spec) and compatible(spec, prefix):
+            if s < total_of(spec) and prefix.id != spec.id and compatible(spec, prefix):
                 chain.append((s, prefix))
                 users.setdefault(prefix.id, set()).add(spec.id)
         chains[spec.id] = chain
@@ -114,7 +117,7 @@ def fork_tree(learners: Sequence[LearnerSpec], to_train: Collection[str], total_
         shared_by = len(users.get(prefix.id, ()))
         for s, shorter in reversed(prefix.prefixes):
             shorter = canonical.setdefault(shorter.id, shorter)
-            if compatible(prefix, shorter) and useful(shorter, shared_by):
+            if shorter.id != prefix.id and compatible(prefix, shorter) and useful(shorter, shared_by):
                 tree.parent[prefix.id] = (s, shorter)
                 todo.append(shorter)
                 break

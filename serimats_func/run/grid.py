@@ -198,7 +198,7 @@ def build_grid(interventions: Sequence, base: Setup, seed: int) -> Grid:
         for expansion in itertools.product(*(list(enumerate(e)) for e in expansions)):
             resolved = tuple(v for _, v in expansion)
             spec, derived = _learner(groups, names, codes, resolved, setup, seeds, seed)
-            object.__setattr__(spec, "prefixes", _prefixes(groups, names, codes, resolved, setup, seed))
+            object.__setattr__(spec, "prefixes", _prefixes(groups, names, codes, resolved, setup, seed, spec.id))
             built[(combo, tuple(i for i, _ in expansion))] = (spec.coords, spec, derived)
     _label_derived(built, groups, names)
     specs = _with_controls(built, groups, controls)
@@ -216,7 +216,8 @@ def _removed(v: Intervention) -> Intervention:
     return out
 
 
-def _prefixes(groups, names, codes, resolved, setup: Setup, seed: int) -> tuple[tuple[int, LearnerSpec], ...]:
+def _prefixes(groups, names, codes, resolved, setup: Setup, seed: int,
+              own_id: str) -> tuple[tuple[int, LearnerSpec], ...]:
     """For each step s > 0 at which one of the learner's interventions starts acting: the learner without the
     interventions that act from s on (same setup), which it equals up to s; each with its own shorter prefixes."""
     steps = sorted({v.first_active_step() for v in resolved if not v.is_default()} - {0})
@@ -227,6 +228,8 @@ def _prefixes(groups, names, codes, resolved, setup: Setup, seed: int) -> tuple[
         for v in kept:
             seeds.update({stream: v.values[axis] for stream, axis in v.streams.items()})
         twin, _ = _learner(groups, names, codes, kept, setup, seeds, seed)
+        if twin.id == own_id:  # what acts from s on changes nothing (a value equal to the optimizer's own)
+            continue
         object.__setattr__(twin, "prefixes", tuple(out))
         object.__setattr__(twin, "prefix", True)
         twin.config["coords"] = {}
