@@ -63,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -980,10 +981,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                         f"workload's own): {', '.join(OPTIMIZERS)}")
     p.add_argument("--mnist-root", type=Path, default=MNIST_ROOT)
     p.add_argument("--json", type=Path, help="also write everything to this JSON file")
+    p.add_argument("--forks", type=int, metavar="STEPS", help="only the fork workloads (learner-steps and wall time "
+                                                                "with forks and fork=False), over STEPS steps")
     args = p.parse_args(argv)
     if min(args.steps or 1, args.min_steps, args.warmup_steps) < 1 or args.seconds <= 0:
         p.error("--steps, --min-steps, --warmup-steps and --seconds must be positive")
     return args
+
+
+def fork_workloads(steps: int) -> dict[str, list]:
+    """Grids whose learners share prefixes: the seed's third example scaled to a CPU (2 init seeds x 2 momenta x 6
+    momentum changes x windows at 0, 1/6 and 5/6 of the run, each steps/60 long: 72 learners) and spawning (a
+    control and 32 DataOrder children from 5/6 of the run)."""
+    from serimats_func.interventions import DataOrder, PerturbMomentum
+
+    w = max(1, steps // 60)
+    windows = tuple((start, start + w) for start in (0, steps // 6, 5 * steps // 6))
+    return {
+        "momentum windows (seed example 3)": [
+            InitWeights.make_variations(seed=range(2)), Optimizer.make_variations(momentum=(0.9, 0.99)),
+            PerturbMomentum.make_variations(momentum=lambda m: (m * (1 + e) for e in (1e-3, -1e-3, 1e-2, -1e-2, 0.1, -0.1)),
+                                            when=windows)],
+        "spawning (32 DataOrder children)": [DataOrder.make_variations(seed=0, control=True),
+                                             DataOrder.make_variations(seed=range(1, 33), at=5 * steps // 6)],
+    }
+
+
+def fork_benchmark(device: torch.device, steps: int) -> str:
+    """Learner-steps computed and wall time of each fork workload with forks and with ``fork=False``, in one run
+    (MLP 40-256-256-10 on MNIST-1D, SGD lr=0.01 momentum=0.9, batch 100); results checked equal."""
+    train, test = datasets.mnist1d()
+    rows = ["| workload | learners | steps | learner-steps, forks | fork=False | wall s, forks | fork=False | speed-up |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, grid in fork_workloads(steps).items():
+        out = {}
+        for fork in (True, False):
+            with tempfile.TemporaryDirectory() as folder:
+                exp = Experiment(MLP(widths=(256, 256), in_features=40), train, grid, test_dataset=test, steps=steps,
+                                 batch_size=100, device=device, store=Path(folder) / "forks.zarr", progress=False,
+                                 fork=fork, log_every=steps // 6)
+                plan = exp.plan()
+                start = time.perf_counter()
+                ds = exp.run()
+                out[fork] = (len(exp.grid.learners), plan.learner_steps, time.perf_counter() - start, ds)
+        (n, forked, t_fork, a), (_, plain, t_plain, b) = out[True], out[False]
+        same = all(np.array_equal(a[m].values, b[m].values, equal_nan=True) for m in ("train_loss", "test_acc"))
+        rows.append(f"| {name}{'' if same else ' (RESULTS DIFFER)'} | {n} | {steps} | {forked} | {plain} | "
+                    f"{t_fork:.1f} | {t_plain:.1f} | {t_plain / t_fork:.2f}x |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
 
 
 def learner_counts(args: argparse.Namespace, device: torch.device) -> list[int]:
@@ -1020,6 +1066,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     default_max = CUDA_MAX_SERIAL if device.type == "cuda" else math.inf
     max_serial = args.max_serial if args.max_serial is not None else default_max
+    if args.forks:
+        table = fork_benchmark(device, args.forks)
+        print("\n" + table)
+        return {"environment": environment(device), "markdown": table}
     env, peak = environment(device), matmul_peak(device)
     ctx = Context(device, args, max_serial, peak["flop_per_s"])
     print_header(env, peak, ctx)

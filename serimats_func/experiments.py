@@ -39,11 +39,12 @@ from .loggers import Logger, metric_specs
 from .plotter import Plotter
 from .run import trial
 from .run.checkpoints import load_learner, select_learner
+from .run.forks import ForkTree, describe_forks, fork_tree, segments
 from .run.grid import Grid, LearnerSpec, build_grid, class_name
 from .run.identity import describe_callable, describe_class, digest
 from .run.planning import Plan, describe_group, make_plan
 from .run.results import experiment_record
-from .run.resume import Need, Start, start_of
+from .run.resume import Need, Start, start_of, state_at
 from .run.runner import Learners, Runner, RunSettings, read_results
 from .run.setup import Setup, SetupContext
 from .run.training import Schedule
@@ -97,6 +98,8 @@ class Experiment:
             lacks trains the learner again from the latest state it holds before that step.
         callbacks: objects watching the training as it goes, called at each chunk's start and end and after each
             step (see ``serimats_func.callbacks``); they change nothing, and learner ids do not depend on them.
+        fork: train each prefix that learners share once and fork them from its state (default True; see
+            ``serimats_func.run.forks``); False trains every learner from its own start. No number changes.
 
     Building an Experiment checks everything it can before anything is written: settings, data, model,
     interventions, metrics, and one trial training step of a few learners of each group on the CPU (see
@@ -134,6 +137,7 @@ class Experiment:
         convolutions: str = "auto",
         precision: str = "float32",
         callbacks: Sequence = (),
+        fork: bool = True,
     ):
         _positive_int("batch_size", batch_size)
         if eval_batch_size is not None:
@@ -193,6 +197,10 @@ class Experiment:
         self.checkpoint_every = checkpoint_every
         self.keep_states, self.keep_every = sorted({int(k) for k in keep_states}), keep_every
         self.callbacks = check_callbacks(callbacks)
+        if not isinstance(fork, bool):
+            raise ValueError(f"fork must be True or False; got {fork!r}.")
+        self.fork = fork
+        self._prefix_needs: dict[str, tuple[int, tuple[int, ...]]] = {}  # prefix id -> (its last step, fork steps)
         self.poll_seconds = 0.5  # how often to look for learners that another process trains
         self._metric_keys: dict[tuple, dict[str, str]] = {}
 
@@ -316,13 +324,33 @@ class Experiment:
         every = range(self.keep_every, schedule.total_steps + 1, self.keep_every) if self.keep_every else ()
         return tuple(sorted({k for k in (*self.keep_states, *every) if k <= schedule.total_steps}))
 
-    def need(self, spec: LearnerSpec) -> Need:
-        """What this experiment needs of a learner: metrics at its logged steps, kept states."""
+    def need(self, spec: LearnerSpec, until: int | None = None, states: Sequence[int] = ()) -> Need:
+        """What this experiment needs of a learner: metrics at its logged steps, kept states (and ``states``); of
+        a prefix (``until`` its last fork step), the same up to there and its states at its fork steps."""
         schedule = self.schedule_of(spec.setup)
-        return Need(schedule.log_steps, self.metric_keys(spec), self.keep_steps(schedule), schedule.total_steps)
+        if until is None and spec.prefix and spec.id in self._prefix_needs:
+            until, states = self._prefix_needs[spec.id]
+        total = schedule.total_steps if until is None else until
+        keep = {k for k in self.keep_steps(schedule) if k <= total} | set(states)
+        return Need(tuple(t for t in schedule.log_steps if t <= total), self.metric_keys(spec), tuple(sorted(keep)),
+                    total)
 
     def _start(self, spec: LearnerSpec) -> Start | None:
         return start_of(self.store, spec.id, self.need(spec))
+
+    def fork_tree(self) -> tuple[ForkTree, list[LearnerSpec], set[str]]:
+        """Who forks from whom (``forks.fork_tree``; nothing with ``fork=False``), the learners left to train
+        (grid learners the store does not serve, then the prefixes they fork from) and the ids of those served."""
+        learners = self.grid.learners
+        served = {s.id for s in learners if self._start(s) is None}
+        to_train = [s for s in learners if s.id not in served]
+        tree = ForkTree(grid_ids=frozenset(s.id for s in learners))
+        if self.fork:
+            tree = fork_tree(learners, {s.id for s in to_train}, lambda s: self.schedule_of(s.setup).total_steps,
+                             in_store=lambda i: bool(self.store.holders(i)),
+                             compatible=lambda a, b: self.metric_keys(a) == self.metric_keys(b))
+        self._prefix_needs = {i: (max(tree.fork_steps(i)), tree.fork_steps(i)) for i in tree.prefixes}
+        return tree, to_train + list(tree.prefixes.values()), served
 
     @property
     def data_bytes(self) -> int:
@@ -370,14 +398,24 @@ class Experiment:
             "Experiment after setting what its code reads.", stacklevel=3)
 
     def plan(self, learners: list[LearnerSpec] | None = None) -> Plan:
-        """What ``run()`` would do: learners in the store vs. to train (from scratch, or continuing from stored
-        states), groups, chunks, memory. Changes nothing. Ids are taken again first: see ``run()``."""
+        """What ``run()`` would do: learners in the store vs. to train (from scratch, continuing from stored
+        states, or forking from a shared prefix), groups, chunks, memory, ``learner_steps``. Changes nothing. Ids
+        are taken again first: see ``run()``."""
         self._refresh_ids()
         return self._plan(learners)
 
     def _plan(self, learners: list[LearnerSpec] | None = None) -> Plan:
-        plan = make_plan(self.grid, self._start, self.eval_batch_size, self.device, self.max_learners_per_chunk,
-                         data_bytes=self.data_bytes, learners=learners)
+        tree, nodes, served = self.fork_tree()
+        only = None if learners is None else {s.id for s in learners}
+        parts = segments(tree, nodes, lambda s: self.schedule_of(s.setup).total_steps,
+                         lambda s, until, states: self.need(s, until, states),
+                         lambda s, need, lineage: start_of(self.store, s.id, need, lineage), only)
+        grid_ids = [s.id for s in self.grid.learners if only is None or s.id in only]
+        plan = make_plan(self.grid, parts, self.eval_batch_size, self.device, self.max_learners_per_chunk,
+                         data_bytes=self.data_bytes, learners=len(grid_ids),
+                         in_store=sum(1 for i in grid_ids if i in served),
+                         again_start=lambda control, step: state_at(self.store, [control.id], step))
+        plan.forks = describe_forks(tree, parts, {i: s.coords for i, s in self._by_id.items()})
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
         plan.speed = self.speed.describe(self.context.dtype)
         return plan
@@ -414,14 +452,19 @@ class Experiment:
         return ds
 
     def learners_to_train(self) -> list[LearnerSpec]:
-        """The grid's learners that ``run()`` would train."""
-        return [spec for chunk in self.plan().chunks for spec in chunk.learners]
+        """The grid's learners that ``run()`` would train (and write)."""
+        out: dict[str, LearnerSpec] = {}
+        for chunk in self.plan().chunks:
+            out.update((s.id, s) for s in chunk.to_write if not s.prefix)
+        return list(out.values())
 
     def train_only(self, ids: Sequence[str]) -> int:
-        """Train those of the learners ``ids`` that are still missing (a shard's work); returns how many."""
+        """Train those of the learners ``ids`` that are still missing (a shard's work), and the prefixes they fork
+        from (unless another process trains them: then it waits for them); returns how many."""
         wanted = set(ids)
         self._refresh_ids()
         learners = [s for s in self.grid.learners if s.id in wanted]
+        learners += [s for s in self.fork_tree()[0].ancestors(wanted) if s.id not in wanted]
         plan = self._plan(learners)
         if plan.chunks:
             self.speed_report = []

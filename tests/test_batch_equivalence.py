@@ -114,12 +114,14 @@ def test_a_grid_mixing_every_intervention_gives_each_learner_bitwise_what_it_get
         PerturbMomentum.make_variations(momentum=(None, 0.5), when=(3, 7)),
         PerturbActivations.make_variations(module="2", zero=((), (1, 2)), when=(1, 5)),
     ]
-    together = experiment(grid, steps=10, log_every=1)
+    together = experiment(grid, steps=10, log_every=1, fork=False)
     assert len(together.grid.learners) == 64 and len(together.plan().chunks) == 1
     ds = together.run()
-    alone = experiment(grid, steps=10, log_every=1, max_learners_per_chunk=1).run()
+    alone = experiment(grid, steps=10, log_every=1, max_learners_per_chunk=1, fork=False).run()
+    forked = experiment(grid, steps=10, log_every=1).run()  # prefixes trained once, learners forked from them
     for metric in METRICS:
         np.testing.assert_array_equal(ds[metric].values, alone[metric].values)
+        np.testing.assert_array_equal(forked[metric].values, alone[metric].values)
     assert len(np.unique(ds.train_loss.isel(step=-1))) == 64
 
 

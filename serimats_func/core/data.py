@@ -17,6 +17,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -160,6 +161,49 @@ def epoch_order(data_key: int, epoch: int, n: int) -> torch.Tensor:
 def epoch_orders(data_keys: Sequence[int], epoch: int, n: int, device: torch.device) -> torch.Tensor:
     """One permutation per distinct data key: (K, n) int64 on ``device``."""
     return torch.stack([epoch_order(k, epoch, n) for k in data_keys]).to(device)
+
+
+class DataStream(NamedTuple):
+    """A learner's data order: its own ``key``; with ``at > 0``, the ``base`` key's order for the first ``at``
+    updates (``DataOrder(at=...)``). Learners with equal streams share batches."""
+
+    key: int
+    base: int | None = None
+    at: int = 0
+
+
+def stream_order(stream: DataStream, epoch: int, n: int, steps_per_epoch: int, batch_size: int) -> torch.Tensor:
+    """The permutation of ``range(n)`` that ``stream`` feeds in ``epoch``: the base order before its fork epoch,
+    its own after; in the epoch where it forks mid-way, the base order's first batches, then the examples not
+    yet seen in the order of its own permutation of that epoch.
+
+    >>> s = DataStream(key=1, base=0, at=3)
+    >>> order = stream_order(s, 0, 10, steps_per_epoch=5, batch_size=2)
+    >>> order[:6].tolist() == epoch_order(0, 0, 10)[:6].tolist(), sorted(order.tolist()) == list(range(10))
+    (True, True)
+    >>> stream_order(s, 1, 10, 5, 2).tolist() == epoch_order(1, 1, 10).tolist()
+    True
+    """
+    if stream.base is None or stream.at <= 0:
+        return epoch_order(stream.key, epoch, n)
+    fork_epoch, position = divmod(stream.at, steps_per_epoch)
+    if epoch < fork_epoch:
+        return epoch_order(stream.base, epoch, n)
+    own = epoch_order(stream.key, epoch, n)
+    if epoch > fork_epoch or position == 0:
+        return own
+    base = epoch_order(stream.base, epoch, n)
+    seen = min(n, position * batch_size)
+    rank = torch.empty_like(own)
+    rank[own] = torch.arange(n)  # rank[i]: where example i comes in the learner's own order
+    rest = base[seen:]
+    return torch.cat([base[:seen], rest[torch.argsort(rank[rest])]])
+
+
+def stream_orders(streams: Sequence[DataStream], epoch: int, n: int, steps_per_epoch: int, batch_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """One permutation per distinct stream: (K, n) int64 on ``device``."""
+    return torch.stack([stream_order(s, epoch, n, steps_per_epoch, batch_size) for s in streams]).to(device)
 
 
 def batch_indices(orders: torch.Tensor, position: int, batch_size: int) -> torch.Tensor:

@@ -53,6 +53,9 @@ class PerturbActivations(Intervention):
     def is_default(self) -> bool:
         return self.values["noise"] == 0 and self.values["scale"] == 1 and not self.values["zero"]
 
+    def first_active_step(self) -> int:
+        return self.window_start()  # its hooks act only in its windows
+
     def check(self, setup: Any) -> None:
         if self.values["module"] is None:
             raise ValueError("PerturbActivations needs module=, the name of the submodule whose output it changes.")

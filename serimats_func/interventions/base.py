@@ -308,6 +308,18 @@ class Intervention:
         all inactive leaves them out of its step)."""
         return not self.is_default()
 
+    def first_active_step(self) -> int:
+        """The number of updates before this variation first changes anything: the learner's states after 0..s
+        updates (and the batches of its first s updates) are those of the same learner without it. Learners that
+        share everything up to a step train that prefix once and fork from it (``Experiment(fork=True)``).
+        Default 0 (it may act from the start, its ``on_init`` included): a class of yours stays correct unless it
+        says more. A windowed class whose only hooks are step hooks may return ``self.window_start()``."""
+        return 0
+
+    def window_start(self) -> int:
+        """The first step of its windows (``when=``; 0 when it acts every step)."""
+        return min(start for start, _ in self.windows())
+
     def identity(self) -> dict[str, Any] | None:
         """The values that name this variation in a learner's id, or None when it changes nothing."""
         if self.is_default():

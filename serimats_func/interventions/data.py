@@ -14,15 +14,36 @@ from .weights import seed_value
 
 
 class DataOrder(Intervention):
-    """Shuffle the training data with another seed (learners share batches unless this varies)."""
+    """Shuffle the training data with another seed (learners share batches unless this varies).
 
-    axes = {"seed": 0}
+    ``at=k`` (default 0) spawns, as in Frankle et al. 2020: the learner follows the default data order (seed 0)
+    for its first k updates, and its own from update k on. Exactly: with E steps per epoch and batch size B, let
+    e, p = divmod(k, E). Epochs before e are the default permutations; in epoch e the first p batches are the
+    default permutation's first p * B examples, and the rest of the epoch is the examples not yet seen, in the
+    order they take in the learner's own permutation of epoch e (so each epoch still shows every example once);
+    epochs after e (and epoch e itself when p == 0) are the learner's own permutations, the same as with
+    ``at=0``. Dropout masks keep the default stream's key, so up to step k the learner is its seed-0 twin.
+
+    >>> DataOrder.make_variations(seed=(1, 2), at=500)[1].values
+    {'seed': 2, 'at': 500}
+    """
+
+    axes = {"seed": 0, "at": 0}
     prefix = "data"
     streams = {"data": "seed"}
     builtin = True
 
     def _check(self, axis: str, value: Any) -> Any:
         return seed_value(axis, value, "DataOrder")
+
+    def identity(self) -> dict[str, Any] | None:
+        out = super().identity()
+        if out is not None and out.get("at") == 0:
+            del out["at"]  # at=0 is the plain data order: the ids it always had
+        return out
+
+    def first_active_step(self) -> int:
+        return self.values["at"]
 
 
 class BatchSize(Intervention):

@@ -42,6 +42,9 @@ class PerturbGradients(Intervention):
     def is_default(self) -> bool:
         return self.values["noise"] == 0 and self.values["scale"] == 1
 
+    def first_active_step(self) -> int:
+        return self.window_start()  # its hooks act only in its windows
+
     def check(self, setup: Any) -> None:
         layer_mask(self.values["layers"], setup.trainable_names, "PerturbGradients")
 

@@ -69,6 +69,9 @@ class PerturbHyperparameter(Intervention):
     def is_default(self) -> bool:
         return not self.changes()
 
+    def first_active_step(self) -> int:
+        return self.window_start()  # its hooks act only in its windows
+
     def identity(self) -> dict[str, Any] | None:
         base = getattr(self, "_base", None)
         changes = {k: v for k, v in self.changes().items() if base is None or base.get(k) != v}

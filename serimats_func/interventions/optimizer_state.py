@@ -33,6 +33,9 @@ class ResetOptimizerState(Intervention):
     def is_default(self) -> bool:
         return self.values["at"] is None and self.values["when"] is None
 
+    def first_active_step(self) -> int:
+        return self.window_start()  # its hooks act only in its windows
+
     def windows(self) -> tuple[tuple[int, int], ...]:
         at = self.values["at"]
         own = () if at is None else ((at, at + 1),)

@@ -113,6 +113,11 @@ class PerturbWeights(Intervention):
         at = self.values["at"]
         return None if self.is_default() or at <= total_steps else f"at={at} acts after {at} updates"
 
+    def first_active_step(self) -> int:
+        """``at=k > 0`` moves the weights at the end of update k (``ctx.step == k - 1``): the states after 0..k-1
+        updates are the unperturbed ones."""
+        return max(0, self.values["at"] - 1)
+
     def check(self, setup: Any) -> None:
         if self.is_default():
             return

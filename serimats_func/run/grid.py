@@ -16,6 +16,7 @@ else by the difference (``momentum_delta``), else by the position of the value (
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -23,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.data import DataStream
 from ..core.keys import derive_key
 from ..interventions.base import Derived, Intervention, Variations
 from .identity import describe_class, digest
@@ -47,6 +49,9 @@ class LearnerSpec:
     keys: dict[str, int]  # stream -> key ("init", "data", "dropout"); class name -> the class's key
     structure: tuple  # learners with equal structures share one vmapped step
     control_id: str | None = None  # the id of its control, when the experiment has controls
+    data_from: tuple[int, int] | None = None  # (base key, step): the base data order up to that step (DataOrder(at=))
+    prefixes: tuple[tuple[int, LearnerSpec], ...] = ()  # (s, the learner without what acts from s on), s increasing
+    prefix: bool = False  # a learner that only exists as the shared prefix of grid learners (not in the grid)
 
     @property
     def init_key(self) -> int:
@@ -55,6 +60,13 @@ class LearnerSpec:
     @property
     def data_key(self) -> int:
         return self.keys["data"]
+
+    @property
+    def data_stream(self) -> DataStream:
+        """Its data order: its own key, from the base key's order after ``data_from[1]`` updates if set."""
+        if self.data_from is None:
+            return DataStream(self.keys["data"])
+        return DataStream(self.keys["data"], *self.data_from)
 
     @property
     def dropout_key(self) -> int:
@@ -186,10 +198,44 @@ def build_grid(interventions: Sequence, base: Setup, seed: int) -> Grid:
         for expansion in itertools.product(*(list(enumerate(e)) for e in expansions)):
             resolved = tuple(v for _, v in expansion)
             spec, derived = _learner(groups, names, codes, resolved, setup, seeds, seed)
+            object.__setattr__(spec, "prefixes", _prefixes(groups, names, codes, resolved, setup, seed, spec.id))
             built[(combo, tuple(i for i, _ in expansion))] = (spec.coords, spec, derived)
     _label_derived(built, groups, names)
     specs = _with_controls(built, groups, controls)
+    for spec in specs:  # a prefix records the metrics its learner would: against the learner's control
+        for _, twin in spec.prefixes:
+            object.__setattr__(twin, "control_id", spec.control_id)
     return _place([(spec.coords, spec) for spec in specs])
+
+
+def _removed(v: Intervention) -> Intervention:
+    """``v`` at its defaults: the same class, changing nothing (its hooks, if in a step, act nowhere)."""
+    out = copy.copy(v)
+    out.values = dict(type(v).axes)
+    out.derived = {}
+    return out
+
+
+def _prefixes(groups, names, codes, resolved, setup: Setup, seed: int,
+              own_id: str) -> tuple[tuple[int, LearnerSpec], ...]:
+    """For each step s > 0 at which one of the learner's interventions starts acting: the learner without the
+    interventions that act from s on (same setup), which it equals up to s; each with its own shorter prefixes."""
+    steps = sorted({v.first_active_step() for v in resolved if not v.is_default()} - {0})
+    out: list[tuple[int, LearnerSpec]] = []
+    for s in steps:
+        kept = tuple(_removed(v) if not v.is_default() and v.first_active_step() >= s else v for v in resolved)
+        seeds = dict(DEFAULT_STREAMS)
+        for v in kept:
+            seeds.update({stream: v.values[axis] for stream, axis in v.streams.items()})
+        twin, _ = _learner(groups, names, codes, kept, setup, seeds, seed)
+        if twin.id == own_id:  # what acts from s on changes nothing (a value equal to the optimizer's own)
+            continue
+        object.__setattr__(twin, "prefixes", tuple(out))
+        object.__setattr__(twin, "prefix", True)
+        twin.config["coords"] = {}
+        twin.config["prefix"] = True
+        out.append((s, twin))
+    return tuple(out)
 
 
 def _learner(groups, names, codes, resolved, setup: Setup, seeds: dict, seed: int) -> tuple[LearnerSpec, dict]:
@@ -214,7 +260,10 @@ def _learner(groups, names, codes, resolved, setup: Setup, seeds: dict, seed: in
             if axis in v.derived:
                 derived[names[(g.cls, axis)]] = v.derived[axis]
     keys = {stream: derive_key(seed, stream, value) for stream, value in seeds.items()}
-    keys["dropout"] = derive_key(seed, "dropout", seeds["init"], seeds["data"])
+    data_at = max((v.first_active_step() for v in resolved if "data" in v.streams and not v.is_default()), default=0)
+    data_from = (derive_key(seed, "data", DEFAULT_STREAMS["data"]), data_at) if data_at > 0 else None
+    dropout_data = seeds["data"] if data_from is None else DEFAULT_STREAMS["data"]  # a late order keeps the masks
+    keys["dropout"] = derive_key(seed, "dropout", seeds["init"], dropout_data)
     for v in resolved:
         keys[class_name(type(v))] = derive_key(seed, class_name(type(v)), v.values.get("seed", 0))
     structure = (setup.group_key(),) + tuple(s for v in resolved if (s := v.structure()))
@@ -229,6 +278,7 @@ def _learner(groups, names, codes, resolved, setup: Setup, seeds: dict, seed: in
         seeds=seeds,
         keys=keys,
         structure=structure,
+        data_from=data_from,
     )
     return spec, derived
 

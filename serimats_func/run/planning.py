@@ -15,25 +15,33 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..core import pytrees
+from .forks import Segment
 from .grid import Grid, LearnerSpec
 from .resume import Start
 
 
 @dataclass
 class Chunk:
-    """Learners that train together in one vmapped run, from the same step (0, or a stored state's)."""
+    """Learners that train together in one vmapped run, from the same step (0, or a stored state's) up to
+    ``stop`` (None: the end; else the next fork step, where they are written and go on in another chunk)."""
 
     structure: tuple
     learners: list[LearnerSpec]
     starts: list[Start] = field(default_factory=list)  # one per learner: where it starts
     again: frozenset[str] = frozenset()  # ids trained only as controls beside their learners: not written
+    stop: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether a state it starts from is yet to be written by an earlier chunk."""
+        return any(s.pending for s in self.starts)
 
     @property
     def start(self) -> int:
@@ -64,18 +72,32 @@ class Plan:
     total_steps: int = 0
     store: str = ""
     speed: str = ""
+    forks: list[str] = field(default_factory=list)  # the fork tree in words, one line per fork point
 
     @property
     def to_train(self) -> int:
-        """Learners trained and written (not counting controls trained again beside their learners)."""
-        return sum(len(c.to_write) for c in self.chunks)
+        """Grid learners trained and written (not counting controls trained again beside their learners, nor
+        prefixes that only exist to be forked from)."""
+        return len({s.id for c in self.chunks for s in c.to_write if not s.prefix})
+
+    @property
+    def learner_steps(self) -> int:
+        """The learner-steps it computes: every chunk's learners times its steps, each shared prefix once (and
+        controls trained again beside their learners counted too)."""
+        return sum(len(c.learners) * ((c.stop if c.stop is not None else self.total_steps) - c.start)
+                   for c in self.chunks)
 
     @property
     def continuing(self) -> dict[str, int]:
-        """How many learners continue from a stored state, by where they start ("from step 500 (final state)")."""
+        """How many learners continue from a stored state or fork from a prefix, by where they start ("from step
+        500 (final state)", "forked at step 500"): each learner's first chunk."""
         out: dict[str, int] = {}
+        seen: set[str] = set()
         for chunk in self.chunks:
-            for start in chunk.starts:
+            for spec, start in zip(chunk.learners, chunk.starts, strict=True):
+                if spec.id in seen or spec.id in chunk.again or spec.prefix:
+                    continue
+                seen.add(spec.id)
                 if start.step > 0:
                     out[start.description] = out.get(start.description, 0) + 1
         return out
@@ -83,18 +105,20 @@ class Plan:
     def __str__(self) -> str:
         lines = [
             f"{self.learners} learners in the grid ({self.grid_cells} cells); {self.in_store} already in "
-            f"{self.store}, {self.to_train} to train for {self.total_steps} steps on {self.device}.",
+            f"{self.store}, {self.to_train} to train for {self.total_steps} steps on {self.device}: "
+            f"{self.learner_steps} learner-steps.",
         ]
         continuing = self.continuing
         if continuing:
             n = sum(continuing.values())
             lines.append(f"  {n} of them continue from stored states ({self.to_train - n} from scratch): "
                          + ", ".join(f"{k} {where}" for where, k in continuing.items()))
+        lines += [f"  {line}" for line in self.forks]
         groups: dict[tuple, list[Chunk]] = {}
         for chunk in self.chunks:
             groups.setdefault(chunk.structure, []).append(chunk)
         for structure, chunks in groups.items():
-            n = sum(len(c.to_write) for c in chunks)
+            n = len({s.id for c in chunks for s in c.to_write})
             again = sum(len(c.again) for c in chunks)
             mib = self.bytes_per_learner[structure] / 2**20
             evaluation = self.evaluation_learners.get(structure)
@@ -249,25 +273,29 @@ def evaluation_learners(memory: LearnerMemory, learners: int, budget: int) -> in
 
 def make_plan(
     grid: Grid,
-    start_of: Callable[[LearnerSpec], Start | None],
+    segments: Sequence[Segment],
     eval_batch_size: int,
     device: torch.device,
     max_learners_per_chunk: int | None = None,
     data_bytes: int = 0,
-    learners: list[LearnerSpec] | None = None,
+    learners: int | None = None,
+    in_store: int = 0,
+    again_start: Callable[[LearnerSpec, int], Start | None] = lambda control, step: None,
 ) -> Plan:
-    """Split the learners (default: the grid's) that ``start_of`` says the store does not serve into groups
-    of one structure and start step, and those into chunks that fit in the memory left once the data
-    (``data_bytes``) is on the device."""
-    learners = grid.learners if learners is None else learners
-    starts = {s.id: start_of(s) for s in learners}
-    missing = [s for s in learners if starts[s.id] is not None]
-    groups: dict[tuple, list[LearnerSpec]] = {}
-    for spec in missing:
-        groups.setdefault((spec.structure, starts[spec.id].step), []).append(spec)
-    plan = Plan(grid_cells=len(grid.cells), learners=len(learners), in_store=len(learners) - len(missing),
-                memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device))
-    for (structure, step), specs in groups.items():
+    """Split the ``segments`` left to train (``forks.segments``: each learner from where it starts to its next fork
+    step or its end) into groups of one structure, start and stop, and those into chunks that fit in the memory
+    left once the data (``data_bytes``) is on the device; chunks in order of their start. A control that the
+    group's learners need beside them and that does not train there itself is trained again from its stored
+    state at the group's start (``again_start``) when it has one."""
+    groups: dict[tuple, list[Segment]] = {}
+    for segment in segments:
+        groups.setdefault((segment.spec.structure, segment.start.step, segment.stop), []).append(segment)
+    plan = Plan(grid_cells=len(grid.cells), learners=len(grid.learners) if learners is None else learners,
+                in_store=in_store, memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device))
+    largest: dict[tuple, int] = {}  # learners of the largest chunk of each structure
+    for (structure, step, stop), members in sorted(groups.items(), key=lambda kv: kv[0][1:]):
+        specs = [m.spec for m in members]
+        starts = {m.spec.id: m.start for m in members}
         if structure not in plan.bytes_per_learner:
             memory = learner_memory(specs[0], specs[0].setup.batch_size, eval_batch_size)
             plan.bytes_per_learner[structure] = memory.training
@@ -275,21 +303,32 @@ def make_plan(
         size = max(1, plan.memory_budget // plan.bytes_per_learner[structure])
         if max_learners_per_chunk:
             size = min(size, max_learners_per_chunk)
-        packed = pack_with_controls(specs, grid, size, beside_only=step > 0)
-        largest = max(len(members) for members, _ in packed)
-        plan.evaluation_learners[structure] = evaluation_learners(plan.memory[structure], largest, plan.memory_budget)
-        for members, again in packed:
-            plan.chunks.append(Chunk(structure, members, [starts.get(m.id) or Start(0) for m in members], again))
+
+        def can_join(control: LearnerSpec, step: int = step, starts: dict = starts) -> bool:
+            found = again_start(control, step)
+            if found is not None:
+                starts.setdefault(control.id, found)
+            return found is not None
+
+        packed = pack_with_controls(specs, grid, size, beside_only=step > 0, can_join=can_join)
+        largest[structure] = max(largest.get(structure, 0), *(len(members) for members, _ in packed))
+        plan.evaluation_learners[structure] = evaluation_learners(plan.memory[structure], largest[structure],
+                                                                  plan.memory_budget)
+        for chunk_members, again in packed:
+            plan.chunks.append(Chunk(structure, chunk_members, [starts.get(m.id) or Start(0) for m in chunk_members],
+                                     again, stop))
     return plan
 
 
-def pack_with_controls(specs: list[LearnerSpec], grid: Grid, size: int,
-                       beside_only: bool = False) -> list[tuple[list[LearnerSpec], frozenset[str]]]:
+def pack_with_controls(specs: list[LearnerSpec], grid: Grid, size: int, beside_only: bool = False,
+                       can_join: Callable[[LearnerSpec], bool] = lambda control: False,
+                       ) -> list[tuple[list[LearnerSpec], frozenset[str]]]:
     """Split learners of one structure into chunks of at most ``size`` (at least 2 where a learner needs its
     control), in grid order, so that each learner whose control has the same structure trains beside it.
     Returns (learners, ids trained again only as controls: in the store already, or written by an earlier
     chunk). With ``beside_only`` (learners that continue from a stored step), a control is added only if it is
-    among ``specs`` (it continues from the same step); otherwise its learners' control metrics are NaN.
+    among ``specs`` (it continues from the same step) or ``can_join`` it (it has a stored state there); otherwise
+    its learners' control metrics are NaN.
 
     >>> from types import SimpleNamespace as S
     >>> c, a, b = (S(id=i, control_id="c", structure=1) for i in "cab")
@@ -303,7 +342,7 @@ def pack_with_controls(specs: list[LearnerSpec], grid: Grid, size: int,
     for spec in specs:
         control = by_id.get(spec.control_id) if spec.control_id else None
         beside = control is not None and control.id != spec.id and control.structure == spec.structure and (
-            not beside_only or any(c.id == control.id for c in specs))
+            not beside_only or any(c.id == control.id for c in specs) or can_join(control))
         families.setdefault(control.id if beside else spec.id, []).append(spec)
     units: list[tuple[list[LearnerSpec], set[str]]] = []
     for key, members in families.items():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.data import TrainingData, batch_indices, epoch_orders
+from ..core.data import TrainingData, batch_indices, stream_orders
 from ..core.evaluation import evaluate_dataset, make_logits
 from ..core.metrics import (
     Data,
@@ -98,8 +98,8 @@ class Recorder:
         index = control_index(specs).to(device)  # (N,)
         self.has_control = index >= 0  # (N,)
         self.control = torch.where(self.has_control, index, torch.arange(len(specs), device=device))  # (N,)
-        self.data_keys = list(dict.fromkeys(s.data_key for s in specs))
-        self.which_order = torch.tensor([self.data_keys.index(s.data_key) for s in specs], device=device)  # (N,)
+        self.data_keys = list(dict.fromkeys(s.data_stream for s in specs))
+        self.which_order = torch.tensor([self.data_keys.index(s.data_stream) for s in specs], device=device)  # (N,)
         self.shared = len(self.data_keys) == 1
         self.reads_control = set(reads_control)
         self.custom = None
@@ -112,7 +112,8 @@ class Recorder:
     def batch(self, step: int) -> Data:
         """The training batch of update ``step`` (what a learner trains on next): (B, ...) shared, else (N, B, ...)."""
         epoch, position = divmod(step, self.steps_per_epoch)
-        idx = batch_indices(epoch_orders(self.data_keys, epoch, len(self.data.x), self.device), position,
+        idx = batch_indices(stream_orders(self.data_keys, epoch, len(self.data.x), self.steps_per_epoch,
+                                          self.data.batch_size, self.device), position,
                             self.data.batch_size)  # (K, B)
         idx = idx[0] if self.shared else idx[self.which_order]
         return Data(self.data.x[idx], self.data.y[idx])

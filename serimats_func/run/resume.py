@@ -13,7 +13,7 @@ continues each learner from its final state, with the same numbers as one longer
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..store.zarr_store import Source, Store
@@ -40,17 +40,23 @@ class Need:
 @dataclass(frozen=True)
 class Start:
     """Where a learner not served by the store starts: ``step`` 0 from scratch, else the state at ``step`` in
-    ``source`` (at ``position``)."""
+    ``source`` (at ``position``): its own, or (a fork) that of ``metrics_from``, a learner it equals up to there,
+    whose metrics at earlier logged steps it takes too. ``pending``: that state is written by an earlier chunk
+    of the same run (a prefix, or the learner's own previous segment)."""
 
     step: int
     source: Source | None = None
     position: int = 0
     first_unstored: int = 0  # the first logged step whose metrics no batch holds
+    metrics_from: str | None = None  # a fork: the learner whose state and earlier metrics it takes
+    pending: bool = False
 
     @property
     def description(self) -> str:
+        if self.metrics_from is not None:
+            return f"forked at step {self.step}"
         if self.source is None:
-            return "from scratch"
+            return "from scratch" if self.step == 0 else f"from step {self.step}"
         if self.source.kind == "checkpoint":
             return f"from step {self.step} (checkpoint)"
         final = self.step == max(self.source.steps, default=-1)
@@ -69,17 +75,40 @@ def held(store: Store, learner_id: str, need: Need, checkpoints: bool) -> tuple[
     return metrics, states
 
 
-def start_of(store: Store, learner_id: str, need: Need) -> Start | None:
-    """None when the store's batches serve the learner, else where its training starts."""
+def start_of(store: Store, learner_id: str, need: Need, lineage: Sequence[tuple[str, int]] = ()) -> Start | None:
+    """None when the store's batches serve the learner, else where its training starts: the latest state the
+    store holds at or before the first step it lacks, its own or (a fork) one of ``lineage``'s: learners
+    (ids) it equals up to a step, whose states up to that step serve it, when they hold its metrics (same
+    metric keys) up to there and the learner needs no kept state before."""
     stored_metrics, stored_states = held(store, learner_id, need, checkpoints=False)
     if need.first_missing(stored_metrics, stored_states) is None:
         return None
     unstored = min((s for s in need.steps if any(s not in steps for steps in stored_metrics.values())), default=need.total)
-    missing = need.first_missing(*held(store, learner_id, need, checkpoints=True))
+    metrics_anywhere, stored_states = held(store, learner_id, need, checkpoints=True)
+    missing = need.first_missing(metrics_anywhere, stored_states)
     limit = need.total if missing is None else min(missing, need.total)
     best = Start(0, first_unstored=unstored)
     for source, position in store.holders(learner_id, checkpoints=True):  # batches first, oldest first
         for step in source.state_steps:
             if best.step < int(step) <= limit:
                 best = Start(int(step), source, position, first_unstored=unstored)
+    own_states = min((s for s in need.states if s not in stored_states), default=need.total)  # its own to keep
+    for ancestor, bound in lineage:
+        reach = need.first_missing(*held(store, ancestor, Need(need.steps, need.metric_keys, (), need.total), True))
+        top = min(bound, need.total, own_states, need.total if reach is None else reach)
+        for source, position in store.holders(ancestor, checkpoints=True):
+            for step in source.state_steps:
+                if best.step < int(step) <= top:
+                    best = Start(int(step), source, position, first_unstored=unstored, metrics_from=ancestor)
     return best
+
+
+def state_at(store: Store, ids: Sequence[str], step: int) -> Start | None:
+    """A stored state at exactly ``step`` of the first of ``ids`` that has one (a control trained again beside
+    learners that continue from there)."""
+    for learner_id in ids:
+        for source, position in store.holders(learner_id, checkpoints=True):
+            if step in (int(s) for s in source.state_steps):
+                return Start(step, source, position, first_unstored=step,
+                             metrics_from=None if learner_id == ids[0] else learner_id)
+    return None

@@ -83,7 +83,7 @@ class Runner:
         at once, nor stored twice."""
         s = self.settings
         self.store.create()
-        total = sum(len(c.learners) * self.learners.schedule_of(c.learners[0].setup).total_steps for c in plan.chunks)
+        total = plan.learner_steps
         data_cache: dict[tuple[int, int], TrainingData] = {}
         with self.store.claims() as claims, progress_bar(total=total, desc=s.name, unit=" learner-steps",
                                                          disable=not s.progress) as bar:
@@ -98,6 +98,8 @@ class Runner:
                     try:  # the store may have changed before the claims: plan these learners again
                         again = self.plan([spec for spec in chunk.learners if spec.id in mine])
                         for part in again.chunks:
+                            if part.pending:  # it starts from a state not written yet (a later segment, a prefix)
+                                continue
                             bar.set_postfix_str(f"chunk {i + 1}/{len(plan.chunks)}: {len(part.learners)} learners")
                             self.train_chunk(part, claims, bar, data_cache, again.evaluation_learners.get(part.structure))
                             trained = True
@@ -131,7 +133,7 @@ class Runner:
         labels = {"layer": list(setup.param_names)}
         checkpoints = Checkpoints(self.store, ids, configs, keys, environment, s.checkpoint_every, dims=dims,
                                   labels=labels)
-        last = schedule.total_steps
+        last = schedule.total_steps if chunk.stop is None else chunk.stop
         written = [r for r, spec in enumerate(specs) if spec.id not in chunk.again]  # controls trained again: stored
         info = ChunkInfo(self._chunks, tuple(ids), chunk.start, last)
         self._chunks += 1
@@ -142,7 +144,7 @@ class Runner:
                                  start=self.chunk_start(chunk, schedule, keys, self.learners.keep_steps(schedule)),
                                  keep=self.learners.keep_steps(schedule),
                                  controls=s.controls, reads_control=s.reads_control, speed=s.speed, report=self.report,
-                                 evaluation_learners=evaluation_learners)
+                                 evaluation_learners=evaluation_learners, stop=last)
             self.callbacks.on_chunk_end(info, result)
             checkpoints.follow(chunk.start, None, lambda: (result.steps, result.metrics), result.states)
             checkpoints.track(last, result.states[last])
@@ -156,7 +158,8 @@ class Runner:
         except KeyboardInterrupt:
             raise checkpoints.interrupted(last) from None
         self.store.prune_checkpoints(claims)
-        unserved = [specs[r].id for r in written if self.learners.start(specs[r]) is not None]
+        unserved = [specs[r].id for r in written if last == schedule.total_steps and not specs[r].prefix
+                    and self.learners.start(specs[r]) is not None]  # a prefix or a segment: served when all are
         if unserved:
             raise RuntimeError(f"Learners {unserved[:3]} were trained but the store does not serve them: a bug, please "
                                "report it with the experiment's settings.")
@@ -164,7 +167,7 @@ class Runner:
     def _on_step(self, info: ChunkInfo, bar: tqdm) -> Callable[[int, object, object], None]:
         """What ``training.train_chunk`` calls at the chunk's start and after each update: the progress bar (in
         learner-steps), then the callbacks (with the loss of the chunk's own learners)."""
-        n, done = len(info.ids), [0]
+        n, done = len(info.ids), [info.start]
         callbacks = self.callbacks if self.callbacks.watch_steps else None
 
         def on_step(step: int, state: object, loss: object) -> None:
@@ -178,14 +181,16 @@ class Runner:
     def chunk_start(self, chunk: Chunk, schedule: Schedule, keys: list[dict[str, str]],
                     keep: Sequence[int] = ()) -> ChunkStart:
         """The chunk's stored states and what of earlier steps its batch carries: the metric values at logged steps
-        before its start, and the states kept at ``keep`` steps before it, that no batch holds for some of its
-        learners (they are in checkpoints)."""
+        before its start that no batch holds for some of its learners (they are in checkpoints, or they are those
+        of the prefix a learner forks from), and the states kept at ``keep`` steps before it that no batch holds
+        (they are in checkpoints)."""
         first = min(s.first_unstored for s in chunk.starts)
         prefix = tuple(t for t in schedule.log_steps if first <= t < chunk.start)
         records = {}
         if prefix:
             names = list(dict.fromkeys(m for k in keys for m in k))
-            held = self.store.read([(s.id, prefix, k) for s, k in zip(chunk.learners, keys, strict=True)], names,
+            held = self.store.read([(start.metrics_from or s.id, prefix, k)
+                                    for s, start, k in zip(chunk.learners, chunk.starts, keys, strict=True)], names,
                                    checkpoints=True)
             records = {m: held[m].values for m in names}  # (N, len(prefix), *own dims)
         states = None

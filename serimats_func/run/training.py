@@ -17,7 +17,7 @@ from ..acceleration import convolutions
 from ..acceleration import prepare as acceleration
 from ..acceleration.prepare import ChunkSpeed, Speed
 from ..core import pytrees
-from ..core.data import TrainingData, batch_indices, epoch_orders
+from ..core.data import DataStream, TrainingData, batch_indices, stream_orders
 from ..core.evaluation import make_logits
 from ..core.hook_points import POINTS, implemented
 from ..core.learners import initial_model_states
@@ -162,9 +162,9 @@ def _hyperparameters(twin, specs: Sequence[LearnerSpec]) -> dict[str, torch.Tens
     return {k: torch.stack([row[k] for row in rows]) for k in twin.numeric}
 
 
-def _orders(data_keys: Sequence[int], epoch: int, n: int, device: torch.device) -> torch.Tensor:
+def _orders(streams: Sequence[DataStream], epoch: int, data: TrainingData, device: torch.device) -> torch.Tensor:
     """An epoch's data orders (K, n) on ``device``; drawn on the CPU, copied without waiting on CUDA."""
-    orders = epoch_orders(data_keys, epoch, n, torch.device("cpu"))
+    orders = stream_orders(streams, epoch, len(data.x), data.steps_per_epoch, data.batch_size, torch.device("cpu"))
     if device.type == "cuda":
         return orders.pin_memory().to(device, non_blocking=True)
     return orders.to(device)
@@ -228,6 +228,7 @@ def train_chunk(
     speed: Speed | None = None,
     report: list[ChunkSpeed] | None = None,
     evaluation_learners: int | None = None,
+    stop: int | None = None,
 ) -> ChunkResult:
     """Train one chunk of learners of one structure from ``start`` (default: their initial states) to the end of
     ``schedule``, recording metrics (N, steps, *their dims) at its logged steps from ``start.step`` on and keeping
@@ -237,7 +238,9 @@ def train_chunk(
     learners whose control is not in ``specs``); ``reads_control``: the custom metrics that read
     ``learner.control``. ``speed`` says how the step may be accelerated (default ``Speed()``); what was chosen,
     and what choosing and compiling cost, is appended to ``report``. ``evaluation_learners`` caps the learners of
-    one evaluation pass (memory: ``planning.evaluation_learners``). ``on_step(step, state, loss)`` is called where
+    one evaluation pass (memory: ``planning.evaluation_learners``).
+    ``stop`` (default the schedule's last step) ends the chunk after that many updates (a prefix that learners
+    fork from there: its final state is kept there). ``on_step(step, state, loss)`` is called where
     the chunk starts (``loss`` None) and after each update (``step`` updates done, the step's loss (N,)):
     ``runner`` drives the progress bar and the callbacks from it.
 
@@ -260,9 +263,9 @@ def train_chunk(
                    for j in range(len(start.steps))] for m, v in start.records.items()}
     recorded = list(start.steps)
 
-    data_keys = list(dict.fromkeys(s.data_key for s in specs))
+    data_keys = list(dict.fromkeys(s.data_stream for s in specs))
     shared = len(data_keys) == 1
-    which_order = torch.tensor([data_keys.index(s.data_key) for s in specs], device=device)  # (N,)
+    which_order = torch.tensor([data_keys.index(s.data_stream) for s in specs], device=device)  # (N,)
     speed = speed or Speed()
     autocast = partial(acceleration.autocast, speed.precision, device)
 
@@ -272,13 +275,14 @@ def train_chunk(
                                 layers=layers, autocast=autocast, per_learner=per_learner),
                 make_logits(template, layers, per_learner=per_learner))
 
-    first = batch_indices(_orders(data_keys[:1], 0, len(data.x), device), 0, data.batch_size)[0]
+    first = batch_indices(_orders(data_keys[:1], 0, data, device), 0, data.batch_size)[0]
     xb, yb = data.x[first], data.y[first]
     if not shared:
         xb, yb = xb.expand(len(specs), *xb.shape), yb.expand(len(specs), *yb.shape)
     check_pure(build("vmap")[0], state, xb, yb, hooks)
     structure = _structure_key(specs, hooks, twin, shared, loss_fn, speed)
-    steps_left = schedule.total_steps - start.step
+    stop = schedule.total_steps if stop is None else stop
+    steps_left = stop - start.step
     with acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
         step_fn = acceleration.prepare_step(build, template, structure, (state, xb, yb, torch.tensor(start.step, device=device)),
                                             steps_left, len(specs), device, speed)
@@ -293,7 +297,7 @@ def train_chunk(
     record = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
                       metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
                       records=records, logits_fn=step_fn.logits, learners_per_pass=learners_per_pass)
-    log_steps = set(schedule.log_steps)
+    log_steps = {t for t in schedule.log_steps if t <= stop}
 
     def snapshot() -> tuple[list[int], dict[str, np.ndarray]]:
         """The logged steps recorded in full so far, and their metrics (N, steps)."""
@@ -306,7 +310,7 @@ def train_chunk(
     if checkpoints is not None:
         checkpoints.follow(start.step, state, snapshot, kept)
     template.train()
-    step_numbers = torch.arange(schedule.total_steps + 1, device=device)  # on the device: no copy per step
+    step_numbers = torch.arange(stop + 1, device=device)  # on the device: no copy per step
     with torch.no_grad(), acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
         if start.step in log_steps:
             record(state, start.step)
@@ -315,10 +319,10 @@ def train_chunk(
             kept[start.step] = flatten(state, n_learners)
         on_step(start.step, state, None)
         orders = None
-        for step in range(start.step, schedule.total_steps):
+        for step in range(start.step, stop):
             epoch, position = divmod(step, schedule.steps_per_epoch)
             if position == 0 or orders is None:
-                orders = _orders(data_keys, epoch, len(data.x), device)  # (K, n)
+                orders = _orders(data_keys, epoch, data, device)  # (K, n)
             idx = batch_indices(orders, position, data.batch_size)  # (K, B)
             if shared:
                 xb, yb = data.x[idx[0]], data.y[idx[0]]  # (B, ...)
@@ -334,10 +338,10 @@ def train_chunk(
             if step + 1 in keep:
                 kept[step + 1] = flatten(state, n_learners)
             on_step(step + 1, state, loss)
-            if checkpoints is not None and step + 1 < schedule.total_steps and checkpoints.due(step + 1):
+            if checkpoints is not None and step + 1 < stop and checkpoints.due(step + 1):
                 checkpoints.save(step + 1, state, *snapshot())
     steps, out = snapshot()
-    kept[schedule.total_steps] = flatten(state, n_learners)
+    kept[stop] = flatten(state, n_learners)
     diverged_at = state.diverged_at[:n_learners].cpu().numpy()  # (N,)
     control = record.control[:n_learners].cpu().numpy() % n_learners  # (N,) a lone learner trains as two copies
     out = nan_from_divergence(out, steps, diverged_at, control, record.against_control())
