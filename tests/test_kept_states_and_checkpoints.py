@@ -56,8 +56,8 @@ def test_a_run_that_keeps_states_and_crashes_resumes_from_its_newest_checkpoint_
     plan = experiment(FOUR, store=store, **settings).plan()
     assert plan.continuing == {f"from step {resumed_from} (checkpoint)": 2}
     ds = experiment(FOUR, store=store, callbacks=[steps], **settings).run()
-    assert steps.calls[: 16 - resumed_from] == list(range(resumed_from + 1, 17))  # the first chunk, from its checkpoint
-    assert steps.calls[16 - resumed_from:] == list(range(1, 17))  # the second chunk had not started
+    resumed, fresh = list(range(resumed_from + 1, 17)), list(range(1, 17))  # the first chunk from its checkpoint;
+    assert steps.calls in (resumed + fresh, fresh + resumed)  # the second had not started (chunks run by start step)
     for metric in reference.data_vars:
         np.testing.assert_array_equal(ds[metric].values, reference[metric].values, err_msg=metric)
     assert_same_states(store, tmp_path / "ref.zarr")
