@@ -56,6 +56,7 @@ import json
 import math
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -983,6 +984,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write everything to this JSON file")
     p.add_argument("--forks", type=int, metavar="STEPS", help="only the fork workloads (learner-steps and wall time "
                                                                 "with forks and fork=False), over STEPS steps")
+    p.add_argument("--end-to-end", action="store_true", help="what a user waits for: Experiment(...).run() with the "
+                   "defaults (evaluation on) vs a serial loop evaluating the whole sets at the log steps, fixed costs "
+                   "and peak RSS apart, each in its own process")
+    p.add_argument("--e2e-seconds", default="10,120", help="comma-separated target seconds of the serial loop per "
+                   "--end-to-end cell (short and long runs)")
     args = p.parse_args(argv)
     if min(args.steps or 1, args.min_steps, args.warmup_steps) < 1 or args.seconds <= 0:
         p.error("--steps, --min-steps, --warmup-steps and --seconds must be positive")
@@ -1032,6 +1038,134 @@ def fork_benchmark(device: torch.device, steps: int) -> str:
     return "\n".join(rows)
 
 
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(fn: Callable[[], dict]) -> dict:
+    """``fn()`` in a forked process, so that its peak resident memory is its own (ru_maxrss starts from this
+    process's size at the fork: ``rss_at_start_mib``)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def target() -> None:
+        start = peak_rss_mib()
+        try:
+            queue.put({**fn(), "rss_at_start_mib": start, "peak_rss_mib": peak_rss_mib()})
+        except BaseException as error:  # report, do not hang the parent
+            queue.put({"error": f"{type(error).__name__}: {error}"})
+
+    child = ctx.Process(target=target)
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def serial_end_to_end(workload: Workload, n: int, steps: int, device: torch.device, eval_batch: int) -> dict:
+    """What a user of a plain PyTorch loop waits for: N models built, evaluated on the whole train and test sets
+    at the library's log steps (start, epoch ends, last), trained one after another on one data order."""
+    times: dict[str, float] = {}
+    with Clock(device) as total:
+        with Clock(device) as build:
+            models = [seeded_model(workload, seed, device) for seed in range(n)]
+            optimizers = [workload.optimizer(m.parameters(), **workload.hparams) for m in models]
+            data = tuple(t.to(device) for t in workload.train)
+            sets = [data, tuple(t.to(device) for t in workload.test)]
+            batches = Batches(len(data[0]), workload.batch_size, steps, device)
+        times["construction"] = build.seconds
+        log_steps = {0, steps} | set(range(batches.per_epoch, steps, batches.per_epoch))
+        evaluation, train = 0.0, 0.0
+        for model, optimizer in zip(models, optimizers, strict=True):
+            for step in range(steps + 1):
+                if step in log_steps:
+                    with Clock(device) as clock:
+                        model.eval()
+                        torch.stack([evaluate_module(model, x, y, eval_batch) for x, y in sets]).cpu()
+                        model.train()
+                    evaluation += clock.seconds
+                if step < steps:
+                    with Clock(device) as clock:
+                        idx = batches(step)
+                        serial_step(model, optimizer, data[0][idx], data[1][idx])
+                    train += clock.seconds
+        times.update(evaluation=evaluation, training=train)
+    return {"seconds": total.seconds, "other_cpu_s": total.other_cpu_s, "breakdown": times}
+
+
+def library_end_to_end(workload: Workload, n: int, steps: int, device: torch.device) -> dict:
+    """``Experiment(...).run()`` with the library's defaults (evaluation on, compile and plans "auto") on a fresh
+    store, construction included; the fixed costs apart: construction (the trial step), choosing plans and
+    compiling (``speed_report``), initial states, the store's writes and the read-back of the result."""
+    times: dict[str, float] = {}
+    lib_training.initial_state = timed(lib_training.initial_state, device, times, "initial_states")  # in the child only
+    with tempfile.TemporaryDirectory(prefix="serimats-e2e-") as tmp:
+        with Clock(device) as total:
+            with Clock(device) as build:
+                exp = Experiment(model=workload.make_model(), dataset=workload.train, test_dataset=workload.test,
+                                 interventions=[InitWeights.make_variations(seed=range(n))],
+                                 optimizer=Optimizer(workload.optimizer, **workload.hparams),
+                                 batch_size=workload.batch_size, steps=steps, device=device,
+                                 store=Path(tmp) / "e2e.zarr", progress=False)
+            exp.store.write = timed(exp.store.write, device, times, "store_write")
+            exp.store.read = timed(exp.store.read, device, times, "store_read")
+            with Clock(device) as run:
+                ds = exp.run()
+                ds.load()  # the read-back of the result, as a user's first look at it does
+    report = library_speed_report(exp)
+    times.update(construction=build.seconds, run=run.seconds,
+                 measure_plans=sum(r["measure_s"] for r in report), compile=sum(r["compile_s"] for r in report))
+    return {"seconds": total.seconds, "other_cpu_s": total.other_cpu_s, "breakdown": times, "speed": report}
+
+
+def end_to_end(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """``--end-to-end``: per workload, N and run length (``--e2e-seconds``: the serial loop's target seconds),
+    the library's ``run()`` with defaults against the serial loop, each in its own process (peak RSS its own)."""
+    cells = []
+    eval_batch = 1024 if device.type == "cuda" else 256  # the library's default evaluation batch
+    for name in args.workloads.split(","):
+        workload = load_workload(name.strip(), args.mnist_root)
+        probe = in_child(lambda w=workload: serial_end_to_end(w, 1, 20, device, eval_batch))
+        per_step = probe["breakdown"]["training"] / 20  # one serial learner-step, to size the runs
+        for seconds in (float(v) for v in args.e2e_seconds.split(",")):
+            for n in learner_counts(args, device):
+                steps = args.steps or max(args.min_steps, min(MAX_STEPS, round(seconds / max(1e-9, n * per_step))))
+                serial = in_child(lambda w=workload, n=n, k=steps: serial_end_to_end(w, n, k, device, eval_batch))
+                ours = in_child(lambda w=workload, n=n, k=steps: library_end_to_end(w, n, k, device))
+                cell = {"workload": workload.name, "n": n, "steps": steps, "serial": serial, "ours": ours,
+                        "ratio": serial["seconds"] / ours["seconds"] if "seconds" in serial and "seconds" in ours else None}
+                cells.append(cell)
+                fixed = ", ".join(f"{k} {v:.2f}s" for k, v in ours.get("breakdown", {}).items())
+                print(f"{workload.name} N={n} steps={steps}: serial {fmt(serial.get('seconds'), '.2f')} s, "
+                      f"library {fmt(ours.get('seconds'), '.2f')} s, serial/library {fmt(cell['ratio'], '.2f')}x; "
+                      f"peak RSS serial {fmt(serial.get('peak_rss_mib'), '.0f')} MiB, library "
+                      f"{fmt(ours.get('peak_rss_mib'), '.0f')} MiB; library: {fixed}"
+                      + (f"; errors {serial.get('error')} {ours.get('error')}" if "error" in serial or "error" in ours else ""))
+    return cells
+
+
+def end_to_end_table(cells: list[dict]) -> str:
+    lines = ["| workload | N | steps | serial s | library s | serial / library | construction s | plans + compile s "
+             "| initial states s | store write s | read-back s | peak RSS serial / library MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for c in cells:
+        b = c["ours"].get("breakdown", {})
+        lines.append(f"| {c['workload']} | {c['n']} | {c['steps']} | {fmt(c['serial'].get('seconds'), '.2f')} | "
+                     f"{fmt(c['ours'].get('seconds'), '.2f')} | {fmt(c['ratio'], '.2f')}x | "
+                     f"{fmt(b.get('construction'), '.2f')} | "
+                     f"{fmt((b.get('measure_plans') or 0) + (b.get('compile') or 0), '.2f')} | "
+                     f"{fmt(b.get('initial_states'), '.3f')} | {fmt(b.get('store_write'), '.2f')} | "
+                     f"{fmt(b.get('store_read'), '.2f')} | {fmt(c['serial'].get('peak_rss_mib'), '.0f')} / "
+                     f"{fmt(c['ours'].get('peak_rss_mib'), '.0f')} |")
+    return "\n".join(lines)
+
+
 def learner_counts(args: argparse.Namespace, device: torch.device) -> list[int]:
     if args.n:
         return sorted({int(v) for v in args.n.split(",")})
@@ -1073,6 +1207,15 @@ def main(argv: list[str] | None = None) -> dict:
     env, peak = environment(device), matmul_peak(device)
     ctx = Context(device, args, max_serial, peak["flop_per_s"])
     print_header(env, peak, ctx)
+    if args.end_to_end:
+        cells = end_to_end(args, device)
+        table = end_to_end_table(cells)
+        print("\n" + table)
+        result = {"environment": env, "mode": "end-to-end", "cells": cells, "markdown": table,
+                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        if args.json:
+            args.json.write_text(json.dumps(jsonable(result), indent=2) + "\n")
+        return result
     cells = [c for name in args.workloads.split(",") for c in run_workload(name.strip(), learner_counts(args, device), ctx)]
     table = markdown_table(cells, ctx)
     if args.optimizers:

@@ -47,6 +47,18 @@ def small_mnist1d():
     return builders.small_mnist1d()
 
 
+@pytest.fixture(autouse=True)
+def plan_cache_dir(tmp_path, monkeypatch):
+    """Each test its own cache of measured plans (acceleration.plan_cache), empty: no test reads the user's, or
+    another test's, choices; the in-process caches are emptied too."""
+    from serimats_func.acceleration import plan_cache, prepare
+
+    monkeypatch.setenv(plan_cache.CACHE_ENV, str(tmp_path / "plan-cache"))
+    monkeypatch.setattr(prepare, "_CHOSEN", {})
+    monkeypatch.setattr(prepare, "_EVALUATIONS", {})
+    return tmp_path / "plan-cache"
+
+
 @pytest.fixture
 def store(tmp_path):
     return tmp_path / "runs" / "test.zarr"

@@ -268,6 +268,41 @@ def test_ten_thousand_lenet5_learners_are_chunked_to_fit_the_memory_budget(exper
     assert cap is not None and max(sizes) * memory.state + cap * memory.evaluation <= plan.memory_budget
 
 
+def test_the_evaluation_working_set_is_counted_in_the_plan_and_grows_with_the_evaluation_batch(experiment, monkeypatch):
+    (x, y), test = _image_data_28()
+    monkeypatch.setattr(planning, "memory_budget", lambda device: 400 * 2**20)
+    exps = {b: experiment([InitWeights.make_variations(seed=range(64))], model=Lenet5(), data=((x, y), test), steps=1,
+                          batch_size=16, eval_batch_size=b) for b in (64, 512)}
+    spec = exps[64].grid.learners[0]
+    acts = planning.activation_bytes(spec.setup.template, spec.setup.template_info.example_x)
+    logits = 64 * 10 * 4  # the largest set's logits (64 examples, 10 classes, float32)
+    caps = {}
+    for b, exp in exps.items():
+        memory = planning.learner_memory(spec, 16, b)
+        assert memory.evaluation == int(planning.VMAP_ACTIVATIONS * b * planning.EVAL_LAYER_OUTPUTS * acts.largest) + 2 * logits
+        plan = exp.plan()
+        (structure,) = plan.evaluation_learners
+        cap, chunk = plan.evaluation_learners[structure], max(len(c.learners) for c in plan.chunks)
+        passes = chunk if cap is None else cap
+        assert chunk * memory.state + passes * memory.evaluation <= plan.memory_budget
+        caps[b] = cap
+    small, large = caps[64], caps[512]
+    assert large is not None and (small is None or large < small)  # a larger evaluation batch: fewer learners a pass
+
+
+def test_evaluation_writes_each_batch_into_one_logits_tensor_with_the_concatenation_s_numbers(small_mnist1d):
+    x, y = small_mnist1d[0].tensors
+    x, y = x[:300], y[:300]  # 300 = 2 * 128 + 44: an uneven last batch
+    template = prepare_template(MLP(widths=(32,)), x[:2]).eval()
+    state = initial_model_states(template, list(range(3)), [0] * 3)
+    logits = make_logits(template)
+    whole = torch.cat([logits(state.params, state.buffers, x[s : s + 128]) for s in range(0, 300, 128)], dim=1)
+    loss, accuracy, predicted = evaluate_dataset(logits, F.cross_entropy, state.params, state.buffers, x, y, 128,
+                                                 predictions=True)
+    assert torch.equal(loss, vmap(F.cross_entropy, in_dims=(0, None))(whole, y).double())
+    assert torch.equal(predicted, whole.argmax(-1))
+
+
 def test_the_memory_estimate_counts_what_autograd_keeps_not_the_parameters():
     template = prepare_template(Lenet5(), torch.rand(2, 1, 28, 28))
     acts = planning.activation_bytes(template, torch.rand(4, 1, 28, 28))

@@ -24,8 +24,8 @@ kernel, hence the order of float additions, differs. In float64 they agree with 
 1e-12 relative; in float32 one step agrees to float32 rounding (tests/test_speed.py). A plan (a ``ConvPlan`` of the
 registry ``PLANS``: each layer's strategy, or ``"serial"``, one learner after another) is chosen per
 model, device, learner count and input shape (``acceleration.choose_plan``): by a short measurement of
-one step with each candidate when training is long enough to repay it, else by a fixed rule, and cached
-for the process.
+one or two steps with each candidate when training is long enough to repay it, else by a fixed rule; a
+measured choice is cached in the process and on disk (``plan_cache``).
 
 >>> import torch
 >>> from serimats_func.models import Lenet5

@@ -4,9 +4,12 @@
 ``prepare_step`` turns them into the step and evaluation functions of one chunk, measuring what it must,
 and says what it chose and what that cost in a ``ChunkSpeed`` report.
 
-- **Convolutions** (``convolutions.py``): ``"auto"`` measures the candidate plans on the chunk's own learners
-  when the chunk trains long enough (``MEASURE_MIN_STEPS``), else takes the device's default; a plan name
-  forces it; ``"vmap"`` is torch.func's own batching rule.
+- **Convolutions** (``convolutions.py``): ``"auto"`` takes the plan cached for this device, structure, N and
+  torch version (``plan_cache``: on disk, so a second run measures nothing), else measures the candidate plans
+  on the chunk's own learners (one or two timed steps each) when that costs at most ``MEASURE_SHARE`` of the
+  chunk's training (estimated from its first step's time), else takes the device's default; a plan name forces
+  it; ``"vmap"`` is torch.func's own batching rule. Evaluation chooses its own plan and learners per pass the
+  same way (``choose_evaluation``), on its first batch.
 - **Compilation**: the whole step (hooks, forward, backward, optimizer) under ``torch.compile(fullgraph=True)``,
   vmap inside, on CUDA with CUDA graphs (``mode="reduce-overhead"``). ``"auto"`` compiles when the measured
   eager step times the steps left exceeds ``AUTO_COMPILE_SECONDS`` of the device (compiling costs seconds
@@ -30,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,13 +42,14 @@ from typing import Any
 
 import torch
 
-from . import convolutions
+from . import convolutions, plan_cache
 
 # compile when the eager chunk would take longer: compiling costs minutes when inductor's cache is cold (5 min for
 # a small convolutional step on a 2-core CPU), seconds when it is warm
 AUTO_COMPILE_SECONDS = {"cpu": 1800.0, "cuda": 300.0}
 COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager": the same graphs without generating kernels
-MEASURE_MIN_STEPS = 1000  # measure (convolution plans, eager step time) only for chunks this long: about 20 steps, 2% of it
+MEASURE_SHARE = 0.02  # what measuring (plans, eager step time) may cost, as a share of the chunk's estimated run
+MEASURE_MIN_STEPS = 100  # timing one step (two calls: the first carries one-time costs) costs MEASURE_SHARE of this
 PRECISIONS = ("float32", "tf32", "bf16")
 PLANS = convolutions.PLANS  # the convolution plans, by name (a registry: convolutions.register_plan)
 SERIAL_MAX_LEARNERS = {"cpu": 4}
@@ -93,6 +98,8 @@ class ChunkSpeed:
     plan: str = "vmap"
     layers: dict[str, str] = field(default_factory=dict)
     plan_measured: bool = False
+    plan_reason: str = ""  # "cached", "measured: ..." or why the default was taken
+    evaluation: str = ""  # the evaluation's plan and learners per pass, and why (once the chunk evaluated)
     compiled: bool = False
     compile_s: float = 0.0
     measure_s: float = 0.0
@@ -106,6 +113,7 @@ class PreparedStep:
     logits: Callable  # logits(params, buffers, x) -> (N, B, classes), template in eval mode
     report: ChunkSpeed
     cuda_graphs: bool = False
+    logits_of: Callable[[str], Callable] | None = None  # logits of another plan (evaluation chooses its own)
 
     def __call__(self, state: dict, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> tuple[dict, torch.Tensor]:
         if self.cuda_graphs:
@@ -118,12 +126,13 @@ _COMPILE_FAILED: dict[tuple, Exception] = {}  # structures whose step failed to 
 
 
 def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: torch.nn.Module, key: tuple,
-                 run_args: tuple, steps_left: int, n: int, device: torch.device, speed: Speed) -> PreparedStep:
+                 run_args: tuple, steps_left: int, n: int, device: torch.device, speed: Speed,
+                 stable_key: str | None = None) -> PreparedStep:
     """The step of a chunk of ``n`` learners. ``build(plan)`` makes its eager step and logits functions for a
     plan of ``convolutions.PLANS``; ``run_args`` (state, x, y, t) are what one step takes, for measuring (the step is pure:
-    nothing is changed); ``key`` names the chunk's structure (for the caches of plans and compiled steps)."""
+    nothing is changed); ``key`` names the chunk's structure (for the caches of plans and compiled steps) in this
+    process, ``stable_key`` across processes (the disk cache of plans, ``plan_cache``; None: not used)."""
     report = ChunkSpeed(learners=n)
-    worth_measuring = steps_left >= MEASURE_MIN_STEPS
     built_steps: dict[str, tuple[Callable, Callable]] = {}
 
     def built(plan: str) -> tuple[Callable, Callable]:
@@ -141,16 +150,21 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
         report.plan = "vmap"  # bf16: autocast casts inside torch's own kernels, which the custom layers bypass
     elif speed.convolutions == "auto":
         plan_key = (key, n, str(device), tuple(run_args[1].shape))
-        report.plan_measured = worth_measuring and plan_key not in _CHOSEN
-        report.plan = choose_plan(run, plan_key, device, n, measure=worth_measuring)
+        cache_key = None if stable_key is None else plan_cache.entry_key(
+            "train", plan_cache.digest((stable_key, tuple(run_args[1].shape))), n, device)
+        choice = choose_plan(run, plan_key, device, n, steps_left, cache_key=cache_key)
+        report.plan, report.plan_measured, report.plan_reason = choice.plan, choice.measured, choice.reason
+        report.eager_step_s = choice.step_s
     else:
         report.plan = speed.convolutions
     report.layers = convolutions.plan_for(template, report.plan)
     step, logits = built(report.plan)
 
     compile_now = speed.compile is True
-    if speed.compile == "auto" and worth_measuring:
-        report.eager_step_s = _seconds(lambda: run(report.plan), device, repeats=2)
+    timed = steps_left >= MEASURE_MIN_STEPS  # one step timed twice costs at most MEASURE_SHARE of the run
+    if report.eager_step_s is None and timed:
+        report.eager_step_s = _seconds(lambda: run(report.plan), device, repeats=1)
+    if speed.compile == "auto" and report.eager_step_s is not None:
         estimate = report.eager_step_s * steps_left
         compile_now = estimate > AUTO_COMPILE_SECONDS.get(device.type, AUTO_COMPILE_SECONDS["cuda"])
         report.reason = f"eager estimate {estimate:.0f} s for {steps_left} steps"
@@ -158,7 +172,7 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
         report.reason = f"{steps_left} steps: too short to measure, eager"
     report.measure_s = time.perf_counter() - start
 
-    prepared = PreparedStep(step, logits, report)
+    prepared = PreparedStep(step, logits, report, logits_of=lambda plan: built(plan)[1])
     if not compile_now:
         return prepared
     eager = prepared
@@ -181,7 +195,8 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
             # limit of 8 per code object it would silently run the step eagerly.
             dynamo_config = torch._dynamo.config
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-        compiled = PreparedStep(_COMPILED[compiled_key], logits, report, cuda_graphs=device.type == "cuda")
+        compiled = PreparedStep(_COMPILED[compiled_key], logits, report, cuda_graphs=device.type == "cuda",
+                                logits_of=prepared.logits_of)
         with torch.no_grad():
             compiled(*run_args)  # compiles now (or finds it in the caches), apart from the training time
         _synchronize(device)
@@ -217,7 +232,18 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
     return compiled
 
 
-_CHOSEN: dict[tuple, str] = {}
+_CHOSEN: dict[tuple, PlanChoice] = {}  # this process's choices (the disk cache: plan_cache)
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """A chunk's convolution plan, whether it was measured now, why it was taken, and its step's seconds
+    (measured now or remembered; None when nothing was timed)."""
+
+    plan: str
+    measured: bool
+    reason: str
+    step_s: float | None = None
 
 
 def default_plan(device: torch.device, n: int) -> str:
@@ -229,53 +255,142 @@ def default_plan(device: torch.device, n: int) -> str:
     return "grouped"
 
 
-def choose_plan(run: Callable[[str], None], key: tuple, device: torch.device, n: int, measure: bool,
-                candidates: tuple[str, ...] | None = None) -> str:
-    """The plan of a convolutional model's step: with ``measure``, each candidate (default: the plans that are
-    candidates on ``device``, ``convolutions.candidates``) runs one step to warm up and two timed (``run(plan)``),
-    and the fastest wins, cached under ``key`` (structure, learners, device, batch shape);
-    otherwise the cached choice or ``default_plan``."""
-    if key in _CHOSEN:
-        return _CHOSEN[key]
-    if not measure:
-        return default_plan(device, n)
+def choose_plan(run: Callable[[str], None], key: tuple, device: torch.device, n: int, steps_left: int,
+                cache_key: str | None = None, candidates: tuple[str, ...] | None = None) -> PlanChoice:
+    """The plan of a convolutional model's step, among ``candidates`` (default: those of ``device``,
+    ``convolutions.candidates``): the choice cached in this process under ``key`` or on disk under ``cache_key``
+    (``plan_cache``); else, when the chunk trains at least ``MEASURE_MIN_STEPS``, the default plan's step is timed
+    twice (``run(plan)``: the first call carries one-time costs) and, if timing every candidate that way would cost
+    at most ``MEASURE_SHARE`` of the chunk's training, each candidate runs once timed (twice when it is within
+    reach of the best) and the fastest wins, cached in the process and on disk; otherwise ``default_plan``."""
     candidates = convolutions.candidates(device) if candidates is None else candidates
-    timings = {plan: _seconds(lambda plan=plan: run(plan), device, repeats=2) for plan in candidates}
-    _CHOSEN[key] = min(timings, key=timings.get)
-    return _CHOSEN[key]
+    if key in _CHOSEN:
+        return dataclasses.replace(_CHOSEN[key], measured=False, reason="cached")
+    entry = plan_cache.lookup(cache_key) if cache_key else None
+    if entry is not None and entry["choice"] in candidates:
+        _CHOSEN[key] = PlanChoice(entry["choice"], False, "cached", entry.get("step_s"))
+        return _CHOSEN[key]
+    default = default_plan(device, n)
+    if steps_left < MEASURE_MIN_STEPS:
+        return PlanChoice(default, False, f"default: {steps_left} steps are too short to time one within "
+                                          f"{MEASURE_SHARE:.0%} of the run")
+    first = _once(lambda: run(default), device)  # allocation, kernel selection
+    timings = {default: _once(lambda: run(default), device)}
+    budget = MEASURE_SHARE * steps_left * timings[default]
+    estimate = first + timings[default] + (len(candidates) - 1) * 1.5 * timings[default]  # one or two calls each
+    if estimate > budget:
+        return PlanChoice(default, False, f"default: timing {len(candidates)} plans (about {estimate:.2g} s) would "
+                                          f"take over {MEASURE_SHARE:.0%} of {steps_left} steps", timings[default])
+    overhead = max(0.0, first - timings[default])  # what a plan's first call adds
+    for plan in candidates:
+        if plan == default:
+            continue
+        seconds = _once(lambda plan=plan: run(plan), device)
+        if seconds < 1.5 * min(timings.values()) + overhead:  # within reach: time it warm
+            seconds = min(seconds, _once(lambda plan=plan: run(plan), device))
+        timings[plan] = seconds
+    best = min(timings, key=timings.get)
+    words = ", ".join(f"{plan} {seconds * 1e3:.3g} ms" for plan, seconds in timings.items())
+    _CHOSEN[key] = PlanChoice(best, False, "cached", timings[best])
+    if cache_key:
+        plan_cache.remember(cache_key, {"choice": best, "step_s": timings[best], "timings": timings})
+    return PlanChoice(best, True, f"measured: {words}", timings[best])
 
 
-_EVAL_GROUPS: dict[tuple, int] = {}
+@dataclass(frozen=True)
+class EvaluationChoice:
+    """How a chunk evaluates: the plan of its logits (``convolutions.PLANS``), learners per pass (None: all),
+    whether that was measured now, and why it was taken."""
+
+    plan: str
+    group: int | None
+    measured: bool
+    reason: str
+
+
+_EVALUATIONS: dict[tuple, EvaluationChoice] = {}
 EVAL_GROUP_CANDIDATES = (None, 32, 8)  # learners per evaluation pass (None: all)
+FORWARD_SHARE = 1 / 3  # a forward pass's share of a training step (forward and backward), to estimate a batch's cost
 
 
-def evaluation_group(logits: Callable, params: dict, buffers: dict, x: torch.Tensor, batch_size: int,
-                     key: tuple, device: torch.device, measure: bool, cap: int | None = None) -> int | None:
-    """How many learners to evaluate per pass (``evaluation.evaluate_dataset``'s ``learners_per_pass``, None: all), at
-    most ``cap`` (what memory allows, ``planning.evaluation_learners``): the fastest per learner on one evaluation
-    batch, measured once per ``key`` when ``measure``. Every choice gives the same numbers."""
-    if key in _EVAL_GROUPS:
-        return _EVAL_GROUPS[key]
+def evaluation_candidates(train_plan: str, device: torch.device, convolutional: bool) -> tuple[str, ...]:
+    """The logits plans evaluation measures: the training plan; for a convolutional model also the device's
+    vmapped default, torch.func's own vmap and the learners one after another in channels-last memory
+    (``"serial"``). A model without convolutions keeps its training plan (vmap): a learner's metrics then do
+    not depend on how many learners share its chunk."""
+    if not convolutional:
+        return (train_plan,)
+    vmapped = default_plan(device, SERIAL_MAX_LEARNERS.get(device.type, 0) + 1)
+    return tuple(dict.fromkeys((train_plan, vmapped, "vmap", "serial")))
+
+
+def choose_evaluation(logits_of: Callable[[str], Callable], candidates: tuple[str, ...], params: dict, buffers: dict,
+                      x: torch.Tensor, batch_size: int, key: tuple, device: torch.device, budget_s: float | None,
+                      batch_s: float | None = None, cap: int | None = None, cache_key: str | None = None) -> EvaluationChoice:
+    """The evaluation of a chunk's learners on ``x`` (batches of ``batch_size``): which logits plan of
+    ``candidates`` (``logits_of(plan)``, the first is the default) and how many learners per pass, at most
+    ``cap`` (what memory allows, ``planning.evaluation_learners``). Cached in the process under ``key`` and on
+    disk under ``cache_key``; else each (plan, group) runs once, timed, on the first evaluation batch (twice
+    when within reach of the best), the fastest per learner wins, when that costs at most ``budget_s`` (the
+    share of the run measuring may take: None, nothing is measured), estimated from ``batch_s`` (the seconds of
+    one evaluation batch of all learners, when known). Every choice gives the same numbers to
+    float32 rounding (groups: bitwise)."""
+    if key in _EVALUATIONS:
+        return dataclasses.replace(_EVALUATIONS[key], measured=False, reason="cached")
     n = len(next(iter(params.values())))
-    candidates = [k for k in EVAL_GROUP_CANDIDATES if (k is None and cap is None) or (k is not None and 2 <= k < n)]
+    groups = [k for k in EVAL_GROUP_CANDIDATES if (k is None and cap is None) or (k is not None and 2 <= k < n)]
     if cap is not None:
-        candidates = sorted({min(k, cap) for k in candidates} | {cap}, reverse=True)
-    if not measure or len(candidates) <= 1:
-        return cap
+        groups = sorted({min(k, cap) for k in groups} | {cap}, reverse=True)
+    options = [(plan, None if convolutions.PLANS[plan].per_learner else group)
+               for plan in candidates for group in groups]
+    options = list(dict.fromkeys(options))
+    default = EvaluationChoice(candidates[0], cap, False, "default")
+    entry = plan_cache.lookup(cache_key) if cache_key else None
+    if entry is not None and (entry["choice"], entry.get("group")) in options:
+        _EVALUATIONS[key] = EvaluationChoice(entry["choice"], entry.get("group"), False, "cached")
+        return _EVALUATIONS[key]
+    if len(options) <= 1:
+        return dataclasses.replace(default, reason="default: nothing to choose")
+    if budget_s is None or (batch_s is not None and 2 * len(options) * batch_s > budget_s):
+        return dataclasses.replace(default, reason=f"default: the run is too short to time its evaluation within "
+                                                   f"{MEASURE_SHARE:.0%}")
     batch = x[:batch_size]
-    timings = {}
-    for k in candidates:
-        size = n if k is None else k
+    per_learner: dict[tuple, float] = {}
+    spent = 0.0
+    for plan, group in options:
+        size = n if group is None else group
+        fn = logits_of(plan)
 
-        def run(size: int = size) -> None:
+        def run(fn: Callable = fn, size: int = size) -> None:
             with torch.no_grad():
-                logits({name: p[:size] for name, p in params.items()},
-                       {name: b[:size] for name, b in buffers.items()}, batch)
+                fn({name: p[:size] for name, p in params.items()}, {name: b[:size] for name, b in buffers.items()}, batch)
 
-        timings[k] = _seconds(run, device, repeats=2) / size
-    choice = min(timings, key=timings.get)
-    _EVAL_GROUPS[key] = choice
-    return choice
+        seconds = _once(run, device)
+        spent += seconds
+        if per_learner and spent > budget_s:  # over budget: keep what was timed
+            per_learner[(plan, group)] = seconds / size
+            break
+        if not per_learner or seconds / size < 1.5 * min(per_learner.values()):
+            again = _once(run, device)
+            spent += again
+            seconds = min(seconds, again)
+        per_learner[(plan, group)] = seconds / size
+    plan, group = min(per_learner, key=per_learner.get)
+    words = ", ".join(f"{p}/{g or 'all'} {s * 1e6:.3g} us" for (p, g), s in per_learner.items())
+    _EVALUATIONS[key] = EvaluationChoice(plan, group, False, "cached")
+    if cache_key:
+        plan_cache.remember(cache_key, {"choice": plan, "group": group, "per_learner_s": {
+            f"{p}/{g}": s for (p, g), s in per_learner.items()}})
+    return EvaluationChoice(plan, group, True, f"measured per learner: {words}")
+
+
+def _once(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one call of ``fn`` (synchronized on CUDA)."""
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
 
 
 def _seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:

@@ -50,7 +50,12 @@ def evaluate_dataset(logits_fn: Callable, loss_fn: LossFn, params, buffers, x: t
     less memory, sometimes faster, the same numbers (each learner's logits are computed alone within the
     vmapped operations; tests/test_speed.py checks they are bitwise the same)."""
     def one_pass(p, b) -> tuple[torch.Tensor, ...]:
-        logits = torch.cat([logits_fn(p, b, x[s : s + batch_size]) for s in range(0, len(x), batch_size)], dim=1)
+        first = logits_fn(p, b, x[:batch_size])  # (k, B, classes)
+        logits = first.new_empty(first.shape[0], len(x), *first.shape[2:])  # (k, n, classes), allocated once:
+        logits[:, : first.shape[1]] = first  # no survivor of one batch between the next one's blocks in the heap
+        del first
+        for s in range(batch_size, len(x), batch_size):
+            logits[:, s : s + batch_size] = logits_fn(p, b, x[s : s + batch_size])
         loss = vmap(loss_fn, in_dims=(0, None))(logits, y)  # (k,)
         finite = torch.isfinite(logits).flatten(1).all(dim=1)  # (k,)
         predicted = logits.argmax(dim=-1)  # (k, n)

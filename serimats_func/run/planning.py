@@ -210,6 +210,9 @@ def activation_bytes_per_example(template: nn.Module, example_x: torch.Tensor) -
 
 
 VMAP_ACTIVATIONS = 1.5  # vmapped activations take more than one learner's: layout copies (measured: LeNet-5, CPU)
+# an evaluation batch holds a layer's input and output and a copy (im2col, channels-last): LeNet-5, 32 learners,
+# 20,000 examples, batch 256 peaked 600 MiB above the process's size, 2 of them estimated 505 MiB, 3: 694 MiB
+EVAL_LAYER_OUTPUTS = 3
 
 
 @dataclass(frozen=True)
@@ -220,9 +223,9 @@ class LearnerMemory:
     - ``step``: what one training step adds at its peak: the new state and the gradients, the update's
       temporaries (two parameter-sized tensors), and the batch's activations (what autograd saves, plus two of
       the largest layer output for the gradients flowing back);
-    - ``evaluation``: one evaluation pass: two of the largest layer output per example of an evaluation batch,
-      and the logits of the largest set, twice (the whole-set loss needs them all: the batches' and their
-      concatenation).
+    - ``evaluation``: one evaluation pass: ``EVAL_LAYER_OUTPUTS`` of the largest layer output per example of an
+      evaluation batch, and the logits of the largest set, twice (the whole-set loss needs them all, and its
+      softmax a copy).
 
     Activations are counted ``VMAP_ACTIVATIONS`` times: vmapped layers copy them to move the learner axis.
     """
@@ -253,7 +256,7 @@ def learner_memory(spec: LearnerSpec, batch_size: int, eval_batch_size: int) -> 
     step = (state + 3 * param_bytes + 2 * param_bytes  # new state, gradients and more, update temporaries
             + int(VMAP_ACTIVATIONS * batch_size * (acts.saved + 2 * acts.largest)))
     logits = largest_set * classes * example_x.element_size()  # the batches' logits and their concatenation
-    evaluation = int(VMAP_ACTIVATIONS * eval_batch_size * 2 * acts.largest) + 2 * logits
+    evaluation = int(VMAP_ACTIVATIONS * eval_batch_size * EVAL_LAYER_OUTPUTS * acts.largest) + 2 * logits
     return LearnerMemory(state, step, evaluation)
 
 

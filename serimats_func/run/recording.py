@@ -87,14 +87,14 @@ class Recorder:
                  controls: bool = False, metrics: Mapping[str, MetricFn] | None = None,
                  reads_control: Collection[str] = (), steps_per_epoch: int = 1,
                  records: dict[str, list[torch.Tensor]] | None = None, logits_fn: Callable | None = None,
-                 learners_per_pass: Callable[[dict, torch.Tensor], int | None] | None = None):
+                 evaluation: Callable[[dict, torch.Tensor], tuple[Callable, int | None]] | None = None):
         self.template, self.loss_fn, self.data, self.device = template, loss_fn, data, device
         self.initial = initial_params  # (N, ...), kept on the device
         self.initial_norms = layer_norms(initial_params)  # (N, L)
         self.evaluate, self.controls, self.steps_per_epoch = evaluate, controls, steps_per_epoch
         self.builtins = recorded(evaluate, controls)  # metrics.METRICS that this chunk records
         self.logits_fn = logits_fn or make_logits(template)  # the training step's (accelerated) layers, if given
-        self.learners_per_pass = learners_per_pass  # (state, x) -> learners per evaluation pass (None: all)
+        self.evaluation = evaluation  # (state, x) -> (logits_fn, learners per pass (None: all)); default: logits_fn, all
         index = control_index(specs).to(device)  # (N,)
         self.has_control = index >= 0  # (N,)
         self.control = torch.where(self.has_control, index, torch.arange(len(specs), device=device))  # (N,)
@@ -152,8 +152,8 @@ class Recorder:
         if x is None:
             nan = torch.full((len(self.control),), torch.nan, dtype=torch.float64, device=self.device)
             return Evaluation(nan, nan)
-        group = self.learners_per_pass(state, x) if self.learners_per_pass else None
-        out = evaluate_dataset(self.logits_fn, self.loss_fn, state.params, state.buffers, x, y,
+        logits_fn, group = self.evaluation(state, x) if self.evaluation else (self.logits_fn, None)
+        out = evaluate_dataset(logits_fn, self.loss_fn, state.params, state.buffers, x, y,
                                self.data.eval_batch_size, predictions=predictions, learners_per_pass=group)
         return Evaluation(*out)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from ..acceleration import convolutions
+from ..acceleration import convolutions, plan_cache
 from ..acceleration import prepare as acceleration
 from ..acceleration.prepare import ChunkSpeed, Speed
 from ..core import pytrees
@@ -180,6 +180,18 @@ def _structure_key(specs: Sequence[LearnerSpec], hooks: Hooks, twin, shared: boo
             speed.precision, specs[0].structure)
 
 
+def _stable_key(specs: Sequence[LearnerSpec], hooks: Hooks, twin, shared: bool, loss_fn: LossFn, speed: Speed) -> str:
+    """What ``_structure_key`` names, in terms that mean the same in another process (the model's layers and
+    shapes in place of its id, the loss function's name in place of its id), for the disk cache of plans."""
+    setup = specs[0].setup
+    template = setup.template
+    points = tuple((point.method, tuple((h.name, h.module) for h in hooks.at(point.method))) for point in POINTS)
+    loss = f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', type(loss_fn).__qualname__)}"
+    return plan_cache.digest((repr(template), tuple((k, tuple(v.shape), str(v.dtype)) for k, v in template.state_dict().items()),
+                              tuple(setup.data.x.shape[1:]), setup.batch_size, str(setup.dtype), tuple(setup.trainable_names),
+                              twin.name, setup.optimizer_structure(), points, shared, loss, speed.precision))
+
+
 def chunk_optimizer(specs: Sequence[LearnerSpec]):
     setup = specs[0].setup
     varied = frozenset().union(*(s.setup.varied_hyperparameters for s in specs))
@@ -209,6 +221,40 @@ class ChunkResult:
     metrics: dict[str, np.ndarray]
     diverged_at: np.ndarray
     states: dict[int, FlatState]
+
+
+def _evaluation_chooser(step_fn: acceleration.PreparedStep, template, structure: tuple, stable: str, data: TrainingData,
+                        schedule: Schedule, start_step: int, n: int, device: torch.device, speed: Speed,
+                        cap: int | None) -> Callable[[dict, torch.Tensor], tuple[Callable, int | None]]:
+    """``(state, x) -> (logits_fn, learners_per_pass)`` for the Recorder: the evaluation's own plan
+    (``acceleration.choose_evaluation``), chosen on the first evaluation of each set and reported in
+    ``step_fn.report.evaluation``. Measuring one set may take ``MEASURE_SHARE`` of its evaluations and half the
+    chunk's steps, estimated from the measured step time (a forward pass of an evaluation batch: ``FORWARD_SHARE``
+    of a training step per example)."""
+    report = step_fn.report
+    own = speed.convolutions == "auto" and speed.precision != "bf16" and step_fn.logits_of is not None
+    candidates = (acceleration.evaluation_candidates(report.plan, device, bool(convolutions.convolutions_of(template)))
+                  if own else (report.plan,))
+    evaluations = sum(1 for s in schedule.log_steps if s >= start_step)
+
+    def choose(state: dict, x: torch.Tensor) -> tuple[Callable, int | None]:
+        batches = -(-len(x) // data.eval_batch_size)
+        step_s = report.eager_step_s
+        batch_s = None if step_s is None else (step_s * acceleration.FORWARD_SHARE
+                                               * min(len(x), data.eval_batch_size) / data.batch_size)
+        budget = None if batch_s is None else acceleration.MEASURE_SHARE * (
+            (schedule.total_steps - start_step) * step_s / 2 + evaluations * batches * batch_s)  # half the steps per set
+        cache_key = plan_cache.entry_key("evaluate", plan_cache.digest(
+            (stable, report.plan, tuple(x.shape), data.eval_batch_size, cap)), n, device)
+        choice = acceleration.choose_evaluation(step_fn.logits_of or (lambda plan: step_fn.logits), candidates,
+                                                state.params, state.buffers, x, data.eval_batch_size,
+                                                (structure, report.plan, n, tuple(x.shape), cap), device,
+                                                budget_s=budget, batch_s=batch_s, cap=cap, cache_key=cache_key)
+        if not report.evaluation or choice.measured:
+            report.evaluation = f"{choice.plan}, {choice.group or 'all'} learners per pass ({choice.reason})"
+        return (step_fn.logits if choice.plan == report.plan else step_fn.logits_of(choice.plan)), choice.group
+
+    return choose
 
 
 def train_chunk(
@@ -282,21 +328,18 @@ def train_chunk(
     check_pure(build("vmap")[0], state, xb, yb, hooks)
     structure = _structure_key(specs, hooks, twin, shared, loss_fn, speed)
     stop = schedule.total_steps if stop is None else stop
+    stable = _stable_key(specs, hooks, twin, shared, loss_fn, speed)
     steps_left = stop - start.step
     with acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
         step_fn = acceleration.prepare_step(build, template, structure, (state, xb, yb, torch.tensor(start.step, device=device)),
-                                            steps_left, len(specs), device, speed)
+                                            steps_left, len(specs), device, speed, stable_key=stable)
     if report is not None:
         report.append(step_fn.report)
-
-    def learners_per_pass(state: dict, x: torch.Tensor) -> int | None:
-        return acceleration.evaluation_group(step_fn.logits, state.params, state.buffers, x, data.eval_batch_size,
-                                             (structure, len(specs), tuple(x.shape)), device,
-                                             measure=steps_left >= acceleration.MEASURE_MIN_STEPS, cap=evaluation_learners)
-
+    evaluation = _evaluation_chooser(step_fn, template, structure, stable, data, schedule, start.step, len(specs),
+                                     device, speed, evaluation_learners)
     record = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
                       metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
-                      records=records, logits_fn=step_fn.logits, learners_per_pass=learners_per_pass)
+                      records=records, logits_fn=step_fn.logits, evaluation=evaluation)
     log_steps = {t for t in schedule.log_steps if t <= stop}
 
     def snapshot() -> tuple[list[int], dict[str, np.ndarray]]:

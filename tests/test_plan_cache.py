@@ -1,0 +1,162 @@
+"""Plans chosen by measurement and remembered on disk (acceleration.plan_cache): the training step's plan and the
+evaluation's, measured once, then read back without measuring; every evaluation plan gives the reference's numbers
+to float32 rounding. Each test has its own empty cache directory (the autouse fixture ``plan_cache_dir``).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serimats_func.acceleration import convolutions, plan_cache
+from serimats_func.acceleration import prepare as acceleration
+from serimats_func.core.evaluation import evaluate_dataset, make_logits
+from serimats_func.core.learners import initial_model_states, prepare_template
+from serimats_func.interventions import InitWeights
+from serimats_func.models import Lenet5
+
+
+def _images(n=64, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    return (x, y), (x[:32], y[:32])
+
+
+def _lenet(experiment, n=3, **settings):
+    settings = {"model": Lenet5(), "data": _images(), "steps": 4, "batch_size": 16, "compile": False, **settings}
+    return experiment([InitWeights.make_variations(seed=range(n))], **settings)
+
+
+def _measure_every_chunk(monkeypatch):
+    monkeypatch.setattr(acceleration, "MEASURE_MIN_STEPS", 1)
+    monkeypatch.setattr(acceleration, "MEASURE_SHARE", 1e9)
+
+
+def _new_process(monkeypatch):
+    """Forget this process's choices, as a new process would (the disk cache stays)."""
+    monkeypatch.setattr(acceleration, "_CHOSEN", {})
+    monkeypatch.setattr(acceleration, "_EVALUATIONS", {})
+
+
+def _entries(cache_dir, kind):
+    plans = json.loads((cache_dir / plan_cache.FILE_NAME).read_text())["plans"]
+    return {k: v for k, v in plans.items() if k.startswith(kind + "|")}
+
+
+def test_a_measured_plan_is_written_to_disk_and_a_second_run_measures_nothing(experiment, monkeypatch, plan_cache_dir):
+    _measure_every_chunk(monkeypatch)
+    first = _lenet(experiment)
+    first.run()
+    (report,) = first.speed_report
+    assert report.plan_measured and report.plan_reason.startswith("measured: ")
+    assert "measured per learner" in report.evaluation
+    (entry,) = _entries(plan_cache_dir, "train").values()
+    assert entry["choice"] == report.plan and set(entry["timings"]) == set(convolutions.candidates(torch.device("cpu")))
+    assert len(_entries(plan_cache_dir, "evaluate")) == 2  # the train set's and the test set's
+
+    _new_process(monkeypatch)
+
+    def no_measuring(fn, device):
+        raise AssertionError("a cached plan was measured again")
+
+    monkeypatch.setattr(acceleration, "_once", no_measuring)
+    second = _lenet(experiment)
+    second.run()
+    (again,) = second.speed_report
+    assert not again.plan_measured and again.plan_reason == "cached" and again.plan == report.plan
+    assert again.eager_step_s == entry["step_s"]  # remembered: the compile decision times nothing either
+    assert "(cached)" in again.evaluation
+
+
+def test_a_cached_choice_is_used_without_measuring_and_changes_no_number_beyond_rounding(experiment, monkeypatch,
+                                                                                         plan_cache_dir):
+    _measure_every_chunk(monkeypatch)
+    _lenet(experiment).run()
+    path = plan_cache_dir / plan_cache.FILE_NAME
+    content = json.loads(path.read_text())
+    (key,) = _entries(plan_cache_dir, "train")
+    content["plans"][key]["choice"] = "loop"  # a choice the measurement would not make by itself, most likely
+    path.write_text(json.dumps(content))
+    _new_process(monkeypatch)
+    cached = _lenet(experiment)
+    ds = cached.run()
+    (report,) = cached.speed_report
+    assert report.plan == "loop" and report.plan_reason == "cached" and not report.plan_measured
+    reference = _lenet(experiment, convolutions="vmap").run()
+    for name in ("train_loss", "test_loss"):
+        np.testing.assert_allclose(ds[name].values, reference[name].values, rtol=1e-4)
+
+
+def test_a_cache_entry_is_per_learner_count_and_a_short_run_without_one_takes_the_default(experiment, monkeypatch,
+                                                                                          plan_cache_dir):
+    _measure_every_chunk(monkeypatch)
+    _lenet(experiment, n=3).run()
+    monkeypatch.undo()  # back to the real thresholds (the fixture's environment goes too: set it again)
+    monkeypatch.setenv(plan_cache.CACHE_ENV, str(plan_cache_dir))
+    _new_process(monkeypatch)
+    other = _lenet(experiment, n=5)
+    other.run()
+    (report,) = other.speed_report
+    assert not report.plan_measured and report.plan_reason.startswith("default: 4 steps are too short")
+    assert report.plan == acceleration.default_plan(torch.device("cpu"), 5)
+    assert len(_entries(plan_cache_dir, "train")) == 1  # a default is not remembered: a longer run may measure
+
+
+def test_a_broken_or_unwritable_cache_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.setenv(plan_cache.CACHE_ENV, str(tmp_path))
+    (tmp_path / plan_cache.FILE_NAME).write_text("{not json")
+    assert plan_cache.lookup("train|x") is None
+    plan_cache.remember("train|x", {"choice": "gemm"})  # replaces the broken file, atomically
+    assert plan_cache.lookup("train|x") == {"choice": "gemm"}
+    assert [p.name for p in tmp_path.iterdir()] == [plan_cache.FILE_NAME]  # no temporary file left
+    plan_cache.clear()
+    assert plan_cache.lookup("train|x") is None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv(plan_cache.CACHE_ENV, str(blocked / "below"))  # a directory that cannot be made
+    plan_cache.remember("train|x", {"choice": "gemm"})
+    assert plan_cache.lookup("train|x") is None
+
+
+@pytest.mark.parametrize("train_plan", ["gemm", "serial"])
+def test_every_evaluation_plan_gives_the_vmap_reference_to_float32_rounding(train_plan):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(70, 1, 28, 28, generator=gen), torch.randint(0, 10, (70,), generator=gen)
+    template = prepare_template(Lenet5(), x[:2]).eval()
+    state = initial_model_states(template, list(range(5)), [0] * 5)
+    reference = evaluate_dataset(make_logits(template), F.cross_entropy, state.params, state.buffers, x, y, 32)
+    candidates = acceleration.evaluation_candidates(train_plan, torch.device("cpu"), convolutional=True)
+    assert set(candidates) == {train_plan, "gemm", "vmap", "serial"}
+    for plan in candidates:
+        logits = make_logits(template, convolutions.plan_for(template, plan), per_learner=convolutions.PLANS[plan].per_learner)
+        for group in (None, 2):
+            loss, accuracy = evaluate_dataset(logits, F.cross_entropy, state.params, state.buffers, x, y, 32,
+                                              learners_per_pass=group)
+            torch.testing.assert_close(loss, reference[0], rtol=1e-5, atol=0)
+            torch.testing.assert_close(accuracy, reference[1], rtol=0, atol=1 / 70)  # an argmax may flip at a tie
+
+
+def test_choose_evaluation_measures_within_its_budget_and_remembers(monkeypatch, plan_cache_dir):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 28, 28, generator=gen)
+    template = prepare_template(Lenet5(), x[:2]).eval()
+    state = initial_model_states(template, list(range(4)), [0] * 4)
+    candidates = acceleration.evaluation_candidates("gemm", torch.device("cpu"), convolutional=True)
+
+    def logits_of(plan):
+        return make_logits(template, convolutions.plan_for(template, plan), per_learner=convolutions.PLANS[plan].per_learner)
+
+    def choose(budget_s, batch_s=None):
+        return acceleration.choose_evaluation(logits_of, candidates, state.params, state.buffers, x, 16, ("k",),
+                                              torch.device("cpu"), budget_s=budget_s, batch_s=batch_s, cache_key="evaluate|k")
+
+    assert choose(None) == acceleration.EvaluationChoice("gemm", None, False, choose(None).reason)
+    assert not choose(1.0, batch_s=1.0).measured  # 4 plans, 1 s a batch: over a 1 s budget
+    measured = choose(1e9)
+    assert measured.measured and measured.plan in candidates
+    assert plan_cache.lookup("evaluate|k")["choice"] == measured.plan
+    _new_process(monkeypatch)
+    cached = choose(1e9)
+    assert (cached.plan, cached.group, cached.measured, cached.reason) == (measured.plan, measured.group, False, "cached")
