@@ -80,9 +80,13 @@ class KillsOneShard:
         threading.Thread(target=self._kill, args=(jobs[1],), daemon=True).start()
         return jobs
 
+    def _checkpointed(self) -> bool:
+        """Whether a checkpoint is written (the folder's own zarr.json is there from the store's making on)."""
+        return store_paths.checkpoints(self.store).is_dir() and bool(store_paths.checkpoint_names(self.store))
+
     def _kill(self, job):
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(store_paths.checkpoints(self.store).glob("*")):
+        while time.monotonic() < deadline and not self._checkpointed():
             time.sleep(0.05)
         for child in _children(job._process.pid):
             os.kill(child, signal.SIGKILL)
