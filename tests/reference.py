@@ -87,3 +87,15 @@ class Twin:
 
     def after_step(self, step: int) -> None:
         pass
+
+
+def assert_same_learner(module: nn.Module, optimizer: torch.optim.Optimizer, final: nn.Module,
+                        final_optimizer: torch.optim.Optimizer) -> None:
+    """A learner trained on in plain PyTorch equals the stored one (float64, 1e-10): its tensors and every
+    optimizer state key."""
+    for (name, p), q in zip(module.state_dict().items(), final.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+    for mine, theirs in zip(optimizer.state.values(), final_optimizer.state.values(), strict=True):
+        assert set(mine) == set(theirs)
+        for key in theirs:
+            torch.testing.assert_close(mine[key].double(), theirs[key].double(), rtol=1e-10, atol=1e-12, msg=key)

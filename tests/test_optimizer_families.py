@@ -8,6 +8,7 @@ import torch
 
 from serimats_func.interventions import Optimizer, PerturbWeights
 from serimats_func.optimizers import Lion, MuonWithAdamW, canonical, resolve
+from tests.reference import assert_same_learner
 from tests.test_store_lifecycle import go_on_with_torch
 
 FAMILIES = [
@@ -34,12 +35,7 @@ def test_a_kept_state_loads_as_the_torch_optimizer_that_goes_on_exactly_like_the
     assert type(opt) is (MuonWithAdamW if torch_class is torch.optim.Muon else torch_class) and len(opt.state) == 4
     go_on_with_torch(module, opt, spec, 4, 10)
     final, final_opt = exp.load_learner(epsilon=0.1)  # the final state, step 10
-    for (name, p), q in zip(module.state_dict().items(), final.state_dict().values(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
-    for mine, theirs in zip(opt.state.values(), final_opt.state.values(), strict=True):
-        assert set(mine) == set(theirs)
-        for key in theirs:
-            torch.testing.assert_close(mine[key].double(), theirs[key].double(), rtol=1e-10, atol=1e-12, msg=key)
+    assert_same_learner(module, opt, final, final_opt)
 
 
 def test_a_grid_of_five_optimizers_is_one_result_and_each_learner_is_bitwise_itself_alone(experiment):

@@ -15,6 +15,7 @@ from torch.func import grad
 
 from serimats_func.interventions import Optimizer, PerturbWeights
 from serimats_func.optimizers import CombinedOptimizer, ParamGroup, grouped_twin
+from tests.reference import assert_same_learner
 from tests.test_optimizers import TRAJECTORY_STEPS, _problem
 from tests.test_store_lifecycle import go_on_with_torch
 
@@ -189,12 +190,7 @@ def test_a_grouped_learner_loads_as_torch_optim_with_its_param_groups_and_goes_o
         assert groups == [(["1.weight", "3.weight"], 0.02), (["1.bias", "3.bias"], 3e-3)]
     go_on_with_torch(module, opt, spec, 4, 10)
     final, final_opt = exp.load_learner(epsilon=0.1)  # the final state, step 10
-    for (name, p), q in zip(module.state_dict().items(), final.state_dict().values(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
-    for mine, theirs in zip(opt.state.values(), final_opt.state.values(), strict=True):
-        assert set(mine) == set(theirs)
-        for key in theirs:
-            torch.testing.assert_close(mine[key].double(), theirs[key].double(), rtol=1e-10, atol=1e-12, msg=key)
+    assert_same_learner(module, opt, final, final_opt)
 
 
 def test_a_glob_that_matches_nothing_is_refused_naming_the_parameters(experiment):

@@ -21,6 +21,7 @@ from serimats_func.interventions import Optimizer, PerturbWeights
 from serimats_func.store.locks import Claims, FileLock
 from serimats_func.store.zarr_store import Store, StoreWriteError
 from tests import store_paths
+from tests.reference import assert_same_learner
 from tests.watching import CountSteps
 
 GRID = [PerturbWeights.make_variations(epsilon=0, seed=0, control=True),
@@ -120,11 +121,7 @@ def test_a_kept_state_loads_as_a_torch_module_and_optimizer_that_go_on_exactly_l
     assert type(opt) is optimizer.values["optimizer"] and len(opt.state) == 4
     go_on_with_torch(module, opt, spec, 8, 20)
     final, final_opt = exp.load_learner(epsilon=0.1, seed=2)  # the latest kept: the final state, step 20
-    for (name, p), q in zip(module.state_dict().items(), final.state_dict().values(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
-    for mine, theirs in zip(opt.state.values(), final_opt.state.values(), strict=True):
-        for key in theirs:
-            torch.testing.assert_close(mine[key].double(), theirs[key].double(), rtol=1e-10, atol=1e-12, msg=key)
+    assert_same_learner(module, opt, final, final_opt)
 
 
 def test_load_learner_says_which_learners_exist_when_the_coordinates_are_ambiguous_or_absent(experiment):
