@@ -43,6 +43,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from . import pytrees
+from .interpolation import PathEvaluation, barrier
 
 METRICS_VERSION = 1  # part of the built-in metrics' keys in the store: bump when their definition changes
 DEPENDENCIES = ("loss", "train", "test", "control", "code")  # what a metric's values may depend on besides the learner
@@ -89,6 +90,8 @@ class Evaluation(NamedTuple):
 
 
 Evaluate = Callable[[str, bool], Evaluation]  # (split "train" | "test", with predictions) -> Evaluation
+AlongPath = Callable[[str, torch.Tensor], PathEvaluation]  # (split, alphas (A,)) -> (N, A), each learner to its control
+BARRIER_ALPHAS = tuple(i / 10 for i in range(11))  # the points of the path to the control: 0, 0.1, ..., 1
 
 
 class Snapshot:
@@ -101,7 +104,10 @@ class Snapshot:
     - ``norms``, ``initial_norms``, ``init_layers``, ``control_layers``: ``layer_norms`` (N, L) of the
       parameters, the initial ones, and the differences to the initial ones and to the control's;
     - ``evaluation("train" | "test")``: loss and accuracy on the whole set; ``predictions``: the test set's
-      argmax predictions (N, n_test), None without a test set.
+      argmax predictions (N, n_test), None without a test set;
+    - ``control_path``: the test loss and error (N, 11) at the points ``BARRIER_ALPHAS`` of the straight path
+      from each learner (alpha = 0) to its control (alpha = 1): its ends are ``evaluation("test")``'s, the nine
+      points between them are evaluated by ``along_path(split, alphas)`` (``interpolation.along_path``).
 
     ``evaluate(split, predictions)`` computes an ``Evaluation``; ``predict``: evaluate the test set with its
     predictions in the same pass (when a recorded metric reads them).
@@ -109,8 +115,10 @@ class Snapshot:
 
     def __init__(self, params: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor],
                  control: torch.Tensor | None = None, evaluate: Evaluate | None = None,
-                 initial_norms: torch.Tensor | None = None, predict: bool = False):
+                 initial_norms: torch.Tensor | None = None, predict: bool = False,
+                 along_path: AlongPath | None = None):
         self.params, self.initial = params, initial
+        self._along_path = along_path
         first = next(iter(params.values()))
         self.control = control if control is not None else torch.arange(len(first), device=first.device)
         self._evaluate, self._predict = evaluate, predict
@@ -148,6 +156,19 @@ class Snapshot:
         if self.evaluation("test").predictions is None and not self._predict:
             self._cache["evaluation.test"] = self._evaluate("test", True)
         return self.evaluation("test").predictions
+
+    @property
+    def control_path(self) -> PathEvaluation:
+        return self._once("control_path", self._control_path)
+
+    def _control_path(self) -> PathEvaluation:
+        if self._along_path is None:
+            raise ValueError("this snapshot cannot evaluate the path between learners and their controls")
+        ends = self.evaluation("test")
+        inner = self._along_path("test", torch.tensor(BARRIER_ALPHAS[1:-1], dtype=torch.float64))  # (N, 9)
+        loss = torch.cat([ends.loss[:, None], inner.loss, ends.loss[self.control, None]], 1)  # (N, 11)
+        error = 1 - ends.acc
+        return PathEvaluation(loss, torch.cat([error[:, None], inner.error, error[self.control, None]], 1))
 
 
 # -- the registry --------------------------------------------------------------------------------------------
@@ -359,6 +380,18 @@ def control_agreement(s: Snapshot) -> torch.Tensor:
 def control_test_loss_diff(s: Snapshot) -> torch.Tensor:
     loss = s.evaluation("test").loss
     return loss - loss[s.control]
+
+
+def control_barrier(s: Snapshot) -> torch.Tensor:
+    return barrier(s.control_path.error)
+
+
+def control_barrier_loss(s: Snapshot) -> torch.Tensor:
+    return barrier(s.control_path.loss)
+
+
+def control_barrier_curve(s: Snapshot) -> torch.Tensor:
+    return s.control_path.error
 
 
 # -- metrics written for one model ------------------------------------------------------------------------
