@@ -349,8 +349,14 @@ class Experiment:
             tree = fork_tree(learners, {s.id for s in to_train}, lambda s: self.schedule_of(s.setup).total_steps,
                              in_store=lambda i: bool(self.store.holders(i)),
                              compatible=lambda a, b: self.metric_keys(a) == self.metric_keys(b))
+            for spec in learners:  # a stored parent without its states at the fork steps trains up to there again
+                forks = set(tree.fork_steps(spec.id))
+                kept = {int(t) for source, _ in self.store.holders(spec.id, checkpoints=True) for t in source.state_steps}
+                if spec.id in served and forks and not forks <= kept:
+                    tree.refreshed.add(spec.id)
         self._prefix_needs = {i: (max(tree.fork_steps(i)), tree.fork_steps(i)) for i in tree.prefixes}
-        return tree, to_train + list(tree.prefixes.values()), served
+        refreshed = [s for s in learners if s.id in tree.refreshed]
+        return tree, to_train + refreshed + list(tree.prefixes.values()), served
 
     @property
     def data_bytes(self) -> int:
@@ -411,10 +417,19 @@ class Experiment:
                          lambda s, until, states: self.need(s, until, states),
                          lambda s, need, lineage: start_of(self.store, s.id, need, lineage), only)
         grid_ids = [s.id for s in self.grid.learners if only is None or s.id in only]
+        reaches = {(p.spec.id, p.stop) for p in parts}
+
+        def again_start(control: LearnerSpec, step: int) -> Start | None:
+            """A control's state at ``step``: stored, or written by one of this run's earlier chunks."""
+            found = state_at(self.store, [control.id], step)
+            if found is None and (control.id, step) in reaches:
+                found = Start(step, first_unstored=step, pending=True)
+            return found
+
         plan = make_plan(self.grid, parts, self.eval_batch_size, self.device, self.max_learners_per_chunk,
                          data_bytes=self.data_bytes, learners=len(grid_ids),
-                         in_store=sum(1 for i in grid_ids if i in served),
-                         again_start=lambda control, step: state_at(self.store, [control.id], step))
+                         in_store=sum(1 for i in grid_ids if i in served), again_start=again_start,
+                         refreshed=frozenset(tree.refreshed))
         plan.forks = describe_forks(tree, parts, {i: s.coords for i, s in self._by_id.items()})
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
         plan.speed = self.speed.describe(self.context.dtype)
