@@ -6,7 +6,8 @@
 - ``serimats-func ls STORE [--experiment NAME] [--metrics test_acc,train_loss]``: the learners of a store (of one
   experiment, in a store holding several), their coordinates, steps done, last values of chosen metrics.
 - ``serimats-func plot STORE METRIC --by COORD [--sel k=v ...] [--out PNG]``: a metric against step, a line
-  per value of COORD, mean and spread over seeds; other coordinates are panels or selected with ``--sel``.
+  per value of COORD, mean and spread over seeds; other coordinates are panels or selected with ``--sel``;
+  ``--stat median|geomean``, ``--band quantiles|none|0.1,0.9``, ``--seeds``, ``--yscale log`` for heavy tails.
 - ``serimats-func tensorboard STORE --out DIR``: each learner's metrics as TensorBoard scalars, a run per learner.
 - ``serimats-func wandb STORE``: each learner as a Weights & Biases run, offline by default.
 """
@@ -232,6 +233,20 @@ def _selection(ds: xr.Dataset, pairs: list[str]) -> dict:
     return sel
 
 
+def _band(text: str) -> str | tuple[float, float] | None:
+    """``--band``: std, quantiles, none, or two quantiles LOW,HIGH (``0.1,0.9``)."""
+    if text in ("std", "quantiles"):
+        return text
+    if text == "none":
+        return None
+    try:
+        low, high = (float(q) for q in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use std, quantiles (25-75%), none, or two quantiles such as "
+                                         f"0.1,0.9") from None
+    return low, high
+
+
 def _number(value: object) -> float | None:
     try:
         return float(value)  # type: ignore[arg-type]
@@ -241,19 +256,25 @@ def _number(value: object) -> float | None:
 
 def plot_store(path: str | Path, metric: str, by: str | None, sel: list[str], out: str | None, kind: str = "curves",
                col: str | None = None, row: str | None = None, y: str | None = None,
-               experiment: str | None = None) -> Path:
+               experiment: str | None = None, stat: str = "mean", band: str | tuple[float, float] | None = "std",
+               seeds: bool = False, yscale: str | None = None) -> Path:
     """Draw a stored metric into a PNG; returns its path (default ``<store>_<metric>.png`` beside the store, or
-    ``<store>_<experiment>_<metric>.png`` when an experiment is named)."""
+    ``<store>_<experiment>_<metric>.png`` when an experiment is named). ``stat``, ``band``, ``seeds`` and
+    ``yscale`` (None: the plot's own, linear for curves, log for scaling) as in ``Plotter.curves``."""
+    if kind == "heatmap" and (band != "std" or seeds or yscale is not None):
+        raise SystemExit("serimats-func plot: --band, --seeds and --yscale draw lines: they go with --kind curves or "
+                         "scaling (a heat map takes --stat).")
     ds = open_results(path, experiment)
     plotter = Plotter(ds)
     selection = _selection(ds, sel)
+    lines = dict(stat=stat, band=band, seeds=seeds)
     try:
         if kind == "scaling":
-            fig = plotter.scaling(metric, hue=by, col=col, row=row, sel=selection)
+            fig = plotter.scaling(metric, hue=by, col=col, row=row, sel=selection, yscale=yscale or "log", **lines)
         elif kind == "heatmap":
-            fig = plotter.heatmap(metric, x=by, y=y, col=col, row=row, sel=selection)
+            fig = plotter.heatmap(metric, x=by, y=y, col=col, row=row, sel=selection, stat=stat)
         else:
-            fig = plotter.curves(metric, hue=by, col=col, row=row, sel=selection)
+            fig = plotter.curves(metric, hue=by, col=col, row=row, sel=selection, yscale=yscale or "linear", **lines)
     except ValueError as error:
         raise SystemExit(f"serimats-func plot: {error}") from None
     store = Path(path)
@@ -287,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=("curves", "scaling", "heatmap"), default="curves",
                    help="curves (default); scaling: log-log axes, controls left out; heatmap: --by by --y at the last step")
     p.add_argument("--y", help="heatmap: the coordinate on the vertical axis")
+    p.add_argument("--stat", choices=("mean", "median", "geomean"), default="mean",
+                   help="over the seeds: mean (default), median, or geomean (exp of the mean of log; positive values)")
+    p.add_argument("--band", type=_band, default="std", metavar="std|quantiles|none|LOW,HIGH",
+                   help="the band around each line: std (default; ×/÷ the geometric std with geomean), quantiles "
+                        "(25-75%%), none, or two quantiles such as 0.1,0.9")
+    p.add_argument("--seeds", action="store_true", help="draw each learner as a thin line of its value's colour")
+    p.add_argument("--yscale", choices=("linear", "log"),
+                   help="the value axis (default: linear for curves, log for scaling); the step axis of curves stays linear")
     p.add_argument("--out", help="PNG file to write (default: <store>_<metric>.png beside the store)")
     t = commands.add_parser("tensorboard", help="write each learner's metrics as TensorBoard scalars, one run per learner")
     t.add_argument("store")
@@ -311,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if damaged else 0
     elif args.command == "plot":
         print(plot_store(args.store, args.metric, args.by, args.sel, args.out, args.kind, args.col, args.row, args.y,
-                         args.experiment))
+                         args.experiment, args.stat, args.band, args.seeds, args.yscale))
     elif args.command == "tensorboard":
         return tensorboard(args.store, args.out, args.experiment)
     elif args.command == "wandb":

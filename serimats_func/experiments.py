@@ -29,13 +29,14 @@ from torch import nn
 
 from .acceleration.prepare import ChunkSpeed, Speed
 from .callbacks import Callbacks, check_callbacks
-from .core import metrics, pytrees
+from .core import metrics as metric_registry
+from .core import pytrees
 from .core.data import as_tensors, steps_per_epoch
 from .core.learners import initial_model_state
 from .core.metrics import Data
 from .interventions.optimizer import Optimizer, as_optimizer
 from .jupyter import show_inline
-from .loggers import Logger, metric_specs
+from .loggers import Logger, metric_choices, metric_specs
 from .plotter import Plotter
 from .run import trial
 from .run.checkpoints import load_learner, select_learner
@@ -83,7 +84,12 @@ class Experiment:
             plots folder ``runs/<name>_plots`` beside the default store. Not part of any learner's id.
         max_learners_per_chunk: cap on the learners trained together (memory decides otherwise).
         logger: a ``Logger`` (subclass) whose ``@register_metric`` methods are recorded too (besides the
-            built-in metrics: see ``metrics``).
+            built-in metrics: see ``metrics``); ``@register_metric(every=..., at=...)`` records one at fewer steps.
+        metrics: which built-in metrics are recorded, and when: a dict {name: dict(every=k, at=[...])} records
+            that metric only at the logged steps that are multiples of k and at the steps ``at`` (logged too),
+            NaN elsewhere; {name: False} does not record it, {name: True} records it at its default steps; a list
+            of names records those optional built-ins (``MetricSpec.optional``) at their default steps. Names are
+            checked against the registry.
         checkpoint_every: save the chunk in training every this many steps (default: every 10
             minutes), so that a crash loses at most the work since; ``run()`` resumes from it.
         compile: ``torch.compile`` the whole training step: ``"auto"`` (default: when a chunk would
@@ -138,6 +144,7 @@ class Experiment:
         precision: str = "float32",
         callbacks: Sequence = (),
         fork: bool = True,
+        metrics: Any = None,
     ):
         _positive_int("batch_size", batch_size)
         if eval_batch_size is not None:
@@ -210,10 +217,12 @@ class Experiment:
             raise ValueError(f"logger= takes a Logger instance (a subclass with @register_metric methods); got {logger!r}.")
         self.logger = logger or Logger()
 
+        self.metric_choices = metric_choices(metrics, [n for n, spec in metric_registry.METRICS.items() if spec.optional])
         self.interventions = list(interventions) if isinstance(interventions, (list, tuple)) else [interventions]
         self.name = _checked_name(name) if name is not None else _default_name(self.interventions)
         self.grid: Grid = build_grid(self.interventions, self.base, self.seed)
         self._by_id = {s.id: s for s in self.grid.learners}
+        self._check_metric_choices()
         self._check_log_at()
         self._check_steps_in_run()
         self.reads_control = self._check_metrics()
@@ -231,6 +240,39 @@ class Experiment:
         self.store.check()
         if store is None:
             _note_old_default_store(self.name, self.store)
+
+    def _check_metric_choices(self) -> None:
+        """Refuse ``metrics=`` names that this experiment cannot record (a metric needing the evaluation with
+        ``evaluate=False``, one against the control in a grid without controls), and metric steps that no learner
+        reaches: ``at`` past the run, or an ``every`` that matches no logged step but step 0."""
+        for name, choice in self.metric_choices.items():
+            spec = metric_registry.METRICS[name]
+            if choice is False:
+                continue
+            if spec.evaluates and not self.evaluate:
+                raise ValueError(f"metrics= asks for {name!r}, which is computed on the train or test set, but "
+                                 "evaluate=False turns the evaluation off; drop one of the two.")
+            if spec.against_control and not self.grid.has_controls:
+                raise ValueError(f"metrics= asks for {name!r}, which compares each learner with its control, but no "
+                                 "variation of this grid is a control; mark one with control=True (see Controls).")
+        given = {n: w for n, w in self.metric_choices.items() if isinstance(w, metric_registry.When)}
+        given.update(self.logger.metric_schedules())
+        for setup in {id(s.setup): s.setup for s in self.grid.learners}.values():
+            schedule = self.schedule_of(setup)
+            group = describe_group(next(s for s in self.grid.learners if s.setup is setup))
+            for name, when in given.items():
+                late = [t for t in when.at or () if t > schedule.total_steps]
+                if late:
+                    raise ValueError(f"Metric {name!r} asks for step {late[0]} (at={list(when.at)}), past the last step "
+                                     f"({schedule.total_steps}) of learners with {group}; give steps from 0 to "
+                                     f"{schedule.total_steps}, or train longer (steps=, epochs=).")
+                if when.every is not None and not when.always and not any(
+                        t % when.every == 0 for t in schedule.log_steps if t > 0):
+                    shown = ", ".join(map(str, schedule.log_steps[:6])) + (", ..." if len(schedule.log_steps) > 6 else "")
+                    raise ValueError(f"Metric {name!r} every={when.every} is recorded at the logged steps that are "
+                                     f"multiples of {when.every}, and for learners with {group} none is but step 0 "
+                                     f"(logged steps: {shown}); log those steps (log_every={when.every}) or give "
+                                     "the steps with at=[...].")
 
     def _check_log_at(self) -> None:
         for setup in {id(s.setup): s.setup for s in self.grid.learners}.values():
@@ -292,12 +334,23 @@ class Experiment:
         spe = steps_per_epoch(len(setup.data.x), setup.batch_size)
         total = self.steps if self.steps is not None else spe * (self.epochs if self.epochs is not None else 1)
         every = range(self.keep_every, total + 1, self.keep_every) if self.keep_every else ()
-        log_at = tuple(sorted({*self.log_at, *(k for k in (*self.keep_states, *every) if k <= total)}))
+        metric_at = (t for when in self.metric_schedules().values() for t in (when.at or ()))
+        log_at = tuple(sorted({*self.log_at, *(k for k in (*self.keep_states, *every, *metric_at) if k <= total)}))
         return Schedule(total_steps=total, steps_per_epoch=spe, log_every=self.log_every, log_at=log_at)
 
     def metric_names(self) -> list[str]:
         """The recorded metrics, in the result's order: built-in ones, then the logger's."""
-        return metrics.names(self.evaluate, self.grid.has_controls) + self.logger.metric_names()
+        return [m.name for m in self.builtin_metrics()] + self.logger.metric_names()
+
+    def builtin_metrics(self) -> list[metric_registry.MetricSpec]:
+        """The built-in metrics recorded (``metrics.recorded``: what ``evaluate``, the controls and ``metrics=``
+        choose), each with the steps it is recorded at."""
+        return metric_registry.recorded(self.evaluate, self.grid.has_controls, self.metric_choices)
+
+    def metric_schedules(self) -> dict[str, metric_registry.When]:
+        """When each recorded metric that is not recorded at every logged step is: built-in ones, then the logger's."""
+        out = {m.name: m.when for m in self.builtin_metrics() if not m.when.always}
+        return {**out, **self.logger.metric_schedules()}
 
     def metric_keys(self, spec: LearnerSpec) -> dict[str, str]:
         """Each metric recorded for ``spec`` and a digest of what decides its values beside the learner itself
@@ -305,8 +358,7 @@ class Experiment:
         the control's id)."""
         ingredients = {"loss": self._loss_key, "train": spec.setup.data.fingerprint,
                        "test": spec.setup.data.test_fingerprint, "control": self._control_beside(spec)}
-        keys = {m.name: digest(m.key_parts(ingredients))
-                for m in metrics.recorded(self.evaluate, self.grid.has_controls)}
+        keys = {m.name: digest(m.key_parts(ingredients)) for m in self.builtin_metrics()}
         for name, user in metric_specs(self.logger, self.reads_control).items():
             keys[name] = digest(user.key_parts({**ingredients, "code": self._code_keys[name]}))
         if self.speed.precision != "float32":  # results of another precision are not float32 results
@@ -349,8 +401,14 @@ class Experiment:
             tree = fork_tree(learners, {s.id for s in to_train}, lambda s: self.schedule_of(s.setup).total_steps,
                              in_store=lambda i: bool(self.store.holders(i)),
                              compatible=lambda a, b: self.metric_keys(a) == self.metric_keys(b))
+            for spec in learners:  # a stored parent without its states at the fork steps trains up to there again
+                forks = set(tree.fork_steps(spec.id))
+                kept = {int(t) for source, _ in self.store.holders(spec.id, checkpoints=True) for t in source.state_steps}
+                if spec.id in served and forks and not forks <= kept:
+                    tree.refreshed.add(spec.id)
         self._prefix_needs = {i: (max(tree.fork_steps(i)), tree.fork_steps(i)) for i in tree.prefixes}
-        return tree, to_train + list(tree.prefixes.values()), served
+        refreshed = [s for s in learners if s.id in tree.refreshed]
+        return tree, to_train + refreshed + list(tree.prefixes.values()), served
 
     @property
     def data_bytes(self) -> int:
@@ -411,10 +469,19 @@ class Experiment:
                          lambda s, until, states: self.need(s, until, states),
                          lambda s, need, lineage: start_of(self.store, s.id, need, lineage), only)
         grid_ids = [s.id for s in self.grid.learners if only is None or s.id in only]
+        reaches = {(p.spec.id, p.stop) for p in parts}
+
+        def again_start(control: LearnerSpec, step: int) -> Start | None:
+            """A control's state at ``step``: stored, or written by one of this run's earlier chunks."""
+            found = state_at(self.store, [control.id], step)
+            if found is None and (control.id, step) in reaches:
+                found = Start(step, first_unstored=step, pending=True)
+            return found
+
         plan = make_plan(self.grid, parts, self.eval_batch_size, self.device, self.max_learners_per_chunk,
                          data_bytes=self.data_bytes, learners=len(grid_ids),
-                         in_store=sum(1 for i in grid_ids if i in served),
-                         again_start=lambda control, step: state_at(self.store, [control.id], step))
+                         in_store=sum(1 for i in grid_ids if i in served), again_start=again_start,
+                         refreshed=frozenset(tree.refreshed))
         plan.forks = describe_forks(tree, parts, {i: s.coords for i, s in self._by_id.items()})
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
         plan.speed = self.speed.describe(self.context.dtype)
@@ -498,6 +565,7 @@ class Experiment:
             name=self.name, loss=self.loss, device=self.device, eval_batch_size=self.eval_batch_size,
             evaluate=self.evaluate, controls=self.grid.has_controls, reads_control=self.reads_control,
             metrics=self.logger.metrics(), metric_dims=self.logger.metric_dims(),
+            metric_when=self.logger.metric_schedules(), builtins=tuple(self.builtin_metrics()),
             checkpoint_every=self.checkpoint_every, speed=self.speed, progress=self.progress,
             poll_seconds=self.poll_seconds)
         learners = Learners(schedule_of=self.schedule_of, metric_keys=self.metric_keys, keep_steps=self.keep_steps,

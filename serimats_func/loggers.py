@@ -6,7 +6,10 @@ control). A metric of your own is a method written for one learner, as in the se
 ``learner`` (see ``metrics.Learner``: ``learner.model`` holds this learner's parameters, and
 ``learner.train``, ``learner.test``, ``learner.batch``, ``learner.control`` give data and the control) and
 returns a tensor: a scalar, or a small tensor whose dimensions ``@register_metric(dims=(...))`` names
-(default ``<metric>_dim0``, ...). The library vmaps it over the learners and records it at the logged steps.
+(default ``<metric>_dim0``, ...). The library vmaps it over the learners and records it at the logged steps, or
+at fewer: ``@register_metric(every=k)`` at the logged steps that are multiples of k (step 0 included),
+``@register_metric(at=[...])`` at those steps (which the experiment then logs), both: at either; NaN at the
+other logged steps, and computed only where it is due (an expensive metric costs only there).
 
 >>> import torch
 >>> class WeightNorm(Logger):
@@ -16,13 +19,17 @@ returns a tensor: a scalar, or a small tensor whose dimensions ``@register_metri
 ...     @register_metric(dims=("unit",))
 ...     def unit_norms(self, learner):
 ...         return learner.model.fc1.weight.norm(dim=1)
->>> WeightNorm().metric_names(), WeightNorm().metric_dims()
-(['weight_norm', 'unit_norms'], {'unit_norms': ('unit',)})
+...     @register_metric(at=[0, 100])
+...     def fc1_trace(self, learner):
+...         return learner.model.fc1.weight.diagonal().sum()
+>>> WeightNorm().metric_names(), WeightNorm().metric_dims(), WeightNorm().metric_schedules()
+(['weight_norm', 'unit_norms', 'fc1_trace'], {'unit_norms': ('unit',)}, {'fc1_trace': When(every=None, at=(0, 100))})
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import numbers
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -36,6 +43,7 @@ from .core.metrics import (
     Data,
     MetricFn,
     MetricSpec,
+    When,
     metric_on_one,
     user_key,
     vmapped_metrics,
@@ -53,12 +61,19 @@ BUILTIN_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "param_no
 BUILTIN_DIMS = {"control_layer_distance": ("layer",)}
 
 
-def register_metric(fn: Callable | None = None, *, dims: Sequence[str] | None = None) -> Callable:
+def register_metric(fn: Callable | None = None, *, dims: Sequence[str] | None = None, every: int | None = None,
+                    at: Sequence[int] | None = None) -> Callable:
     """Mark a ``Logger`` method ``fn(self, learner) -> tensor`` as a metric named ``fn.__name__``. Use it bare
-    for a scalar, or as ``@register_metric(dims=("unit",))`` to name the dimensions of a tensor-valued one."""
+    for a scalar, or as ``@register_metric(dims=("unit",))`` to name the dimensions of a tensor-valued one.
+    ``every=k``: record it only at the logged steps that are multiples of k (step 0 included); ``at=[...]``: at
+    these steps, which become logged steps of the run (as with ``log_at``); both: at either. Elsewhere it is NaN,
+    and not computed."""
+    when = checked_when(every, at, "register_metric")
+
     def mark(f: Callable) -> Callable:
         f.is_metric = True
         f.metric_dims = None if dims is None else tuple(dims)
+        f.metric_when = when
         return f
 
     if fn is not None:
@@ -66,6 +81,60 @@ def register_metric(fn: Callable | None = None, *, dims: Sequence[str] | None = 
     if dims is not None and (isinstance(dims, str) or not all(isinstance(d, str) and d for d in dims)):
         raise ValueError(f"register_metric(dims=...) takes a tuple of dimension names, e.g. dims=('unit',); got {dims!r}.")
     return mark
+
+
+def checked_when(every: object, at: object, where: str) -> When:
+    """``every`` and ``at`` as a ``When``, refused (naming ``where`` they were given) unless ``every`` is a
+    positive integer and ``at`` a list of steps (integers >= 0); whether the steps lie in the run is checked
+    when the ``Experiment`` is built."""
+    if every is not None and (isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1):
+        raise ValueError(f"{where}(every=...) takes a positive integer k (record at the logged steps that are "
+                         f"multiples of k); got {every!r}.")
+    if at is not None:
+        if isinstance(at, (str, bytes)) or not isinstance(at, (Sequence, range, set, frozenset)):
+            raise ValueError(f"{where}(at=...) takes a list of steps, e.g. at=[0, 500]; got {at!r}.")
+        bad = [t for t in at if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0]
+        if bad:
+            raise ValueError(f"{where}(at=...) takes steps (numbers of updates done, integers >= 0); got {bad[0]!r} "
+                             f"in at={list(at)!r}.")
+        if not len(at):
+            raise ValueError(f"{where}(at=[]) names no step, so the metric would never be recorded; give steps, or "
+                             "leave the metric out.")
+        at = tuple(sorted({int(t) for t in at}))
+    return When(None if every is None else int(every), at)
+
+
+def metric_choices(metrics: object, optional_names: Collection[str] = ()) -> dict[str, When | bool]:
+    """``Experiment(metrics=...)`` as ``metrics.recorded`` takes it: a list of built-in metric names (optional
+    ones to record, at their default steps), or a dict {name: dict(every=..., at=...) | True | False} (when to
+    record it; True: at its default steps; False: not at all). Unknown names are refused with the list of names;
+    ``None`` as a value is refused too (it could mean either: say True or False)."""
+    if metrics is None:
+        return {}
+    if isinstance(metrics, (str, bytes)) or not isinstance(metrics, (Mapping, Sequence, set, frozenset)):
+        raise ValueError(f"metrics= takes a list of built-in metric names (e.g. metrics=['control_barrier']) or a dict "
+                         f"{{name: dict(every=..., at=...)}} (e.g. metrics={{'test_acc': dict(every=100)}}); got {metrics!r}.")
+    items = metrics.items() if isinstance(metrics, Mapping) else [(name, True) for name in metrics]
+    out: dict[str, When | bool] = {}
+    for name, choice in items:
+        if name not in METRICS:
+            optional = [n for n in METRICS if n in optional_names]
+            hint = f" (optional ones: {', '.join(optional)})" if optional else ""
+            raise ValueError(f"metrics= names {name!r}, which is no built-in metric; they are: {', '.join(METRICS)}"
+                             f"{hint}. A Logger's own metric takes its steps from @register_metric(every=..., at=...).")
+        if isinstance(choice, bool):
+            out[name] = choice
+        elif isinstance(choice, Mapping):
+            unknown = [k for k in choice if k not in ("every", "at")]
+            if unknown:
+                raise ValueError(f"metrics={{{name!r}: ...}} takes dict(every=..., at=...); got the key {unknown[0]!r}.")
+            out[name] = checked_when(choice.get("every"), choice.get("at"), f"metrics={{{name!r}: dict}}")
+        elif choice is None:
+            raise ValueError(f"metrics={{{name!r}: None}} could mean 'not recorded' or 'at every logged step': say "
+                             f"False (not recorded), True (at its default steps) or dict(every=..., at=...).")
+        else:
+            raise ValueError(f"metrics={{{name!r}: ...}} takes dict(every=..., at=...), True or False; got {choice!r}.")
+    return out
 
 
 class _LastOp(TorchFunctionMode):
@@ -116,6 +185,15 @@ class Logger:
             dims = getattr(getattr(type(self), name), "metric_dims", None)
             if dims is not None:
                 out[name] = dims
+        return out
+
+    def metric_schedules(self) -> dict[str, When]:
+        """When the metrics that ``@register_metric(every=..., at=...)`` limits are recorded."""
+        out = {}
+        for name in self.metric_names():
+            when = getattr(getattr(type(self), name), "metric_when", None)
+            if when is not None and not when.always:
+                out[name] = when
         return out
 
     def check(self, template: nn.Module, params: dict, buffers: dict, train: Data | None = None,
@@ -179,9 +257,10 @@ def metric_specs(logger: Logger, reads_control: Collection[str] = ()) -> dict[st
     if clash:
         raise ValueError(f"Metric name {clash[0]!r} is taken by a built-in metric ({', '.join(METRICS)}); "
                          "rename the method.")
-    dims = logger.metric_dims()
+    dims, schedules = logger.metric_dims(), logger.metric_schedules()
     return {name: MetricSpec(name, fn, dims.get(name, ()), key=user_key,
-                             depends_on=("code", "test") + (("control",) if name in reads_control else ()))
+                             depends_on=("code", "test") + (("control",) if name in reads_control else ()),
+                             every=schedules.get(name, When()).every, at=schedules.get(name, When()).at)
             for name, fn in logger.metrics().items()}
 
 

@@ -13,6 +13,11 @@
   the few of them that ``run(plot=True)`` also shows in Jupyter (the main metric's curves, the growth of the
   distance to the control).
 
+For heavy tails (a few seeds that blow up), ``curves`` and ``scaling`` take ``stat="mean" | "median" |
+"geomean"``, ``band="std" | "quantiles" | (low, high) | None``, ``seeds=True`` (each learner as a thin line)
+and ``yscale="log"``; ``scaling`` also ``xscale="linear"``. A coordinate's value has one colour in every plot
+of one ``Plotter`` (``Plotter.colours``).
+
 Each method returns a matplotlib ``Figure`` (shown inline in Jupyter), drawn with xarray's plotting.
 
 >>> import numpy as np, xarray as xr
@@ -23,18 +28,25 @@ Each method returns a matplotlib ``Figure`` (shown inline in Jupyter), drawn wit
 ['0.0 (n=3)', '0.1 (n=3)']
 >>> fig.axes[0].get_ylabel(), fig.axes[0].get_xlabel()
 ('test accuracy', 'step (updates done)')
+>>> fig = Plotter(ds).curves("test_acc", stat="median", band="quantiles", seeds=True, yscale="log")
+>>> fig.axes[0].get_yscale(), len([ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "seed"])
+('log', 6)
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -55,9 +67,123 @@ MAX_TICKS = 12
 MAIN_METRICS = ("test_acc", "train_loss")  # the main metric: the first one a result has
 MAX_FACETS = 12  # save_all draws a metric's own dimension with more values as a heat map, not as panels
 
+SCALES = ("linear", "log")  # of the value axis (yscale) and, in scaling plots, the step axis (xscale)
+
 
 class NothingToDraw(ValueError):
     """The data selected for a plot hold no number."""
+
+
+class Summary(NamedTuple):
+    """What a line and its band show of the learners over the seed dimensions.
+
+    ``stat``: ``mean``, ``median`` or ``geomean`` (``exp(mean(log x))``: positive values only, anything else is
+    refused). ``band``: ``std`` (stat +- one std; for ``geomean`` the geometric std, ``g / s`` to ``g * s`` with
+    ``s = exp(std(log x))``), ``quantiles`` (from ``quantiles[0]`` to ``quantiles[1]``, 25-75% by default) or None.
+
+    >>> Summary.of("median", (0.1, 0.9)).describe()
+    'median, 10-90% quantiles'
+    """
+
+    stat: str = "mean"
+    band: str | None = "std"
+    quantiles: tuple[float, float] = (0.25, 0.75)
+
+    @classmethod
+    def of(cls, stat: str = "mean", band: str | tuple[float, float] | None = "std") -> Summary:
+        """From what the user wrote: ``band`` may be ``"std"``, ``"quantiles"``, a pair ``(low, high)`` or None."""
+        if stat not in ("mean", "median", "geomean"):
+            raise ValueError(f"stat={stat!r}: use 'mean', 'median' or 'geomean' (exp of the mean of log over seeds).")
+        if band is None or band == "std":
+            return cls(stat, band)
+        if band == "quantiles":
+            return cls(stat, "quantiles")
+        if (isinstance(band, Sequence) and not isinstance(band, str) and len(band) == 2
+                and all(isinstance(q, int | float) and not isinstance(q, bool) for q in band)
+                and 0 <= band[0] < band[1] <= 1):
+            return cls(stat, "quantiles", (float(band[0]), float(band[1])))
+        raise ValueError(f"band={band!r}: use 'std', 'quantiles' (25-75%), a pair of quantiles such as (0.1, 0.9) "
+                         f"(0 <= low < high <= 1), or None (no band).")
+
+    def describe(self) -> str:
+        name = "geometric mean" if self.stat == "geomean" else self.stat
+        if self.band == "std":
+            return f"{name} ×/÷ 1 geometric std" if self.stat == "geomean" else f"{name} ± 1 std"
+        if self.band == "quantiles":
+            low, high = (f"{100 * q:g}" for q in self.quantiles)
+            return f"{name}, {low}-{high}% quantiles"
+        return name
+
+    def check(self, da: xr.DataArray, metric: str) -> None:
+        """Refuse a geometric mean of values that are not all positive (NaN, a learner without data, aside)."""
+        bad = int((da <= 0).sum())
+        if self.stat == "geomean" and bad:
+            raise ValueError(f"stat='geomean' needs positive values: {metric} has {bad} value(s) <= 0 here (the least "
+                             f"{float(da.min()):g}). Use stat='median' (as robust to a heavy tail, and defined for any "
+                             f"value), or select learners whose values are positive with sel=.")
+
+    def centre(self, da: xr.DataArray, seeds: list[str]) -> xr.DataArray:
+        """The statistic over ``seeds`` (NaN skipped: diverged or missing learners); ``da`` itself without seeds."""
+        if not seeds:
+            return da
+        with _all_nan_quiet():
+            if self.stat == "median":
+                return da.median(seeds, skipna=True)
+            if self.stat == "geomean":
+                return np.exp(np.log(da).mean(seeds, skipna=True))
+            return da.mean(seeds, skipna=True)
+
+    def edges(self, da: xr.DataArray, seeds: list[str], centre: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray] | None:
+        """The band's lower and upper edges, or None (no band, or no seeds to spread over)."""
+        if self.band is None or not seeds:
+            return None
+        with _all_nan_quiet():
+            if self.band == "quantiles":
+                q = da.quantile(list(self.quantiles), dim=seeds, skipna=True)
+                return q.isel(quantile=0, drop=True), q.isel(quantile=1, drop=True)
+            if self.stat == "geomean":
+                spread = np.exp(np.log(da).std(seeds, skipna=True))
+                return centre / spread, centre * spread
+            spread = da.std(seeds, skipna=True)
+            return centre - spread, centre + spread
+
+
+@contextmanager
+def _all_nan_quiet():
+    """Statistics of a value no learner has (an empty corner of the grid) are NaN, without numpy's warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"All-NaN slice|Mean of empty slice|Degrees of freedom", RuntimeWarning)
+        yield
+
+
+def colours(ds: xr.Dataset) -> dict[tuple[str, object], str]:
+    """One colour per (dimension, value) of the whole result, by the value's place among the dimension's values:
+    matplotlib's colour cycle up to 10 values, tab20 up to 20, viridis beyond.
+
+    >>> ds = xr.Dataset(coords={"lr": [0.01, 0.1]})
+    >>> colours(ds)[("lr", 0.1)]
+    '#ff7f0e'
+    """
+    table: dict[tuple[str, object], str] = {}
+    for dim in ds.dims:
+        if dim == "step":
+            continue
+        values = ds[dim].values.tolist()
+        for value, colour in zip(values, _palette(len(values)), strict=True):
+            try:
+                table[(str(dim), value)] = colour
+            except TypeError:  # an unhashable value: left to matplotlib's cycle
+                continue
+    return table
+
+
+def _palette(n: int) -> list[str]:
+    cycle = [to_hex(c) for c in plt.rcParams["axes.prop_cycle"].by_key().get("color", [])]
+    if n <= len(cycle):
+        return cycle[:n]
+    if n <= 20:
+        return [to_hex(c) for c in plt.get_cmap("tab20").colors[:n]]
+    return [to_hex(plt.get_cmap("viridis")(i / (n - 1))) for i in range(n)]
 
 
 def pretty(metric: str) -> str:
@@ -72,6 +198,7 @@ def seed_dims(da: xr.DataArray) -> list[str]:
 class Plotter:
     def __init__(self, ds: xr.Dataset):
         self.ds = ds
+        self.colours = colours(ds)  # (dimension, value) -> colour, the same in every plot drawn from ds
 
     # -- what to draw ---------------------------------------------------------------------------------------
 
@@ -121,45 +248,67 @@ class Plotter:
     # -- plots ------------------------------------------------------------------------------------------------
 
     def curves(self, metric: str = "test_acc", hue: str | None = None, col: str | None = None, row: str | None = None,
-               sel: Mapping | None = None) -> Figure:
+               sel: Mapping | None = None, stat: str = "mean", band: str | tuple[float, float] | None = "std",
+               seeds: bool = False, yscale: str = "linear") -> Figure:
         """``metric`` against step: a line per value of ``hue`` (default: the first dimension that is not a
-        seed), the mean over the seed dimensions with a band of +- one standard deviation; other dimensions
-        are panels (``col``, ``row``) or selected with ``sel``."""
+        seed), the ``stat`` over the seed dimensions (``mean``, ``median``, ``geomean``) with a ``band`` (``std``:
+        +- one std, multiplicative for ``geomean``; ``quantiles``: 25-75%, or ``(low, high)``; None), each learner
+        as a thin line too with ``seeds=True``; other dimensions are panels (``col``, ``row``) or selected with
+        ``sel``. ``yscale="log"`` keeps the step axis linear: exponential growth is a straight line."""
+        summary = Summary.of(stat, band)
+        _check_scale("yscale", yscale)
         da = self._data(metric, sel)
-        slots, seeds = self._arrange(da, metric, {"hue": hue, "col": col, "row": row})
-        fig = _lines(da, **slots, seeds=seeds, label=pretty(metric))
-        _suptitle(fig, _title(self.ds, pretty(metric), seeds, sel))
+        summary.check(da, metric)
+        slots, seed_list = self._arrange(da, metric, {"hue": hue, "col": col, "row": row})
+        fig = _lines(da, **slots, seeds=seed_list, label=pretty(metric), summary=summary, colours=self.colours,
+                     each_seed=seeds, yscale=yscale)
+        what = pretty(metric) + (", log scale" if yscale == "log" else "")
+        _suptitle(fig, _title(self.ds, what, seed_list, sel, _seeds_note(seeds, seed_list),
+                              spread=f"{summary.describe()} over"))
         return _finish(fig)
 
     def scaling(self, metric: str = "control_distance", hue: str | None = None, col: str | None = None,
-                row: str | None = None, sel: Mapping | None = None) -> Figure:
+                row: str | None = None, sel: Mapping | None = None, stat: str = "mean",
+                band: str | tuple[float, float] | None = "std", seeds: bool = False, yscale: str = "log",
+                xscale: str = "log") -> Figure:
         """How a distance grows: ``metric`` (default the distance to the control) against step on log-log
         axes, a line per value of ``hue`` (default ``epsilon`` if present), a panel per window (``when`` or
-        ``at`` if present), mean and +- one std over seeds. Controls are left out (their distance is 0), and so
-        is step 0 (no place on a log axis)."""
+        ``at`` if present), ``stat`` and ``band`` over seeds as in ``curves``. Controls are left out (their
+        distance is 0), and so are values <= 0 (no change yet) and, on a log step axis, step 0.
+        ``xscale="linear"``: log distance against linear steps, where exponential growth is a straight line."""
+        summary = Summary.of(stat, band)
+        _check_scale("yscale", yscale)
+        _check_scale("xscale", xscale)
         da = self._data(metric, sel)
         if "control" in da.coords and metric.startswith("control_"):
             da = da.where(~da["control"])  # the coordinate as selected with the data
-        da = da.sel(step=da["step"] > 0)
+        if xscale == "log":
+            da = da.sel(step=da["step"] > 0)
         if hue is None and "epsilon" in da.dims:
             hue = "epsilon"
         if col is None:
             col = next((d for d in WINDOW_DIMS if d in da.dims and d != hue), None)
         da = da.where(da > 0)  # a zero distance (no change yet) has no place on a log axis
-        slots, seeds = self._arrange(da, metric, {"hue": hue, "col": col, "row": row})
-        fig = _lines(da, **slots, seeds=seeds, label=pretty(metric))
+        slots, seed_list = self._arrange(da, metric, {"hue": hue, "col": col, "row": row})
+        fig = _lines(da, **slots, seeds=seed_list, label=pretty(metric), summary=summary, colours=self.colours,
+                     each_seed=seeds, yscale=yscale)
         for ax in fig.axes:
-            if ax.get_lines():
-                _log_axes(ax, da["step"].values)
-        _suptitle(fig, _title(self.ds, f"{pretty(metric)}, log-log", seeds, sel,
-                            "controls left out" if metric.startswith("control_") else ""))
+            if ax.get_lines() and xscale == "log":
+                _log_x(ax, da["step"].values)
+        scales = {("log", "log"): "log-log", ("linear", "log"): "log scale", ("log", "linear"): "log steps"}
+        what = ", ".join([pretty(metric)] + [scales[(xscale, yscale)]] * ((xscale, yscale) in scales))
+        notes = ["controls left out"] * metric.startswith("control_") + [_seeds_note(seeds, seed_list)]
+        _suptitle(fig, _title(self.ds, what, seed_list, sel, "; ".join(n for n in notes if n),
+                              spread=f"{summary.describe()} over"))
         return _finish(fig)
 
     def heatmap(self, metric: str = "test_acc", x: str | None = None, y: str | None = None, step: int = -1,
-                col: str | None = None, row: str | None = None, sel: Mapping | None = None) -> Figure:
-        """The mean over seeds of ``metric`` at ``step`` (a logged step; -1: the last) over coordinates ``x`` and
-        ``y`` (default: the first two that are not seeds), each cell labelled with its value (up to 100 cells).
-        ``x`` or ``y`` may be ``"step"``: the metric over all logged steps."""
+                col: str | None = None, row: str | None = None, sel: Mapping | None = None,
+                stat: str = "mean") -> Figure:
+        """The ``stat`` (``mean``, ``median``, ``geomean``) over seeds of ``metric`` at ``step`` (a logged step; -1:
+        the last) over coordinates ``x`` and ``y`` (default: the first two that are not seeds), each cell labelled
+        with its value (up to 100 cells). ``x`` or ``y`` may be ``"step"``: the metric over all logged steps."""
+        summary = Summary.of(stat, None)
         da = self._data(metric, sel)
         steps = da["step"].values.tolist()
         if step != -1 and step not in steps:
@@ -171,10 +320,10 @@ class Plotter:
         slots, seeds = self._arrange(da, metric, {"x": x, "y": y, "col": col, "row": row}, fixed=())
         if slots["y"] is None:
             raise ValueError(f"A heat map needs two dimensions besides the seeds; {metric} has {', '.join(map(str, da.dims))}.")
-        mean = da.mean(seeds, skipna=True) if seeds else da
-        fig = _heatmap(mean, **slots, label=pretty(metric))
+        summary.check(da, metric)
+        fig = _heatmap(summary.centre(da, seeds), **slots, label=pretty(metric))
         when = "over steps" if over_steps else f"at step {at}"
-        _suptitle(fig, _title(self.ds, f"{pretty(metric)} {when}", seeds, sel, spread="mean over"))
+        _suptitle(fig, _title(self.ds, f"{pretty(metric)} {when}", seeds, sel, spread=f"{summary.describe()} over"))
         return _finish(fig)
 
     # -- files ------------------------------------------------------------------------------------------------
@@ -252,23 +401,28 @@ class Plotter:
 
 # -- drawing with xarray ---------------------------------------------------------------------------------------
 
-def _lines(da: xr.DataArray, hue: str | None, col: str | None, row: str | None, seeds: list[str], label: str) -> Figure:
-    """Mean over ``seeds`` against step, a line per ``hue``, panels by ``col``/``row``, +- one std band."""
+def _lines(da: xr.DataArray, hue: str | None, col: str | None, row: str | None, seeds: list[str], label: str,
+           summary: Summary, colours: Mapping[tuple[str, object], str], each_seed: bool, yscale: str) -> Figure:
+    """The ``summary`` statistic over ``seeds`` against step with its band, a line per ``hue`` in the value's
+    colour (``colours``), panels by ``col``/``row``; each learner a thin line too when ``each_seed``."""
     if not bool(da.notnull().any()):
         raise NothingToDraw(f"nothing to draw: {label} holds no number here")
     for dim in (hue, col, row):  # values without any number would only add empty lines or panels
         if dim is not None:
             da = da.sel({dim: da.notnull().any([d for d in da.dims if d != dim])})
-    mean = da.mean(seeds, skipna=True) if seeds else da
-    std = da.std(seeds, skipna=True) if seeds else xr.zeros_like(da)
+    centre = summary.centre(da, seeds).rename(label)
+    edges = summary.edges(da, seeds, centre)
     count = da.notnull().any("step").sum(seeds) if seeds else xr.ones_like(da.isel(step=0), dtype=int)
-    mean = mean.rename(label)
+    palette: list[str | None] = [None]
     if hue is not None:
-        labels = [_with_count(v, count.sel({hue: v})) for v in mean[hue].values.tolist()]
-        mean, std = (a.assign_coords({hue: labels}) for a in (mean, std))
+        values = da[hue].values.tolist()
+        palette = [_colour(colours, hue, v) for v in values]
+        labels = [_with_count(v, count.sel({hue: v})) for v in values]
+        centre, da = (a.assign_coords({hue: labels}) for a in (centre, da))
+        edges = None if edges is None else tuple(e.assign_coords({hue: labels}) for e in edges)
     if col or row:
-        wrap = 4 if col and not row and mean.sizes[col] > 4 else None
-        grid = xr.plot.FacetGrid(mean, col=col, row=row, col_wrap=wrap, sharey=True, size=3, aspect=1.3)
+        wrap = 4 if col and not row and centre.sizes[col] > 4 else None
+        grid = xr.plot.FacetGrid(centre, col=col, row=row, col_wrap=wrap, sharey=True, size=3, aspect=1.3)
         fig, panels = grid.fig, [(ax, sel) for ax, sel in zip(grid.axs.flat, grid.name_dicts.flat, strict=True) if sel]
         for ax, sel in zip(grid.axs.flat, grid.name_dicts.flat, strict=True):
             ax.set_visible(sel is not None)  # the places a wrapped grid leaves over
@@ -276,21 +430,31 @@ def _lines(da: xr.DataArray, hue: str | None, col: str | None, row: str | None, 
     else:
         fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
         panels = [(ax, {})]
+    drawn: dict[object, list] = {}  # panel -> its lines of the statistic, one per hue value (seeds' lines aside)
     for ax, sel in panels:
-        part, spread = mean.sel(sel), std.sel(sel)
+        part = centre.sel(sel)
         if not bool(part.notnull().any()):
             ax.text(0.5, 0.5, "no learners here", ha="center", va="center", transform=ax.transAxes, color="gray")
             continue
-        part.plot.line(x="step", hue=hue, ax=ax, add_legend=False, _labels=False)
-        values = [None] if hue is None else part[hue].values.tolist()
-        for line, value in zip(ax.get_lines(), values, strict=True):
-            m, s = (part, spread) if value is None else (part.sel({hue: value}), spread.sel({hue: value}))
-            line.set_label(str(value))
+        drawn[ax] = part.plot.line(x="step", hue=hue, ax=ax, add_legend=False, _labels=False)
+        names = [None] if hue is None else part[hue].values.tolist()
+        for line, name, colour in zip(drawn[ax], names, palette, strict=True):
+            one = {} if name is None else {hue: name}
+            colour = colour or line.get_color()
+            line.set_color(colour)
+            line.set_label(str(name))
             line.set_marker("o")  # a value logged once (or between gaps) still shows
             line.set_markersize(3)
-            ax.fill_between(m["step"].values, (m - s).values, (m + s).values, color=line.get_color(), alpha=0.2,
-                            linewidth=0)
+            if edges is not None:
+                low, high = (e.sel(sel).sel(one) for e in edges)
+                ax.fill_between(low["step"].values, low.values, high.values, color=colour, alpha=0.2, linewidth=0)
+            if each_seed and seeds:
+                _seed_lines(ax, da.sel(sel).sel(one), seeds, colour)
         ax.grid(alpha=0.3)
+    for ax in drawn if yscale == "log" else ():
+        ax.set_yscale("log")
+    for ax in drawn if yscale == "log" else ():  # ticks once every panel's limits are known (shared axes)
+        _log_y_ticks(ax)
     for ax, _ in panels:
         ax.set_title(ax.get_title() if (col or row) else "")
         if ax.get_subplotspec().is_last_row() or not (col or row):
@@ -298,8 +462,8 @@ def _lines(da: xr.DataArray, hue: str | None, col: str | None, row: str | None, 
         if ax.get_subplotspec().is_first_col() or not (col or row):
             ax.set_ylabel(label)
     if hue is not None:
-        handles, names = next(((a.get_lines(), [ln.get_label() for ln in a.get_lines()]) for a, _ in panels
-                               if len(a.get_lines()) == mean.sizes[hue]), ([], []))
+        handles = next((lines for lines in drawn.values() if len(lines) == centre.sizes[hue]), [])
+        names = [ln.get_label() for ln in handles]
         if col or row:
             fig.legend(handles, names, title=hue, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         else:
@@ -307,11 +471,36 @@ def _lines(da: xr.DataArray, hue: str | None, col: str | None, row: str | None, 
     return fig
 
 
-def _log_axes(ax, steps: np.ndarray) -> None:
-    """Log-log axes labelled with plain numbers: 1, 2, 5, 10, 20... or, where fewer than three of those fall in
-    the steps' range, the logged steps themselves."""
+def _seed_lines(ax, da: xr.DataArray, seeds: list[str], colour: str) -> None:
+    """Each learner of ``da`` (dims: ``seeds`` and step) as a thin line below the statistic (gid ``seed``, out of
+    the legend); a learner without any number here draws nothing."""
+    each = da.stack(learner_=seeds).transpose("learner_", "step")  # (learners, steps)
+    for values in each.values:
+        if np.isfinite(values).any():
+            ax.plot(each["step"].values, values, color=colour, linewidth=0.6, alpha=0.45, zorder=1.5, gid="seed",
+                    label="_seed")
+
+
+def _colour(colours: Mapping[tuple[str, object], str], dim: str, value: object) -> str | None:
+    try:
+        return colours.get((dim, value))
+    except TypeError:  # an unhashable value
+        return None
+
+
+def _seeds_note(each_seed: bool, seeds: list[str]) -> str:
+    return "thin lines: each learner" if each_seed and seeds else ""
+
+
+def _check_scale(name: str, scale: str) -> None:
+    if scale not in SCALES:
+        raise ValueError(f"{name}={scale!r}: use 'linear' or 'log'.")
+
+
+def _log_x(ax, steps: np.ndarray) -> None:
+    """A log step axis labelled with plain numbers: 1, 2, 5, 10, 20... or, where fewer than three of those fall
+    in the steps' range, the logged steps themselves."""
     ax.set_xscale("log")
-    ax.set_yscale("log")
     lo, hi = float(steps.min()), float(steps.max())
     rounds = [m * 10**d for d in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1) for m in (1, 2, 5)]
     ticks = [v for v in rounds if lo <= v <= hi]
@@ -320,7 +509,14 @@ def _log_axes(ax, steps: np.ndarray) -> None:
         ticks = ticks[:: -(-len(ticks) // 6)]
     ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+
+
+def _log_y_ticks(ax) -> None:
+    """A log value axis labelled with plain numbers, 1, 2, 5, 10... (powers of 10 alone over more than three
+    decades). Values <= 0 have no place on it: a band's edge there runs off the bottom of the axis."""
+    low, high = ax.get_ylim()
+    subs = (1.0, 2.0, 5.0) if np.log10(high / low) <= 3 else (1.0,)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 

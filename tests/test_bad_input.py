@@ -299,6 +299,14 @@ def metric_named(name: str) -> Logger:
     return type(f"Logs_{name}", (Logger,), {name: register_metric(metric)})()
 
 
+def scheduled_metric(**when) -> Logger:
+    """A logger with one metric recorded at ``register_metric(**when)``'s steps (refused there, or when built)."""
+    def norm(self, learner):
+        return learner.model[1].weight.norm()
+
+    return type("Scheduled", (Logger,), {"norm": register_metric(**when)(norm)})()
+
+
 class UnitMetrics(Logger):
     @register_metric(dims=("unit",))
     def unit_norms(self, learner):
@@ -541,6 +549,33 @@ MISTAKES = [
      r"ResetOptimizerState acts in the step window \(40, 41\)"),
     ("keep_states past the last step", dict(keep_states=lambda: [8, 1000]),
      r"keep_states asks for step 1000, past the last step \(16\).*Give steps from 0 to 16"),
+    # metrics at chosen steps (16 steps, logged at 0 and 16)
+    ("a metric every=0", dict(logger=lambda: scheduled_metric(every=0)),
+     r"register_metric\(every=...\) takes a positive integer k .*got 0"),
+    ("a metric every=2.5", dict(logger=lambda: scheduled_metric(every=2.5)), "takes a positive integer k"),
+    ("a metric at a negative step", dict(logger=lambda: scheduled_metric(at=[4, -1])),
+     r"register_metric\(at=...\) takes steps .*got -1 in at=\[4, -1\]"),
+    ("a metric at a step given as a string", dict(logger=lambda: scheduled_metric(at="16")),
+     r"register_metric\(at=...\) takes a list of steps, e.g. at=\[0, 500\]"),
+    ("a metric at a step past the run", dict(logger=lambda: scheduled_metric(at=[8, 1000])),
+     r"Metric 'norm' asks for step 1000 \(at=\[8, 1000\]\), past the last step \(16\).*give steps from 0 to 16"),
+    ("a metric every k that no logged step but 0 is a multiple of", dict(logger=lambda: scheduled_metric(every=5)),
+     r"Metric 'norm' every=5 .* none is but step 0 \(logged steps: 0, 16\); log those steps \(log_every=5\)"),
+    ("metrics= with an unknown name", dict(metrics=lambda: {"test_accuracy": dict(every=4)}),
+     r"metrics= names 'test_accuracy', which is no built-in metric; they are: train_loss, train_acc, test_loss"),
+    ("metrics= naming a logger's metric", dict(metrics=lambda: ["norm"], logger=lambda: scheduled_metric()),
+     r"'norm', which is no built-in metric.*takes its steps from @register_metric\(every=..., at=...\)"),
+    ("metrics= as one string", dict(metrics=lambda: "test_acc"), "metrics= takes a list of built-in metric names"),
+    ("metrics= with None for a metric", dict(metrics=lambda: {"test_acc": None}), r"say False \(not recorded\)"),
+    ("metrics= with an unknown key", dict(metrics=lambda: {"test_acc": dict(evry=4)}),
+     r"takes dict\(every=..., at=...\); got the key 'evry'"),
+    ("metrics= at a step past the run", dict(metrics=lambda: {"test_acc": dict(at=[17])}),
+     r"Metric 'test_acc' asks for step 17 .*past the last step \(16\)"),
+    ("metrics= asking for the evaluation with evaluate=False",
+     dict(metrics=lambda: {"test_acc": dict(every=4)}, evaluate=lambda: False),
+     "metrics= asks for 'test_acc', which is computed on the train or test set, but evaluate=False"),
+    ("metrics= asking for a control metric without controls", dict(metrics=lambda: {"control_distance": dict(at=[0])}),
+     "compares each learner with its control, but no variation of this grid is a control; mark one with control=True"),
     # flags, names and paths
     ("evaluate='no'", dict(evaluate=lambda: "no"),
      r"evaluate must be True or False; got 'no' \(a str, which would be taken as True\)"),

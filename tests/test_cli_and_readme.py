@@ -99,6 +99,29 @@ def test_plot_draws_a_stored_metric_by_a_coordinate_into_a_readable_png(stored, 
         assert_png_not_blank(png)
 
 
+def test_plot_takes_the_median_a_quantile_band_each_seed_and_a_log_value_axis(stored, tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr("serimats_func.cli.save_figure", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    path = str(stored.store.path)
+    assert main(["plot", path, "train_loss", "--by", "epsilon", "--stat", "median", "--band", "0.1,0.9", "--seeds",
+                 "--yscale", "log", "--out", str(tmp_path / "tails.png")]) == 0
+    ax = figures[0].axes[0]
+    assert (ax.get_xscale(), ax.get_yscale()) == ("linear", "log")
+    assert "median, 10-90% quantiles over seed; thin lines: each learner" in figures[0]._suptitle.get_text()
+    ds = stored.results()
+    lines = [ln for ln in ax.get_lines() if ln.get_gid() != "seed"]
+    for line, eps in zip(lines, ds.epsilon.values, strict=True):
+        np.testing.assert_allclose(line.get_ydata(), np.nanmedian(ds.train_loss.sel(epsilon=eps).values, axis=0))
+    assert len([ln for ln in ax.get_lines() if ln.get_gid() == "seed"]) == 5  # the learners of the grid
+    assert main(["plot", path, "control_distance", "--kind", "scaling", "--stat", "geomean", "--band", "none",
+                 "--out", str(tmp_path / "growth.png")]) == 0
+    assert "geometric mean over seed" in figures[1]._suptitle.get_text() and not figures[1].axes[0].collections
+    with pytest.raises(SystemExit, match=r"band=\(0\.9, 0\.1\): use 'std', 'quantiles'"):
+        main(["plot", path, "train_loss", "--band", "0.9,0.1"])
+    with pytest.raises(SystemExit, match="--band, --seeds and --yscale draw lines"):
+        main(["plot", path, "train_loss", "--kind", "heatmap", "--by", "epsilon", "--y", "seed", "--seeds"])
+
+
 def test_plot_refuses_what_the_store_does_not_have_with_what_it_has(stored):
     path = str(stored.store.path)
     with pytest.raises(SystemExit, match=r"epsilon has no value '0\.5'; its values: \[0\.0, 0\.01, 0\.1\]"):
@@ -140,3 +163,9 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     cosine = namespace["cosine"]  # warmup + cosine: two schedules, two trajectories
     assert dict(cosine.train_loss.sizes) == {"T_max": 2, "step": 2} and cosine.warmup.item() == 10
     assert cosine.train_loss.isel(step=-1).diff("T_max").item() != 0
+    tails = namespace["tails"]  # the heavy-tail plot: the median, on a log value axis, each seed a thin line
+    drift = namespace["drift"]
+    assert (tails.axes[0].get_xscale(), tails.axes[0].get_yscale()) == ("linear", "log")
+    median = [ln.get_ydata() for ln in tails.axes[0].get_lines() if ln.get_gid() != "seed"]
+    np.testing.assert_allclose(median, np.nanmedian(drift.control_distance.transpose("epsilon", "step", "seed"), axis=-1))
+    assert len([ln for ln in tails.axes[0].get_lines() if ln.get_gid() == "seed"]) == 7  # the control and 2 x 3

@@ -121,3 +121,25 @@ def test_a_window_whose_value_is_the_optimizers_own_is_no_fork_and_no_loop(exper
     a = exp.run()
     b = experiment([PerturbHyperparameter.make_variations(lr=(0.01, 0.5), when=(6, 16))], log_every=1, fork=False).run()
     np.testing.assert_array_equal(a.train_loss.values, b.train_loss.values)
+
+
+@pytest.mark.parametrize("keep_every", [None, 4])
+def test_children_added_to_a_control_stored_without_their_fork_state_fork_from_it(experiment, tmp_path, keep_every):
+    """A control trained alone, children at step 10 asked for later: the control trains again up to 10 once (from
+    its latest kept state), the children fork there with the control beside them, and every number, the metrics
+    against the control included, is that of the same grid trained without forks. Its state at 10 is kept, so a
+    third run with more children trains only their suffixes."""
+    store = tmp_path / "late.zarr"
+    experiment([DataOrder.make_variations(seed=0, control=True)], steps=12, log_every=2, store=store, keep_every=keep_every).run()
+    more = experiment(spawn_grid((1, 2), 10), steps=12, log_every=2, store=store)
+    plan = more.plan()
+    start = 8 if keep_every else 0
+    assert (plan.in_store, plan.to_train) == (1, 2)
+    assert plan.learner_steps == (10 - start) + 3 * 2  # the control up to 10 once, then beside its two children
+    assert "(stored; trained again up to step 10 for its state there)" in str(plan)
+    ds = more.run()
+    every = experiment(spawn_grid((1, 2), 10), steps=12, log_every=2, fork=False).run()
+    for metric in [*METRICS, "control_distance", "control_agreement"]:
+        np.testing.assert_array_equal(ds[metric].values, every[metric].values)
+    third = experiment(spawn_grid((1, 2, 3), 10), steps=12, log_every=2, store=store)
+    assert third.plan().learner_steps == 2 * 2  # the new child and its control beside it, from the kept state at 10

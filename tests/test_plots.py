@@ -156,3 +156,171 @@ def test_a_plot_says_how_many_learners_diverged_and_left_the_mean():
     assert "1 learner(s) diverged: left out from then on" in fig._suptitle.get_text()
     line = [ax for ax in fig.axes if ax.get_lines()][0].get_lines()[0]  # SGD, lr 0.001
     np.testing.assert_allclose(line.get_ydata()[2:], ds.test_acc[1:, 0, 0, 2:].mean("seed"))
+
+
+# -- heavy tails: median, geometric mean, quantile bands, each seed, log values ----------------------------------
+
+def heavy_result(seeds=5, lr=(0.001, 0.01, 0.1), steps=(0, 10, 20, 30)) -> xr.Dataset:
+    """Log-normal values (a heavy tail over seeds) on (seed, init_seed, optimizer, lr, step)."""
+    values = np.exp(3 * np.random.default_rng(1).standard_normal((seeds, 2, 2, len(lr), len(steps))))
+    return xr.Dataset({"train_loss": (("seed", "init_seed", "optimizer", "lr", "step"), values)},
+                      coords={"seed": range(seeds), "init_seed": [0, 1], "optimizer": ["SGD", "Adam"], "lr": list(lr),
+                              "step": list(steps)}, attrs={"experiment": "tails"})
+
+
+def main_lines(ax) -> list:
+    return [ln for ln in ax.get_lines() if ln.get_gid() != "seed"]
+
+
+def seed_lines(ax) -> list:
+    return [ln for ln in ax.get_lines() if ln.get_gid() == "seed"]
+
+
+def band_edges(collection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The steps of a fill_between band and its lower and upper edge at each."""
+    vertices = np.concatenate([p.vertices for p in collection.get_paths()])
+    steps = np.unique(vertices[:, 0])
+    return (steps, np.array([vertices[vertices[:, 0] == s, 1].min() for s in steps]),
+            np.array([vertices[vertices[:, 0] == s, 1].max() for s in steps]))
+
+
+def test_median_with_a_quantile_band_and_each_learner_as_a_thin_line_of_its_value_s_colour():
+    ds = heavy_result()
+    values = ds.train_loss.transpose("optimizer", "lr", "step", "seed", "init_seed").values  # seeds last
+    learners = values.reshape(*values.shape[:3], -1)  # (optimizer, lr, step, 10 learners)
+    for band, (lo, hi) in (("quantiles", (0.25, 0.75)), ((0.1, 0.9), (0.1, 0.9))):
+        fig = Plotter(ds).curves("train_loss", hue="lr", col="optimizer", stat="median", band=band, seeds=True)
+        assert_readable(fig)
+        panels = [ax for ax in fig.axes if ax.get_lines()]
+        for o, ax in enumerate(panels):
+            assert len(main_lines(ax)) == 3 and len(seed_lines(ax)) == 3 * 10  # 5 seeds x 2 init seeds per lr
+            for i, (line, collection) in enumerate(zip(main_lines(ax), ax.collections, strict=True)):
+                np.testing.assert_allclose(line.get_ydata(), np.median(learners[o, i], axis=-1), rtol=1e-12)
+                steps, low, high = band_edges(collection)
+                np.testing.assert_allclose(steps, ds.step)
+                np.testing.assert_allclose(low, np.quantile(learners[o, i], lo, axis=-1), rtol=1e-12)
+                np.testing.assert_allclose(high, np.quantile(learners[o, i], hi, axis=-1), rtol=1e-12)
+                thin = seed_lines(ax)[10 * i:10 * (i + 1)]  # drawn after their line, learner by learner
+                assert {ln.get_color() for ln in thin} == {line.get_color()}
+                assert all(ln.get_linewidth() < line.get_linewidth() for ln in thin)
+                np.testing.assert_allclose(np.array([ln.get_ydata() for ln in thin]), learners[o, i].T, rtol=1e-12)
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["0.001 (n=10)", "0.01 (n=10)", "0.1 (n=10)"]
+        title = fig._suptitle.get_text()
+        assert f"median, {100 * lo:g}-{100 * hi:g}% quantiles over seed, init_seed" in title
+        assert "thin lines: each learner" in title
+
+
+def test_geometric_mean_has_a_multiplicative_band_skips_diverged_learners_and_refuses_values_not_positive():
+    ds = heavy_result()
+    ds["train_loss"][0, 0, 0, 0, 2:] = np.nan  # a diverged learner: NaN from then on
+    fig = Plotter(ds).curves("train_loss", hue="lr", sel={"optimizer": "SGD", "init_seed": 1}, stat="geomean")
+    logs = np.log(ds.train_loss.sel(optimizer="SGD", init_seed=1).transpose("lr", "step", "seed").values)
+    ax = fig.axes[0]
+    for i, (line, collection) in enumerate(zip(main_lines(ax), ax.collections, strict=True)):
+        g, s = np.exp(np.nanmean(logs[i], axis=-1)), np.exp(np.nanstd(logs[i], axis=-1))
+        np.testing.assert_allclose(line.get_ydata(), g, rtol=1e-12)
+        _, low, high = band_edges(collection)
+        np.testing.assert_allclose(low, g / s, rtol=1e-12)
+        np.testing.assert_allclose(high, g * s, rtol=1e-12)
+    assert "geometric mean ×/÷ 1 geometric std over seed" in fig._suptitle.get_text()
+    ds["train_loss"][1, 0, 0, 0, 1] = 0.0
+    ds["train_loss"][2, 0, 0, 0, 1] = -2.0
+    with pytest.raises(ValueError, match=r"stat='geomean' needs positive values: train_loss has 2 value\(s\) <= 0 "
+                                         r"here \(the least -2\)\. Use stat='median'"):
+        Plotter(ds).curves("train_loss", hue="lr", col="optimizer", row="init_seed", stat="geomean")
+    with pytest.raises(ValueError, match="stat='geomean' needs positive values"):
+        Plotter(ds).heatmap("train_loss", x="lr", y="optimizer", sel={"init_seed": 0}, step=10, stat="geomean")
+
+
+def test_no_band_draws_the_statistic_alone_and_the_heat_map_takes_the_same_statistic():
+    ds = heavy_result()
+    fig = Plotter(ds).curves("train_loss", hue="lr", col="optimizer", sel={"init_seed": 0}, stat="median", band=None)
+    panels = [ax for ax in fig.axes if ax.get_lines()]
+    assert all(not ax.collections and not seed_lines(ax) for ax in panels)
+    np.testing.assert_allclose(panels[1].get_lines()[2].get_ydata(),
+                               np.median(ds.train_loss.sel(init_seed=0, optimizer="Adam", lr=0.1).values, axis=0))
+    assert "median over seed" in fig._suptitle.get_text()
+    heat = Plotter(ds).heatmap("train_loss", x="lr", y="optimizer", sel={"init_seed": 0}, step=30, stat="median")
+    texts = {(round(t.get_position()[0]), round(t.get_position()[1])): t.get_text() for t in heat.axes[0].texts}
+    expected = float(np.median(ds.train_loss.sel(init_seed=0, optimizer="Adam", lr=0.01, step=30).values))
+    assert texts[(1, 1)] == f"{expected:.3g}" and "median over seed" in heat._suptitle.get_text()
+
+
+def test_log_values_keep_a_linear_step_axis_so_exponential_growth_is_a_straight_line():
+    steps = np.arange(0, 50, 10)
+    growth = np.exp(0.1 * steps)[None, None, :] * np.array([1.0, 2.0])[:, None, None] * np.ones((2, 3, 1))
+    ds = xr.Dataset({"control_distance": (("epsilon", "seed", "step"), growth)},
+                    coords={"epsilon": [0.01, 0.1], "seed": [0, 1, 2], "step": steps})
+    ax = Plotter(ds).curves("control_distance", hue="epsilon", yscale="log").axes[0]
+    assert (ax.get_xscale(), ax.get_yscale()) == ("linear", "log")
+    y = main_lines(ax)[0].get_ydata()
+    np.testing.assert_allclose(np.diff(np.log(y)), 1.0)  # a constant slope on these axes
+    semi = Plotter(ds).scaling("control_distance", xscale="linear").axes[0]
+    assert (semi.get_xscale(), semi.get_yscale()) == ("linear", "log")
+    np.testing.assert_allclose(main_lines(semi)[1].get_xdata(), steps)  # step 0 kept on a linear step axis
+    log_log = Plotter(ds).scaling("control_distance", seeds=True).axes[0]
+    assert (log_log.get_xscale(), log_log.get_yscale()) == ("log", "log") and len(seed_lines(log_log)) == 2 * 3
+    default = Plotter(ds).curves("control_distance").axes[0]  # today's default: linear both ways
+    assert (default.get_xscale(), default.get_yscale()) == ("linear", "linear")
+
+
+def line_colours(fig, values: list) -> dict:
+    """Each line's value (from its legend label, ``value (n=...)``) and colour, checked the same in every panel."""
+    by_label = {str(v): v for v in values}
+    seen: dict = {}
+    for ax in fig.axes:
+        for line in main_lines(ax):
+            value = by_label[line.get_label().rsplit(" (n=", 1)[0]]
+            assert seen.setdefault(value, line.get_color()) == line.get_color()
+    return seen
+
+
+def test_a_value_has_one_colour_in_every_plot_of_a_result():
+    ds = scaling_result()
+    ds["test_acc"] = xr.DataArray(np.random.default_rng(2).random((3, 2, 2, 4)), dims=ds.control_distance.dims)
+    plotter = Plotter(ds)
+    epsilons, windows = ds.epsilon.values.tolist(), ds.when.values.tolist()
+    colour = {e: plotter.colours[("epsilon", e)] for e in epsilons}
+    assert list(colour.values()) == ["#1f77b4", "#ff7f0e", "#2ca02c"]  # matplotlib's cycle, by place among all values
+    curves = line_colours(plotter.curves("test_acc", hue="epsilon", col="when"), epsilons)
+    scaling = line_colours(plotter.scaling(), epsilons)  # the control's epsilon (0) left out: the others keep theirs
+    assert curves == colour and scaling == {0.01: colour[0.01], 0.1: colour[0.1]}
+    no_first = ds.assign(test_acc=ds.test_acc.where(ds.epsilon > 0))  # epsilon 0 without data: not drawn
+    later = line_colours(Plotter(no_first).curves("test_acc", hue="epsilon", col="when"), epsilons)
+    assert later == {0.01: colour[0.01], 0.1: colour[0.1]}  # still their own colours, not the cycle's first two
+    by_window = line_colours(plotter.scaling(hue="when", col="epsilon"), windows)
+    assert by_window == line_colours(plotter.curves("test_acc", hue="when", col="epsilon"), windows)
+    assert by_window == {w: plotter.colours[("when", w)] for w in windows}
+    many = Plotter(ds.assign_coords(epsilon=[0.0, 0.01, 0.1]).reindex(epsilon=np.linspace(0, 0.1, 21)))
+    assert len({many.colours[("epsilon", e)] for e in many.ds.epsilon.values.tolist()}) == 21  # past 20: viridis
+
+
+def test_save_each_draws_every_value_in_its_one_colour(tmp_path, monkeypatch):
+    ds = scaling_result().expand_dims(width=[8, 16]).transpose("width", "epsilon", "seed", "when", "step")
+    ds["test_acc"] = 0.5 + 0.1 * xr.DataArray(np.random.default_rng(3).random(ds.control_distance.shape),
+                                              dims=ds.control_distance.dims)
+    plotter = Plotter(ds)
+    drawn = []
+    monkeypatch.setattr(plotting, "save_figure", lambda fig, path: drawn.append(fig) or path)
+    files = plotter.save_each(tmp_path)
+    assert {"curves_test_acc", "curves_control_distance", "scaling_control_distance"} <= set(files)
+    lines = 0
+    for fig in drawn:
+        legend = fig.legends[0] if fig.legends else next((ax.get_legend() for ax in fig.axes if ax.get_legend()), None)
+        if legend is None:
+            continue  # a heat map
+        dim = legend.get_title().get_text()
+        seen = line_colours(fig, ds[dim].values.tolist())
+        assert seen == {v: plotter.colours[(dim, v)] for v in seen}
+        lines += len(seen)
+    assert lines == 2 + 2 + 2  # both curves by width (the first dimension), the scaling plot by epsilon but 0
+
+
+def test_bad_statistics_bands_and_scales_are_refused_with_what_to_write():
+    plotter = Plotter(heavy_result())
+    with pytest.raises(ValueError, match=r"stat='max': use 'mean', 'median' or 'geomean'"):
+        plotter.curves("train_loss", stat="max")
+    with pytest.raises(ValueError, match=r"band=\(0\.9, 0\.1\): use 'std', 'quantiles' \(25-75%\), a pair of quantiles"):
+        plotter.curves("train_loss", band=(0.9, 0.1))
+    with pytest.raises(ValueError, match=r"yscale='symlog': use 'linear' or 'log'"):
+        plotter.scaling("train_loss", yscale="symlog")

@@ -6,8 +6,10 @@ depend on besides the learner (``depends_on``: the ``"loss"``, the ``"train"`` o
 ``"control"``, the user's ``"code"``). The built-in ones are registered here, in the result's order, and
 everything else reads them from ``METRICS``: which metrics an experiment records (``recorded``), their keys in
 the store (``MetricSpec.key_parts``: what decides reuse), the store's dimensions (``BUILTIN_DIMS``), the
-result's order and the recording. Adding a built-in metric is one function of a ``Snapshot`` plus its
-``@builtin(...)`` line below (or ``register(MetricSpec(...))`` from anywhere).
+result's order and the recording. A metric is recorded at every logged step unless its ``every`` / ``at`` say
+fewer (``When``: NaN at the other logged steps); an ``optional`` one only when an experiment names it. Adding a
+built-in metric is one function of a ``Snapshot`` plus its ``@builtin(...)`` line below (or
+``register(MetricSpec(...))`` from anywhere).
 
 Built-in metrics, over the parameters (not buffers) taken as one flat vector, in float64:
 
@@ -29,11 +31,14 @@ Built-in metrics, over the parameters (not buffers) taken as one flat vector, in
 [[0.0, 0.0], [0.0, 1.0]]
 >>> names(evaluate=False, controls=True)
 ['param_norm', 'init_distance', 'init_cosine', 'control_distance', 'control_layer_distance', 'control_cosine']
+>>> [When(every=5, at=(7,)).due(s) for s in (0, 5, 6, 7)]
+[True, True, False, True]
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -171,6 +176,37 @@ class Snapshot:
         return PathEvaluation(loss, torch.cat([error[:, None], inner.error, error[self.control, None]], 1))
 
 
+# -- when a metric is recorded ------------------------------------------------------------------------------
+
+class When(NamedTuple):
+    """At which logged steps a metric is recorded: those that are multiples of ``every`` (step 0 included), and
+    the steps ``at`` (which the experiment logs); both given: either; neither (``When()``): every logged step.
+    A decision on the step number alone, taken on the host when a step is logged."""
+
+    every: int | None = None
+    at: tuple[int, ...] | None = None
+
+    @property
+    def always(self) -> bool:
+        """Recorded at every logged step (``every=1`` is that too)."""
+        return self.every == 1 or (self.every is None and self.at is None)
+
+    def due(self, step: int) -> bool:
+        if self.always:
+            return True
+        return (self.every is not None and step % self.every == 0) or (self.at is not None and step in self.at)
+
+    def key(self) -> dict:
+        """What the metric's key in the store adds for this schedule (nothing is added for ``always``): values
+        recorded at fewer steps are another observation than values at every logged step."""
+        return {"every": self.every, "at": None if self.at is None else list(self.at)}
+
+    def describe(self) -> str:
+        parts = ([] if self.every is None else [f"every={self.every}"]) + (
+            [] if self.at is None else [f"at={list(self.at)}"])
+        return ", ".join(parts) or "every logged step"
+
+
 # -- the registry --------------------------------------------------------------------------------------------
 
 def builtin_key(spec: MetricSpec, ingredients: Mapping[str, Any]) -> list:
@@ -202,7 +238,10 @@ class MetricSpec:
     learner, from ``DEPENDENCIES``; a metric on ``"train"`` or ``"test"`` data needs the evaluation (not
     recorded with ``evaluate=False``) and one on the ``"control"`` is recorded only when the experiment has
     controls (NaN for learners without one). ``key``: what its key in the store is a digest of (see
-    ``key_parts``); ``version``: bump it when the definition changes, so that stored values are not reused."""
+    ``key_parts``); ``version``: bump it when the definition changes, so that stored values are not reused.
+    ``every``, ``at``: when it is recorded by default (``When``; both None: at every logged step; an experiment's
+    ``metrics=`` may say otherwise). ``optional``: recorded only when an experiment names it in ``metrics=``
+    (an expensive metric)."""
 
     name: str
     fn: Callable
@@ -210,6 +249,9 @@ class MetricSpec:
     depends_on: tuple[str, ...] = ()
     key: Callable[[MetricSpec, Mapping[str, Any]], list] = builtin_key
     version: int = METRICS_VERSION
+    every: int | None = None
+    at: tuple[int, ...] | None = None
+    optional: bool = False
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.depends_on if d not in DEPENDENCIES]
@@ -217,6 +259,21 @@ class MetricSpec:
             raise ValueError(f"Metric {self.name!r}: depends_on={unknown[0]!r} is not one of {', '.join(DEPENDENCIES)}.")
         object.__setattr__(self, "dims", tuple(self.dims))
         object.__setattr__(self, "depends_on", tuple(self.depends_on))
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1):
+            raise ValueError(f"Metric {self.name!r}: every= takes a positive integer; got {self.every!r}.")
+        if self.at is not None:
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.at):
+                raise ValueError(f"Metric {self.name!r}: at= takes steps (integers >= 0); got {self.at!r}.")
+            object.__setattr__(self, "at", tuple(sorted(set(self.at))))
+
+    @property
+    def when(self) -> When:
+        """At which logged steps it is recorded."""
+        return When(self.every, self.at)
+
+    def scheduled(self, when: When) -> MetricSpec:
+        """This metric recorded at ``when``'s steps."""
+        return dataclasses.replace(self, every=when.every, at=when.at)
 
     @property
     def against_control(self) -> bool:
@@ -229,8 +286,10 @@ class MetricSpec:
     def key_parts(self, ingredients: Mapping[str, Any]) -> list:
         """What this metric's key in the store is a digest of, given the ``ingredients`` (``"loss"``: the loss's
         key, ``"train"``, ``"test"``: the data's fingerprints, ``"control"``: the id of the control beside the
-        learner or None, ``"code"``: a digest of a user metric's code)."""
-        return self.key(self, ingredients)
+        learner or None, ``"code"``: a digest of a user metric's code), followed by its schedule where it is not
+        recorded at every logged step (``When.key``: a new schedule is recorded anew, as a new metric is)."""
+        parts = self.key(self, ingredients)
+        return parts if self.when.always else [*parts, {"recorded": self.when.key()}]
 
 
 METRICS: dict[str, MetricSpec] = {}  # the built-in metrics by name, in the result's order
@@ -259,14 +318,25 @@ def builtin(name: str | None = None, **fields: Any) -> Callable[[Callable], Call
     return add
 
 
-def recorded(evaluate: bool = True, controls: bool = True) -> list[MetricSpec]:
-    """The built-in metrics an experiment records, in the result's order."""
-    return [s for s in METRICS.values() if (evaluate or not s.evaluates) and (controls or not s.against_control)]
+def recorded(evaluate: bool = True, controls: bool = True,
+             chosen: Mapping[str, When | bool] | None = None) -> list[MetricSpec]:
+    """The built-in metrics an experiment records, in the result's order: those its ``evaluate`` and ``controls``
+    allow, optional ones only when ``chosen`` names them; ``chosen[name]``: a ``When`` (recorded then), True (at
+    its own default steps) or False (not recorded)."""
+    chosen = chosen or {}
+    out = []
+    for s in METRICS.values():
+        choice = chosen.get(s.name)
+        if choice is False or (s.optional and choice is None):
+            continue
+        if (evaluate or not s.evaluates) and (controls or not s.against_control):
+            out.append(s.scheduled(choice) if isinstance(choice, When) else s)
+    return out
 
 
-def names(evaluate: bool = True, controls: bool = True) -> list[str]:
-    """The names of ``recorded(evaluate, controls)``."""
-    return [s.name for s in recorded(evaluate, controls)]
+def names(evaluate: bool = True, controls: bool = True, chosen: Mapping[str, When | bool] | None = None) -> list[str]:
+    """The names of ``recorded(evaluate, controls, chosen)``."""
+    return [s.name for s in recorded(evaluate, controls, chosen)]
 
 
 class _Names(Sequence):

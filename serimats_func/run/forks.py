@@ -39,10 +39,14 @@ class Segment:
 @dataclass
 class ForkTree:
     """Who forks from whom: ``parent[id] = (step, prefix)``; ``prefixes``: the chosen prefixes that are not grid
-    learners, by id; ``cuts[family]``: the fork steps of each family (a control's id, or a learner's own)."""
+    learners, by id; ``cuts[family]``: the fork steps of each family (a control's id, or a learner's own);
+    ``refreshed``: grid learners the store serves but without their states at the steps others fork from them
+    (a control trained before its children were asked for): they train again up to their last fork step, once,
+    and keep their states there, like a prefix."""
 
     parent: dict[str, tuple[int, LearnerSpec]] = field(default_factory=dict)
     prefixes: dict[str, LearnerSpec] = field(default_factory=dict)
+    refreshed: set[str] = field(default_factory=set)
     cuts: dict[str, set[int]] = field(default_factory=dict)
     grid_ids: frozenset[str] = frozenset()
 
@@ -141,8 +145,9 @@ def segments(tree: ForkTree, learners: Sequence[LearnerSpec], total_of: Callable
     out: list[Segment] = []
     for spec in sorted(nodes, key=lambda s: depth[s.id]):
         forks = tree.fork_steps(spec.id)
-        stop = max(forks) if spec.id in tree.prefixes else total_of(spec)
-        need = need_of(spec, stop, forks if spec.id in tree.prefixes else ())
+        like_prefix = spec.id in tree.prefixes or spec.id in tree.refreshed
+        stop = max(forks) if like_prefix else total_of(spec)
+        need = need_of(spec, stop, forks if like_prefix else ())
         start = start_of(spec, need, tree.lineage(spec.id))
         if start is None:
             continue
@@ -174,6 +179,8 @@ def describe_forks(tree: ForkTree, parts: Sequence[Segment], coords: dict[str, d
     out = []
     for (step, outside, here), (children, parents) in sorted(lines.items()):
         status = "trained here" if here else "stored"
+        if here and parents <= tree.refreshed:
+            status = f"stored; trained again up to step {step} for its state there"
         if not outside and len(parents) == 1:
             what = f"the grid learner {coords.get(next(iter(parents))) or '(no coordinates)'}"
         elif outside:

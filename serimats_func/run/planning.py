@@ -73,12 +73,13 @@ class Plan:
     store: str = ""
     speed: str = ""
     forks: list[str] = field(default_factory=list)  # the fork tree in words, one line per fork point
+    refreshed: frozenset[str] = frozenset()  # stored learners trained again up to a fork step, to fork from there
 
     @property
     def to_train(self) -> int:
         """Grid learners trained and written (not counting controls trained again beside their learners, nor
         prefixes that only exist to be forked from)."""
-        return len({s.id for c in self.chunks for s in c.to_write if not s.prefix})
+        return len({s.id for c in self.chunks for s in c.to_write if not s.prefix and s.id not in self.refreshed})
 
     @property
     def learner_steps(self) -> int:
@@ -95,7 +96,7 @@ class Plan:
         seen: set[str] = set()
         for chunk in self.chunks:
             for spec, start in zip(chunk.learners, chunk.starts, strict=True):
-                if spec.id in seen or spec.id in chunk.again or spec.prefix:
+                if spec.id in seen or spec.id in chunk.again or spec.prefix or spec.id in self.refreshed:
                     continue
                 seen.add(spec.id)
                 if start.step > 0:
@@ -118,7 +119,7 @@ class Plan:
         for chunk in self.chunks:
             groups.setdefault(chunk.structure, []).append(chunk)
         for structure, chunks in groups.items():
-            n = len({s.id for c in chunks for s in c.to_write})
+            n = len({s.id for c in chunks for s in c.to_write if s.id not in self.refreshed})
             again = sum(len(c.again) for c in chunks)
             mib = self.bytes_per_learner[structure] / 2**20
             evaluation = self.evaluation_learners.get(structure)
@@ -284,6 +285,7 @@ def make_plan(
     learners: int | None = None,
     in_store: int = 0,
     again_start: Callable[[LearnerSpec, int], Start | None] = lambda control, step: None,
+    refreshed: frozenset[str] = frozenset(),
 ) -> Plan:
     """Split the ``segments`` left to train (``forks.segments``: each learner from where it starts to its next fork
     step or its end) into groups of one structure, start and stop, and those into chunks that fit in the memory
@@ -294,7 +296,8 @@ def make_plan(
     for segment in segments:
         groups.setdefault((segment.spec.structure, segment.start.step, segment.stop), []).append(segment)
     plan = Plan(grid_cells=len(grid.cells), learners=len(grid.learners) if learners is None else learners,
-                in_store=in_store, memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device))
+                in_store=in_store, memory_budget=max(0, memory_budget(device) - data_bytes), device=str(device),
+                refreshed=refreshed)
     largest: dict[tuple, int] = {}  # learners of the largest chunk of each structure
     for (structure, step, stop), members in sorted(groups.items(), key=lambda kv: kv[0][1:]):
         specs = [m.spec for m in members]

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..acceleration.prepare import ChunkSpeed, Speed
 from ..callbacks import Callbacks, ChunkInfo
 from ..core.data import TrainingData
-from ..core.metrics import BUILTIN_DIMS, MetricFn
+from ..core.metrics import BUILTIN_DIMS, MetricFn, MetricSpec, When
 from ..core.step import LossFn
 from ..jupyter import progress_bar
 from ..store.locks import Claims
@@ -47,6 +47,8 @@ class RunSettings:
     reads_control: Collection[str] = frozenset()  # custom metrics that read learner.control
     metrics: Mapping[str, MetricFn] = field(default_factory=dict)  # custom metrics, by name
     metric_dims: Mapping[str, Sequence[str]] = field(default_factory=dict)  # their own dimensions
+    metric_when: Mapping[str, When] = field(default_factory=dict)  # when custom metrics are recorded (default: always)
+    builtins: tuple[MetricSpec, ...] | None = None  # the built-in metrics recorded (default metrics.recorded(...))
     checkpoint_every: int | None = None
     speed: Speed = field(default_factory=Speed)
     progress: bool = True
@@ -144,7 +146,8 @@ class Runner:
                                  start=self.chunk_start(chunk, schedule, keys, self.learners.keep_steps(schedule)),
                                  keep=self.learners.keep_steps(schedule),
                                  controls=s.controls, reads_control=s.reads_control, speed=s.speed, report=self.report,
-                                 evaluation_learners=evaluation_learners, stop=last)
+                                 evaluation_learners=evaluation_learners, stop=last, builtins=s.builtins,
+                                 when=s.metric_when)
             self.callbacks.on_chunk_end(info, result)
             checkpoints.follow(chunk.start, None, lambda: (result.steps, result.metrics), result.states)
             checkpoints.track(last, result.states[last])

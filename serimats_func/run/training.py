@@ -21,7 +21,8 @@ from ..core.data import DataStream, TrainingData, batch_indices, stream_orders
 from ..core.evaluation import make_logits
 from ..core.hook_points import POINTS, implemented
 from ..core.learners import initial_model_states
-from ..core.metrics import MetricFn
+from ..core.metrics import MetricFn, MetricSpec, When
+from ..core.metrics import recorded as recorded_metrics
 from ..core.purity import check_pure
 from ..core.state import ChunkState, InterventionData
 from ..core.step import Hook, Hooks, LossFn, initial_hooks, make_train_step
@@ -225,17 +226,16 @@ class ChunkResult:
 
 def _evaluation_chooser(step_fn: acceleration.PreparedStep, template, structure: tuple, stable: str, data: TrainingData,
                         schedule: Schedule, start_step: int, n: int, device: torch.device, speed: Speed,
-                        cap: int | None) -> Callable[[dict, torch.Tensor], tuple[Callable, int | None]]:
+                        cap: int | None, evaluations: int) -> Callable[[dict, torch.Tensor], tuple[Callable, int | None]]:
     """``(state, x) -> (logits_fn, learners_per_pass)`` for the Recorder: the evaluation's own plan
     (``acceleration.choose_evaluation``), chosen on the first evaluation of each set and reported in
     ``step_fn.report.evaluation``. Measuring one set may take ``MEASURE_SHARE`` of its evaluations and half the
     chunk's steps, estimated from the measured step time (a forward pass of an evaluation batch: ``FORWARD_SHARE``
-    of a training step per example)."""
+    of a training step per example); ``evaluations``: how many logged steps of the chunk evaluate."""
     report = step_fn.report
     own = speed.convolutions == "auto" and speed.precision != "bf16" and step_fn.logits_of is not None
     candidates = (acceleration.evaluation_candidates(report.plan, device, bool(convolutions.convolutions_of(template)))
                   if own else (report.plan,))
-    evaluations = sum(1 for s in schedule.log_steps if s >= start_step)
 
     def choose(state: dict, x: torch.Tensor) -> tuple[Callable, int | None]:
         batches = -(-len(x) // data.eval_batch_size)
@@ -275,6 +275,8 @@ def train_chunk(
     report: list[ChunkSpeed] | None = None,
     evaluation_learners: int | None = None,
     stop: int | None = None,
+    builtins: Sequence[MetricSpec] | None = None,
+    when: Mapping[str, When] | None = None,
 ) -> ChunkResult:
     """Train one chunk of learners of one structure from ``start`` (default: their initial states) to the end of
     ``schedule``, recording metrics (N, steps, *their dims) at its logged steps from ``start.step`` on and keeping
@@ -282,8 +284,11 @@ def train_chunk(
     (with its kept states) when they are due, and when interrupted (Ctrl-C) before re-raising (see
     ``Checkpoints.interrupted``). ``controls``: record the metrics against each learner's control (NaN for
     learners whose control is not in ``specs``); ``reads_control``: the custom metrics that read
-    ``learner.control``. ``speed`` says how the step may be accelerated (default ``Speed()``); what was chosen,
-    and what choosing and compiling cost, is appended to ``report``. ``evaluation_learners`` caps the learners of
+    ``learner.control``. ``builtins``: the built-in metrics recorded, with their schedules (default
+    ``metrics.recorded(evaluate, controls)``); ``when``: the custom metrics' schedules (default every logged step):
+    at a logged step only the metrics due there are computed (``recording.Recorder``). ``speed`` says how the step
+    may be accelerated (default ``Speed()``); what was chosen, and what choosing and compiling cost, is appended to
+    ``report``. ``evaluation_learners`` caps the learners of
     one evaluation pass (memory: ``planning.evaluation_learners``).
     ``stop`` (default the schedule's last step) ends the chunk after that many updates (a prefix that learners
     fork from there: its final state is kept there). ``on_step(step, state, loss)`` is called where
@@ -335,19 +340,21 @@ def train_chunk(
                                             steps_left, len(specs), device, speed, stable_key=stable)
     if report is not None:
         report.append(step_fn.report)
+    builtins = list(builtins) if builtins is not None else recorded_metrics(evaluate, controls)
+    log_steps = {t for t in schedule.log_steps if t <= stop}
+    evaluations = sum(1 for t in schedule.log_steps if t >= start.step and any(m.evaluates and m.when.due(t) for m in builtins))
     evaluation = _evaluation_chooser(step_fn, template, structure, stable, data, schedule, start.step, len(specs),
-                                     device, speed, evaluation_learners)
+                                     device, speed, evaluation_learners, evaluations)
     record = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
                       metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
-                      records=records, logits_fn=step_fn.logits, evaluation=evaluation)
-    log_steps = {t for t in schedule.log_steps if t <= stop}
+                      records=records, logits_fn=step_fn.logits, evaluation=evaluation, builtins=builtins, when=when)
 
     def snapshot() -> tuple[list[int], dict[str, np.ndarray]]:
         """The logged steps recorded in full so far, and their metrics (N, steps)."""
         k = len(recorded)
         if not k:
             return [], {}
-        return list(recorded), {m: torch.stack(v[:k], dim=1)[:n_learners].cpu().numpy() for m, v in record.records.items()}
+        return list(recorded), record.results(n_learners, state, k)
 
     kept: dict[int, FlatState] = dict(start.kept)  # every checkpoint holds the kept states passed so far
     if checkpoints is not None:
