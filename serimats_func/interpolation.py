@@ -127,7 +127,10 @@ def _same_architecture(a: FlatState, b: FlatState, name_a: str, name_b: str) -> 
     la, lb = layout(a), layout(b)
     if la != lb:
         differ = sorted(p for p in set(la) | set(lb) if la.get(p) != lb.get(p))
-        shown = "; ".join(f"{p}: {la.get(p, 'absent')} against {lb.get(p, 'absent')}" for p in differ[:3])
+        def show(entry: tuple | None) -> str:
+            return "absent" if entry is None else f"{entry[0]} {entry[1]}"
+
+        shown = "; ".join(f"{p}: {show(la.get(p))} against {show(lb.get(p))}" for p in differ[:3])
         raise ValueError(f"Learners {name_a} and {name_b} have different architectures ({shown}): a straight path "
                          "between two learners needs the same parameters and buffers, of the same shapes and dtype.")
 

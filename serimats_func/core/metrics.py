@@ -21,6 +21,12 @@ Built-in metrics, over the parameters (not buffers) taken as one flat vector, in
   tensor: a ``layer`` dimension labelled by parameter name, ``fc1.weight``, ``fc1.bias``...),
   ``control_cosine`` cos(w, wc), ``control_agreement`` (fraction of test examples whose argmax prediction is
   the control's) and ``control_test_loss_diff`` (test loss minus the control's).
+- Optional (recorded only when an experiment names them in ``metrics=``: each costs nine more evaluations of the
+  test set per logged step), on the straight path ``(1 - alpha) * w + alpha * wc`` from the learner to its
+  control, parameters and floating-point buffers alike (``interpolation``), at the 11 points ``BARRIER_ALPHAS``
+  0, 0.1, ..., 1: ``control_barrier_curve``, the test error (1 - accuracy) at each point (an ``alpha``
+  dimension); ``control_barrier``, its largest value minus the mean of its two ends (the error barrier of
+  Frankle et al. 2020; 0 for the control itself); ``control_barrier_loss``, the same for the test loss.
 
 >>> import torch
 >>> a = {"w": torch.tensor([[3.0, 4.0], [3.0, 4.0]]), "b": torch.tensor([[0.0], [1.0]])}  # N = 2
@@ -40,7 +46,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -241,7 +247,8 @@ class MetricSpec:
     ``key_parts``); ``version``: bump it when the definition changes, so that stored values are not reused.
     ``every``, ``at``: when it is recorded by default (``When``; both None: at every logged step; an experiment's
     ``metrics=`` may say otherwise). ``optional``: recorded only when an experiment names it in ``metrics=``
-    (an expensive metric)."""
+    (an expensive metric). ``labels``: the coordinate values of its own dimensions (dim -> labels; default their
+    positions 0, 1, ...)."""
 
     name: str
     fn: Callable
@@ -252,6 +259,7 @@ class MetricSpec:
     every: int | None = None
     at: tuple[int, ...] | None = None
     optional: bool = False
+    labels: Mapping[str, Sequence] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.depends_on if d not in DEPENDENCIES]
@@ -389,12 +397,22 @@ class _Dims(Mapping):
         return repr(self._dims())
 
 
-# views of the registry, by family
+# views of the registry, by family (the last three: metrics recorded unless an experiment drops them)
 BUILTIN_METRICS = _Names(lambda s: True)
-DEFAULT_METRICS = _Names(lambda s: s.evaluates and not s.against_control)  # train/test loss and accuracy
-WEIGHT_METRICS = _Names(lambda s: not s.evaluates and not s.against_control)
-CONTROL_METRICS = _Names(lambda s: s.against_control)
+OPTIONAL_METRICS = _Names(lambda s: s.optional)  # recorded only when an experiment names them in metrics=
+DEFAULT_METRICS = _Names(lambda s: s.evaluates and not s.against_control and not s.optional)  # train/test loss, acc
+WEIGHT_METRICS = _Names(lambda s: not s.evaluates and not s.against_control and not s.optional)
+CONTROL_METRICS = _Names(lambda s: s.against_control and not s.optional)
 BUILTIN_DIMS = _Dims()  # metrics with a dimension of their own
+
+
+def builtin_labels() -> dict[str, list]:
+    """The coordinate values of the registered metrics' own dimensions that they name (dim -> labels).
+
+    >>> builtin_labels()["alpha"][:3]
+    [0.0, 0.1, 0.2]
+    """
+    return {d: list(v) for spec in METRICS.values() for d, v in spec.labels.items()}
 
 
 # -- the built-in metrics, in the result's order ------------------------------------------------------------
@@ -452,14 +470,19 @@ def control_test_loss_diff(s: Snapshot) -> torch.Tensor:
     return loss - loss[s.control]
 
 
+# the barrier on the straight path to the control: optional (11 evaluations of the test set per logged step)
+
+@builtin(depends_on=("control", "test"), optional=True)
 def control_barrier(s: Snapshot) -> torch.Tensor:
     return barrier(s.control_path.error)
 
 
+@builtin(depends_on=("control", "loss", "test"), optional=True)
 def control_barrier_loss(s: Snapshot) -> torch.Tensor:
     return barrier(s.control_path.loss)
 
 
+@builtin(dims=("alpha",), depends_on=("control", "test"), optional=True, labels={"alpha": BARRIER_ALPHAS})
 def control_barrier_curve(s: Snapshot) -> torch.Tensor:
     return s.control_path.error
 

@@ -288,6 +288,12 @@ def module_of(model: nn.Module, flat: FlatState) -> nn.Module:
     if set(names) != set(params):
         raise ValueError(f"The model's parameters ({', '.join(names)}) are not the stored learner's "
                          f"({', '.join(params)}); give the experiment's model.")
+    wrong = [n for n, p in names.items() if not isinstance(p, nn.parameter.UninitializedParameter)
+             and p.shape != params[n].shape]
+    if wrong:
+        raise ValueError(f"The model's parameter {wrong[0]} has shape {tuple(names[wrong[0]].shape)}, the stored "
+                         f"learner's {tuple(params[wrong[0]].shape)}: these are not the stored learner's parameters; "
+                         "give the experiment's model.")
     with torch.no_grad():
         for name, p in names.items():
             if isinstance(p, nn.parameter.UninitializedParameter):
