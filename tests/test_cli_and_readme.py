@@ -163,6 +163,10 @@ def test_the_readme_examples_run_and_say_what_the_readme_says(tmp_path, monkeypa
     cosine = namespace["cosine"]  # warmup + cosine: two schedules, two trajectories
     assert dict(cosine.train_loss.sizes) == {"T_max": 2, "step": 2} and cosine.warmup.item() == 10
     assert cosine.train_loss.isel(step=-1).diff("T_max").item() != 0
+    spawned, between = namespace["spawned"], namespace["between"]  # children spawned at 50; the path between two
+    assert (spawned.control_barrier.sel(at=50, seed=[1, 2], step=[0, 50]) == 0).all()
+    assert spawned.control_barrier.sel(at=50, seed=[1, 2], step=200).notnull().all()
+    assert between.alpha.values.tolist() == [0, 0.25, 0.5, 0.75, 1] and between.attrs["step_a"] == 100
     tails = namespace["tails"]  # the heavy-tail plot: the median, on a log value axis, each seed a thin line
     drift = namespace["drift"]
     assert (tails.axes[0].get_xscale(), tails.axes[0].get_yscale()) == ("linear", "log")

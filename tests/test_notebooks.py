@@ -82,6 +82,17 @@ def check_custom_logger(ns, out):
     assert (ns["ds"].fc1_distance_to_control.sel(epsilon=0, seed=0) == 0).all()
 
 
+def check_linear_mode_connectivity(ns, out):
+    ds, children, spawn = ns["ds"], list(ns["children"]), ns["spawn_steps"]
+    assert (ds.control_barrier.sel(seed=0, at=0) == 0).all()  # the control against itself
+    late = spawn[-1]
+    before = ds.control_barrier.sel(seed=children, at=late, step=ds.step <= late)
+    assert (before == 0).all()  # before its spawn step a child is the control
+    assert ds.control_barrier.sel(seed=children, step=ns["steps"]).notnull().all()
+    assert ds.control_barrier_curve.sizes["alpha"] == 11
+    assert "error barrier:" in out and ns["path"].error.sizes == {"alpha": 11}
+
+
 def check_first_sweep(ns, out):
     assert dict(ns["ds"].test_acc.sizes) == {"epsilon": 4, "seed": 10, "step": 2}
 
