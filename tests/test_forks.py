@@ -164,4 +164,3 @@ def test_a_window_whose_value_is_the_optimizers_own_is_no_fork_and_no_loop(exper
     a = exp.run()
     b = experiment([PerturbHyperparameter.make_variations(lr=(0.01, 0.5), when=(6, 16))], log_every=1, fork=False).run()
     np.testing.assert_array_equal(a.train_loss.values, b.train_loss.values)
-
