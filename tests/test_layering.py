@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "serimats_func"
 SHELL = {"serimats_func", "serimats_func.__main__", "serimats_func.experiments", "serimats_func.cli",
-         "serimats_func.cluster", "serimats_func.plotter", "serimats_func.loggers", "serimats_func.export"}
+         "serimats_func.cluster", "serimats_func.plotter", "serimats_func.loggers", "serimats_func.export",
+         "serimats_func.interpolation"}
 
 
 def modules() -> dict[str, tuple[Path, bool]]:

@@ -21,6 +21,12 @@ Built-in metrics, over the parameters (not buffers) taken as one flat vector, in
   tensor: a ``layer`` dimension labelled by parameter name, ``fc1.weight``, ``fc1.bias``...),
   ``control_cosine`` cos(w, wc), ``control_agreement`` (fraction of test examples whose argmax prediction is
   the control's) and ``control_test_loss_diff`` (test loss minus the control's).
+- Optional (recorded only when an experiment names them in ``metrics=``: each costs nine more evaluations of the
+  test set per logged step), on the straight path ``(1 - alpha) * w + alpha * wc`` from the learner to its
+  control, parameters and floating-point buffers alike (``interpolation``), at the 11 points ``BARRIER_ALPHAS``
+  0, 0.1, ..., 1: ``control_barrier_curve``, the test error (1 - accuracy) at each point (an ``alpha``
+  dimension); ``control_barrier``, its largest value minus the mean of its two ends (the error barrier of
+  Frankle et al. 2020; 0 for the control itself); ``control_barrier_loss``, the same for the test loss.
 
 >>> import torch
 >>> a = {"w": torch.tensor([[3.0, 4.0], [3.0, 4.0]]), "b": torch.tensor([[0.0], [1.0]])}  # N = 2
@@ -40,7 +46,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -48,6 +54,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from . import pytrees
+from .interpolation import PathEvaluation, barrier
 
 METRICS_VERSION = 1  # part of the built-in metrics' keys in the store: bump when their definition changes
 DEPENDENCIES = ("loss", "train", "test", "control", "code")  # what a metric's values may depend on besides the learner
@@ -94,6 +101,8 @@ class Evaluation(NamedTuple):
 
 
 Evaluate = Callable[[str, bool], Evaluation]  # (split "train" | "test", with predictions) -> Evaluation
+AlongPath = Callable[[str, torch.Tensor], PathEvaluation]  # (split, alphas (A,)) -> (N, A), each learner to its control
+BARRIER_ALPHAS = tuple(i / 10 for i in range(11))  # the points of the path to the control: 0, 0.1, ..., 1
 
 
 class Snapshot:
@@ -106,7 +115,10 @@ class Snapshot:
     - ``norms``, ``initial_norms``, ``init_layers``, ``control_layers``: ``layer_norms`` (N, L) of the
       parameters, the initial ones, and the differences to the initial ones and to the control's;
     - ``evaluation("train" | "test")``: loss and accuracy on the whole set; ``predictions``: the test set's
-      argmax predictions (N, n_test), None without a test set.
+      argmax predictions (N, n_test), None without a test set;
+    - ``control_path``: the test loss and error (N, 11) at the points ``BARRIER_ALPHAS`` of the straight path
+      from each learner (alpha = 0) to its control (alpha = 1): its ends are ``evaluation("test")``'s, the nine
+      points between them are evaluated by ``along_path(split, alphas)`` (``interpolation.along_path``).
 
     ``evaluate(split, predictions)`` computes an ``Evaluation``; ``predict``: evaluate the test set with its
     predictions in the same pass (when a recorded metric reads them).
@@ -114,8 +126,10 @@ class Snapshot:
 
     def __init__(self, params: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor],
                  control: torch.Tensor | None = None, evaluate: Evaluate | None = None,
-                 initial_norms: torch.Tensor | None = None, predict: bool = False):
+                 initial_norms: torch.Tensor | None = None, predict: bool = False,
+                 along_path: AlongPath | None = None):
         self.params, self.initial = params, initial
+        self._along_path = along_path
         first = next(iter(params.values()))
         self.control = control if control is not None else torch.arange(len(first), device=first.device)
         self._evaluate, self._predict = evaluate, predict
@@ -153,6 +167,19 @@ class Snapshot:
         if self.evaluation("test").predictions is None and not self._predict:
             self._cache["evaluation.test"] = self._evaluate("test", True)
         return self.evaluation("test").predictions
+
+    @property
+    def control_path(self) -> PathEvaluation:
+        return self._once("control_path", self._control_path)
+
+    def _control_path(self) -> PathEvaluation:
+        if self._along_path is None:
+            raise ValueError("this snapshot cannot evaluate the path between learners and their controls")
+        ends = self.evaluation("test")
+        inner = self._along_path("test", torch.tensor(BARRIER_ALPHAS[1:-1], dtype=torch.float64))  # (N, 9)
+        loss = torch.cat([ends.loss[:, None], inner.loss, ends.loss[self.control, None]], 1)  # (N, 11)
+        error = 1 - ends.acc
+        return PathEvaluation(loss, torch.cat([error[:, None], inner.error, error[self.control, None]], 1))
 
 
 # -- when a metric is recorded ------------------------------------------------------------------------------
@@ -220,7 +247,8 @@ class MetricSpec:
     ``key_parts``); ``version``: bump it when the definition changes, so that stored values are not reused.
     ``every``, ``at``: when it is recorded by default (``When``; both None: at every logged step; an experiment's
     ``metrics=`` may say otherwise). ``optional``: recorded only when an experiment names it in ``metrics=``
-    (an expensive metric)."""
+    (an expensive metric). ``labels``: the coordinate values of its own dimensions (dim -> labels; default their
+    positions 0, 1, ...)."""
 
     name: str
     fn: Callable
@@ -231,6 +259,7 @@ class MetricSpec:
     every: int | None = None
     at: tuple[int, ...] | None = None
     optional: bool = False
+    labels: Mapping[str, Sequence] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.depends_on if d not in DEPENDENCIES]
@@ -368,12 +397,22 @@ class _Dims(Mapping):
         return repr(self._dims())
 
 
-# views of the registry, by family
+# views of the registry, by family (the last three: metrics recorded unless an experiment drops them)
 BUILTIN_METRICS = _Names(lambda s: True)
-DEFAULT_METRICS = _Names(lambda s: s.evaluates and not s.against_control)  # train/test loss and accuracy
-WEIGHT_METRICS = _Names(lambda s: not s.evaluates and not s.against_control)
-CONTROL_METRICS = _Names(lambda s: s.against_control)
+OPTIONAL_METRICS = _Names(lambda s: s.optional)  # recorded only when an experiment names them in metrics=
+DEFAULT_METRICS = _Names(lambda s: s.evaluates and not s.against_control and not s.optional)  # train/test loss, acc
+WEIGHT_METRICS = _Names(lambda s: not s.evaluates and not s.against_control and not s.optional)
+CONTROL_METRICS = _Names(lambda s: s.against_control and not s.optional)
 BUILTIN_DIMS = _Dims()  # metrics with a dimension of their own
+
+
+def builtin_labels() -> dict[str, list]:
+    """The coordinate values of the registered metrics' own dimensions that they name (dim -> labels).
+
+    >>> builtin_labels()["alpha"][:3]
+    [0.0, 0.1, 0.2]
+    """
+    return {d: list(v) for spec in METRICS.values() for d, v in spec.labels.items()}
 
 
 # -- the built-in metrics, in the result's order ------------------------------------------------------------
@@ -429,6 +468,23 @@ def control_agreement(s: Snapshot) -> torch.Tensor:
 def control_test_loss_diff(s: Snapshot) -> torch.Tensor:
     loss = s.evaluation("test").loss
     return loss - loss[s.control]
+
+
+# the barrier on the straight path to the control: optional (11 evaluations of the test set per logged step)
+
+@builtin(depends_on=("control", "test"), optional=True)
+def control_barrier(s: Snapshot) -> torch.Tensor:
+    return barrier(s.control_path.error)
+
+
+@builtin(depends_on=("control", "loss", "test"), optional=True)
+def control_barrier_loss(s: Snapshot) -> torch.Tensor:
+    return barrier(s.control_path.loss)
+
+
+@builtin(dims=("alpha",), depends_on=("control", "test"), optional=True, labels={"alpha": BARRIER_ALPHAS})
+def control_barrier_curve(s: Snapshot) -> torch.Tensor:
+    return s.control_path.error
 
 
 # -- metrics written for one model ------------------------------------------------------------------------

@@ -229,6 +229,18 @@ def load_learner(store: str | os.PathLike | Store, model: nn.Module, step: int |
 
 def _load_learner(store: Store, model: nn.Module, step: int | None, coords: Mapping[str, Any],
                   with_scheduler: bool = False) -> tuple:
+    _, config, flat, step = stored_state(store, step, coords)
+    module = module_of(model, flat)
+    optimizer = _optimizer(config, flat, module)
+    if not with_scheduler:
+        return module, optimizer
+    return module, optimizer, _scheduler(config, optimizer, step)
+
+
+def stored_state(store: Store, step: int | None, coords: Mapping[str, Any]) -> tuple[str, dict, FlatState, int]:
+    """The kept state of the learner that ``coords`` select (``learner=<id>`` or its coordinates) at ``step``
+    (None: the latest): its id, configuration, flat stored state and the step; ``module_of(model, flat)`` puts it
+    in a copy of the model."""
     learner_id, config = select_learner(store.configs(), coords, f"the store {store.path}")
     held = [(s, p, int(t)) for s, p in store.holders(learner_id, checkpoints=False) for t in s.state_steps]
     steps = sorted({t for _, _, t in held})
@@ -241,12 +253,7 @@ def _load_learner(store: Store, model: nn.Module, step: int | None, coords: Mapp
     if not at:
         raise ValueError(f"The store holds learner {learner_id}'s state at steps {steps}, not at step {step}; "
                          "ask for one of those, or keep more with Experiment(keep_states=[...]) or keep_every=.")
-    flat = store.read_states([at[0]])[0]
-    module = _module(model, flat)
-    optimizer = _optimizer(config, flat, module)
-    if not with_scheduler:
-        return module, optimizer
-    return module, optimizer, _scheduler(config, optimizer, step)
+    return learner_id, config, store.read_states([at[0]])[0], step
 
 
 def _scheduler(config: Mapping, optimizer: torch.optim.Optimizer, step: int) -> Any:
@@ -270,7 +277,7 @@ def _part(flat: FlatState, prefix: str) -> dict[str, torch.Tensor]:
     return {path[len(prefix) + 1:]: _tensor(v, d) for path, (v, d) in flat.items() if path.startswith(prefix + "/")}
 
 
-def _module(model: nn.Module, flat: FlatState) -> nn.Module:
+def module_of(model: nn.Module, flat: FlatState) -> nn.Module:
     """A CPU copy of ``model`` in the stored dtype, holding the stored parameters and buffers (the library's own
     buffers, such as dropout keys, are left out)."""
     params, buffers = _part(flat, "params"), _part(flat, "buffers")
@@ -281,6 +288,12 @@ def _module(model: nn.Module, flat: FlatState) -> nn.Module:
     if set(names) != set(params):
         raise ValueError(f"The model's parameters ({', '.join(names)}) are not the stored learner's "
                          f"({', '.join(params)}); give the experiment's model.")
+    wrong = [n for n, p in names.items() if not isinstance(p, nn.parameter.UninitializedParameter)
+             and p.shape != params[n].shape]
+    if wrong:
+        raise ValueError(f"The model's parameter {wrong[0]} has shape {tuple(names[wrong[0]].shape)}, the stored "
+                         f"learner's {tuple(params[wrong[0]].shape)}: these are not the stored learner's parameters; "
+                         "give the experiment's model.")
     with torch.no_grad():
         for name, p in names.items():
             if isinstance(p, nn.parameter.UninitializedParameter):

@@ -28,6 +28,7 @@ from torch import nn
 from ..core import pytrees
 from ..core.data import TrainingData, batch_indices, stream_orders
 from ..core.evaluation import evaluate_dataset, make_logits
+from ..core.interpolation import PathEvaluation, along_path
 from ..core.metrics import (
     Data,
     Evaluation,
@@ -40,6 +41,7 @@ from ..core.metrics import (
     recorded,
     vmapped_metrics,
 )
+from ..core.state import ModelState
 from ..core.step import LossFn
 from .grid import LearnerSpec
 
@@ -167,7 +169,8 @@ class Recorder:
         params, buffers = state.params, state.buffers
         predict = self.controls and any(s.against_control and "test" in s.depends_on for s in builtins)
         snapshot = Snapshot(params, self.initial, self.control, lambda split, predictions: self._evaluate(
-            state, split, predictions), self.initial_norms, predict=predict)
+            state, split, predictions), self.initial_norms, predict=predict,
+            along_path=lambda split, alphas: self._along_path(state, split, alphas))
         values: dict[str, torch.Tensor] = {}
         against: dict[str, torch.Tensor] = {}  # metrics against the control
         for spec in builtins:
@@ -210,12 +213,16 @@ class Recorder:
             return Evaluation(nan, nan, None if not predictions or x is None else
                               torch.empty(n, len(x), dtype=torch.int64, device="meta"))
 
+        def along_path(split: str, alphas: torch.Tensor) -> PathEvaluation:
+            nan = torch.empty(n, len(alphas), dtype=torch.float64, device="meta")
+            return PathEvaluation(nan, nan)
+
         specs = {s.name: s for s in self.builtins}
         for name in names:
             try:
                 if name in specs:
                     snapshot = Snapshot(params, pytrees.tree_map(meta, self.initial), control, evaluate,
-                                        meta(self.initial_norms), predict=self.controls)
+                                        meta(self.initial_norms), predict=self.controls, along_path=along_path)
                     value = specs[name].fn(snapshot)
                 else:
                     value = self._meta_custom(name, params, buffers, control, step)
@@ -243,6 +250,20 @@ class Recorder:
         out = evaluate_dataset(logits_fn, self.loss_fn, state.params, state.buffers, x, y,
                                self.data.eval_batch_size, predictions=predictions, learners_per_pass=group)
         return Evaluation(*out)
+
+    def _along_path(self, state: dict, split: str, alphas: torch.Tensor) -> PathEvaluation:
+        """Loss and error (N, A) on the whole ``split`` of the points ``alphas`` of the straight path from each
+        learner to its control, as many points per pass as the evaluation evaluates learners; NaN without it."""
+        x, y = (self.data.x, self.data.y) if split == "train" else (self.data.x_test, self.data.y_test)
+        n = len(self.control)
+        if x is None:
+            nan = torch.full((n, len(alphas)), torch.nan, dtype=torch.float64, device=self.device)
+            return PathEvaluation(nan, nan)
+        logits_fn, group = self.evaluation(state, x) if self.evaluation else (self.logits_fn, None)
+        learner = ModelState(state.params, state.buffers)
+        control = ModelState(gather(state.params, self.control), gather(state.buffers, self.control))
+        return along_path(self.template, self.loss_fn, learner, control, alphas.to(self.device), x, y,
+                          batch_size=self.data.eval_batch_size, points_per_pass=group or n, logits_fn=logits_fn)
 
     def against_control(self) -> set[str]:
         """The recorded metrics that compare a learner with its control."""

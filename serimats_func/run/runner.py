@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..acceleration.prepare import ChunkSpeed, Speed
 from ..callbacks import Callbacks, ChunkInfo
 from ..core.data import TrainingData
-from ..core.metrics import BUILTIN_DIMS, MetricFn, MetricSpec, When
+from ..core.metrics import BUILTIN_DIMS, MetricFn, MetricSpec, When, builtin_labels
 from ..core.step import LossFn
 from ..jupyter import progress_bar
 from ..store.locks import Claims
@@ -132,7 +132,7 @@ class Runner:
         keys = [self.learners.metric_keys(spec) for spec in specs]
         environment = _environment(s.device)
         dims = {**BUILTIN_DIMS, **s.metric_dims}
-        labels = {"layer": list(setup.param_names)}
+        labels = {**builtin_labels(), "layer": list(setup.param_names)}
         checkpoints = Checkpoints(self.store, ids, configs, keys, environment, s.checkpoint_every, dims=dims,
                                   labels=labels)
         last = schedule.total_steps if chunk.stop is None else chunk.stop
