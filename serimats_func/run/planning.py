@@ -73,6 +73,8 @@ class Plan:
     store: str = ""
     speed: str = ""
     forks: list[str] = field(default_factory=list)  # the fork tree in words, one line per fork point
+    # compile="auto" in words, per group (made when printed: planning again during run() does not pay for it)
+    compile_outlook: Callable[[], list[str]] | None = field(default=None, repr=False)
 
     @property
     def to_train(self) -> int:
@@ -131,6 +133,8 @@ class Plan:
         lines.append(f"  memory budget: {self.memory_budget / 2**30:.1f} GiB")
         if self.speed:
             lines.append(f"  speed: {self.speed}")
+        if self.compile_outlook is not None and self.chunks:
+            lines += [f"  {line}" for line in self.compile_outlook()]
         return "\n".join(lines)
 
     __repr__ = __str__

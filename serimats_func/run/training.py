@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from ..acceleration import convolutions, plan_cache
+from ..acceleration import compile_record, convolutions, plan_cache
 from ..acceleration import prepare as acceleration
 from ..acceleration.prepare import ChunkSpeed, Speed
 from ..core import pytrees
@@ -190,6 +190,39 @@ def _stable_key(specs: Sequence[LearnerSpec], hooks: Hooks, twin, shared: bool, 
     return plan_cache.digest((repr(template), tuple((k, tuple(v.shape), str(v.dtype)) for k, v in template.state_dict().items()),
                               tuple(setup.data.x.shape[1:]), setup.batch_size, str(setup.dtype), tuple(setup.trainable_names),
                               twin.name, setup.optimizer_structure(), points, shared, loss, speed.precision))
+
+
+def compile_outlook(specs: Sequence[LearnerSpec], loss_fn: LossFn, device: torch.device, speed: Speed,
+                    steps_left: int) -> tuple[str, bool]:
+    """What ``compile="auto"`` expects for a chunk of ``specs`` before it trains, for ``plan()``: in words (the eager
+    estimate when a step time is remembered, in ``plan_cache`` or ``compile_record``, and the decision), and whether
+    inductor's cache is warm for its step (``compile_record``)."""
+    specs = list(specs) * 2 if len(specs) == 1 else list(specs)  # a lone learner trains as two copies
+    n, setup = len(specs), specs[0].setup
+    hooks, twin = chunk_hooks(specs), chunk_optimizer(specs)
+    shared = len({s.data_stream for s in specs}) == 1
+    batch = (min(setup.batch_size, len(setup.data.x)), *setup.data.x.shape[1:])
+    shape = batch if shared else (n, *batch)
+    digest = plan_cache.digest((_stable_key(specs, hooks, twin, shared, loss_fn, speed), shape))
+    convolutional = bool(convolutions.convolutions_of(setup.template))
+    step_s = None
+    if speed.precision == "bf16" or (speed.convolutions == "auto" and not convolutional):
+        plan = "vmap"
+    elif speed.convolutions == "auto":
+        cached = plan_cache.lookup(plan_cache.entry_key("train", digest, n, device))
+        plan = cached["choice"] if cached else acceleration.default_plan(device, n)
+        step_s = cached.get("step_s") if cached else None
+    else:
+        plan = speed.convolutions
+    entry = compile_record.lookup(compile_record.key(digest, acceleration.compiled_plan(plan, device), n, device))
+    step_s = step_s or (entry or {}).get("eager_s")
+    cold_s = compile_record.expected_cold_seconds(device)
+    if step_s is None:
+        cache = "warm" if entry else f"cold (a compile costs about {cold_s:.0f} s)"
+        return f"step not timed yet (it is at the chunk's start, from {acceleration.MEASURE_MIN_STEPS} steps); inductor's " \
+               f"cache {cache}", entry is not None
+    decision = compile_record.decide(step_s * steps_left, entry, device.type, cold_s)
+    return f"{decision.reason} ({steps_left} steps): {'compiled' if decision.compile else 'eager'}", entry is not None
 
 
 def chunk_optimizer(specs: Sequence[LearnerSpec]):
