@@ -195,7 +195,10 @@ def test_the_compile_decision_given_warm_and_cold_records():
     cold_s = 40.0
     warm = {"cold_s": 40.0, "warm_s": 7.0, "eager_s": 0.010, "compiled_s": 0.004}
     assert compile_record.decide(61.0, warm, "cpu", cold_s).compile  # a minute of eager steps, kernels cached
-    assert not compile_record.decide(59.0, warm, "cpu", cold_s).compile
+    assert not compile_record.decide(59.0, {**warm, "compiled_s": 0.009}, "cpu", cold_s).compile
+    # the saving repays the recorded compile: 30 s x (1 - 0.4) = 18 s >= 2 x 7 s, though under a minute
+    assert compile_record.decide(30.0, warm, "cpu", cold_s).compile
+    assert not compile_record.decide(20.0, warm, "cpu", cold_s).compile  # 12 s < 14 s
     decision = compile_record.decide(61.0, warm, "cpu", cold_s)
     assert decision.warm and decision.expected_s == 7.0 and "warm inductor cache" in decision.reason
     slower = {**warm, "compiled_s": 0.0099}  # compiled here before, and it was not faster
@@ -216,7 +219,7 @@ def test_without_records_a_cold_compile_is_expected_to_cost_the_device_s_measure
 def test_auto_records_each_compile_and_plan_names_warm_steps_and_the_cold_cost(experiment, monkeypatch, tmp_path,
                                                                               plan_cache_dir):
     """The whole path with a stand-in for torch.compile (the eager step itself: no kernels are built), compiling
-    whatever the estimate: the compile is recorded, and the next plan() says the step's cache is warm."""
+    whatever the estimate: the compile is recorded, and the next plan() knows the step, and whether compiling it paid."""
     _inductor_folder(monkeypatch, tmp_path)
     monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
     monkeypatch.setattr(acceleration, "MEASURE_MIN_STEPS", 1)
@@ -233,6 +236,9 @@ def test_auto_records_each_compile_and_plan_names_warm_steps_and_the_cold_cost(e
     assert report.compile_s > 0 and report.compile_cold is False  # no kernel was built
     (entry,) = plan_cache.read_entries(compile_record.FILE_NAME).values()
     assert entry["warm_s"] == report.compile_s and entry["eager_s"] == report.eager_step_s
-    again = experiment(grid, steps=6, store=tmp_path / "again.zarr")
-    text = str(again.plan())
-    assert "(1 of 1 group(s) compiled here before)" in text and "warm inductor cache" in text
+    (key,) = plan_cache.read_entries(compile_record.FILE_NAME)
+    for compiled_s, outcome in ((entry["eager_s"], ": eager"), (entry["eager_s"] / 2, ": compiled")):
+        compile_record.remember(key, 5.0, cold=False, eager_s=entry["eager_s"], compiled_s=compiled_s)
+        text = str(experiment(grid, steps=6, store=tmp_path / "again.zarr").plan())
+        assert "(1 of 1 group(s) compiled here before)" in text and text.endswith(outcome)
+        assert ("not faster" in text) == (outcome == ": eager")

@@ -103,6 +103,11 @@ class ChunkSpeed:
     measure_s: float = 0.0
     eager_step_s: float | None = None
     reason: str = ""
+    # where the chunk's time went (seconds, host clock: on CUDA the device may still run queued work when a part ends)
+    initial_state_s: float = 0.0  # building the initial states (and restoring stored ones)
+    prepare_s: float = 0.0  # the purity check, choosing the plan, compiling (measure_s and compile_s are parts of it)
+    evaluate_s: float = 0.0  # the metrics at logged steps: whole-set evaluations and the rest
+    steps_s: float = 0.0  # the training loop less the metrics: batches and steps
 
 
 @dataclass
@@ -222,7 +227,7 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
     cold = _kernel_builds() > misses if misses is not None and COMPILE_BACKEND == "inductor" else entry is None
     report.compile_cold = cold
     compiled_s = None
-    if speed.compile == "auto":  # keep it only if it is faster than the eager step
+    if speed.compile == "auto" or report.eager_step_s is not None:  # timed for the record; "auto" keeps it if faster
         def run_compiled() -> None:
             with torch.no_grad():
                 compiled(*run_args)

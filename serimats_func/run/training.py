@@ -5,6 +5,7 @@ learner's values, and nothing is copied to the host until the chunk ends.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -331,6 +332,7 @@ def train_chunk(
     specs = list(specs) * 2 if n_learners == 1 else list(specs)
     setup = specs[0].setup
     template = setup.template
+    began = time.perf_counter()
     hooks = chunk_hooks(specs)
     twin = chunk_optimizer(specs)
     state = initial_state(specs, hooks, device)
@@ -354,6 +356,7 @@ def train_chunk(
                                 layers=layers, autocast=autocast, per_learner=per_learner),
                 make_logits(template, layers, per_learner=per_learner))
 
+    initial_s = time.perf_counter() - began
     first = batch_indices(_orders(data_keys[:1], 0, data, device), 0, data.batch_size)[0]
     xb, yb = data.x[first], data.y[first]
     if not shared:
@@ -368,11 +371,18 @@ def train_chunk(
                                             steps_left, len(specs), device, speed, stable_key=stable)
     if report is not None:
         report.append(step_fn.report)
+    times = step_fn.report
+    times.initial_state_s, times.prepare_s = initial_s, time.perf_counter() - began - initial_s
     evaluation = _evaluation_chooser(step_fn, template, structure, stable, data, schedule, start.step, len(specs),
                                      device, speed, evaluation_learners)
-    record = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
-                      metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
-                      records=records, logits_fn=step_fn.logits, evaluation=evaluation)
+    recorder = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
+                        metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
+                        records=records, logits_fn=step_fn.logits, evaluation=evaluation)
+
+    def record(state: ChunkState, step: int) -> None:
+        began = time.perf_counter()
+        recorder(state, step)
+        times.evaluate_s += time.perf_counter() - began
     log_steps = {t for t in schedule.log_steps if t <= stop}
 
     def snapshot() -> tuple[list[int], dict[str, np.ndarray]]:
@@ -380,7 +390,7 @@ def train_chunk(
         k = len(recorded)
         if not k:
             return [], {}
-        return list(recorded), {m: torch.stack(v[:k], dim=1)[:n_learners].cpu().numpy() for m, v in record.records.items()}
+        return list(recorded), {m: torch.stack(v[:k], dim=1)[:n_learners].cpu().numpy() for m, v in recorder.records.items()}
 
     kept: dict[int, FlatState] = dict(start.kept)  # every checkpoint holds the kept states passed so far
     if checkpoints is not None:
@@ -395,6 +405,7 @@ def train_chunk(
             kept[start.step] = flatten(state, n_learners)
         on_step(start.step, state, None)
         orders = None
+        loop_began, evaluated = time.perf_counter(), times.evaluate_s
         for step in range(start.step, stop):
             epoch, position = divmod(step, schedule.steps_per_epoch)
             if position == 0 or orders is None:
@@ -416,9 +427,10 @@ def train_chunk(
             on_step(step + 1, state, loss)
             if checkpoints is not None and step + 1 < stop and checkpoints.due(step + 1):
                 checkpoints.save(step + 1, state, *snapshot())
+        times.steps_s = time.perf_counter() - loop_began - (times.evaluate_s - evaluated)
     steps, out = snapshot()
     kept[stop] = flatten(state, n_learners)
     diverged_at = state.diverged_at[:n_learners].cpu().numpy()  # (N,)
-    control = record.control[:n_learners].cpu().numpy() % n_learners  # (N,) a lone learner trains as two copies
-    out = nan_from_divergence(out, steps, diverged_at, control, record.against_control())
+    control = recorder.control[:n_learners].cpu().numpy() % n_learners  # (N,) a lone learner trains as two copies
+    out = nan_from_divergence(out, steps, diverged_at, control, recorder.against_control())
     return ChunkResult(tuple(steps), out, diverged_at, kept)
