@@ -242,3 +242,19 @@ def test_auto_records_each_compile_and_plan_names_warm_steps_and_the_cold_cost(e
         text = str(experiment(grid, steps=6, store=tmp_path / "again.zarr").plan())
         assert "(1 of 1 group(s) compiled here before)" in text and text.endswith(outcome)
         assert ("not faster" in text) == (outcome == ": eager")
+
+
+def test_an_eager_run_leaves_its_step_time_so_that_the_next_plan_estimates_the_run(experiment, monkeypatch, tmp_path,
+                                                                                  plan_cache_dir):
+    monkeypatch.setattr(acceleration, "MEASURE_MIN_STEPS", 1)
+    grid = [InitWeights.make_variations(seed=range(3))]
+    first = experiment(grid, steps=6)
+    assert "step not timed yet" in str(first.plan())
+    first.run()
+    (report,) = first.speed_report
+    assert not report.compiled and report.eager_step_s is not None
+    (entry,) = plan_cache.read_entries(compile_record.FILE_NAME).values()
+    assert entry["eager_s"] == report.eager_step_s and "inductor" not in entry  # timed, never compiled: not warm
+    text = str(experiment(grid, steps=6, store=tmp_path / "again.zarr").plan())
+    assert "(0 of 1 group(s) compiled here before)" in text
+    assert "eager estimate 0 s; cold inductor cache" in text and text.endswith("(6 steps): eager")

@@ -95,6 +95,20 @@ def remember(record_key: str, compile_s: float, cold: bool, eager_s: float | Non
     plan_cache.remember(record_key, entry, FILE_NAME)
 
 
+def remember_eager(record_key: str, eager_s: float) -> None:
+    """Note the eager step time of a step not compiled here yet, so that ``plan()`` can estimate its next run (an
+    entry without inductor's folder is never warm)."""
+    if record_key not in plan_cache.read_entries(FILE_NAME):
+        plan_cache.remember(record_key, {"eager_s": eager_s, "when": time.time()}, FILE_NAME)
+
+
+def eager_seconds(record_key: str) -> float | None:
+    """The eager step time recorded for a step (compiled or not), or None."""
+    entry = plan_cache.read_entries(FILE_NAME).get(record_key)
+    value = entry.get("eager_s") if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def expected_cold_seconds(device: torch.device) -> float:
     """What a cold compile is expected to cost here: the largest cold compile recorded for this device and torch
     version, else ``COLD_COMPILE_SECONDS``."""

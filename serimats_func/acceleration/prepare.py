@@ -182,6 +182,8 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
 
     prepared = PreparedStep(step, logits, report, logits_of=lambda plan: built(plan)[1])
     if not compile_now:
+        if record_key is not None and entry is None and report.eager_step_s is not None and timed:
+            compile_record.remember_eager(record_key, report.eager_step_s)  # for the next plan()'s estimate
         return prepared
     eager = prepared
     if compile_plan != report.plan:  # torch.autograd one learner at a time does not trace: compile a vmapped plan

@@ -217,6 +217,10 @@ VMAP_ACTIVATIONS = 1.5  # vmapped activations take more than one learner's: layo
 # an evaluation batch holds a layer's input and output and a copy (im2col, channels-last): LeNet-5, 32 learners,
 # 20,000 examples, batch 256 peaked 600 MiB above the process's size, 2 of them estimated 505 MiB, 3: 694 MiB
 EVAL_LAYER_OUTPUTS = 3
+# what a training chunk holds beyond the step's tensors: the heap that training keeps (acceleration.keep_freed_memory)
+# fragments, and measuring plans runs other layouts at the chunk's start. LeNet-5, 21 learners in a chunk sized to a
+# 206 MiB budget (4,000 images): 228 MiB resident above the process at the chunk's start, 204 MiB estimated without it
+STEP_SLACK = 1.15
 
 
 @dataclass(frozen=True)
@@ -226,7 +230,7 @@ class LearnerMemory:
     - ``state``: params, buffers and optimizer state, on the device for the whole chunk;
     - ``step``: what one training step adds at its peak: the new state and the gradients, the update's
       temporaries (two parameter-sized tensors), and the batch's activations (what autograd saves, plus two of
-      the largest layer output for the gradients flowing back);
+      the largest layer output for the gradients flowing back), times ``STEP_SLACK`` (the kept heap's fragments);
     - ``evaluation``: one evaluation pass: ``EVAL_LAYER_OUTPUTS`` of the largest layer output per example of an
       evaluation batch, and the logits of the largest set, twice (the whole-set loss needs them all, and its
       softmax a copy).
@@ -257,8 +261,8 @@ def learner_memory(spec: LearnerSpec, batch_size: int, eval_batch_size: int) -> 
         classes = copy.deepcopy(template).eval()(example_x).shape[-1]
     largest_set = max(len(t) for t in (setup.data.x, setup.data.x_test) if t is not None)
     state = param_bytes + buffer_bytes + opt_bytes
-    step = (state + 3 * param_bytes + 2 * param_bytes  # new state, gradients and more, update temporaries
-            + int(VMAP_ACTIVATIONS * batch_size * (acts.saved + 2 * acts.largest)))
+    step = int(STEP_SLACK * (state + 3 * param_bytes + 2 * param_bytes  # new state, gradients and more, update temporaries
+                             + VMAP_ACTIVATIONS * batch_size * (acts.saved + 2 * acts.largest)))
     logits = largest_set * classes * example_x.element_size()  # the batches' logits and their concatenation
     evaluation = int(VMAP_ACTIVATIONS * eval_batch_size * EVAL_LAYER_OUTPUTS * acts.largest) + 2 * logits
     return LearnerMemory(state, step, evaluation)

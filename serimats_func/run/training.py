@@ -215,8 +215,9 @@ def compile_outlook(specs: Sequence[LearnerSpec], loss_fn: LossFn, device: torch
         step_s = cached.get("step_s") if cached else None
     else:
         plan = speed.convolutions
-    entry = compile_record.lookup(compile_record.key(digest, acceleration.compiled_plan(plan, device), n, device))
-    step_s = step_s or (entry or {}).get("eager_s")
+    record_key = compile_record.key(digest, acceleration.compiled_plan(plan, device), n, device)
+    entry = compile_record.lookup(record_key)
+    step_s = step_s or compile_record.eager_seconds(record_key)
     cold_s = compile_record.expected_cold_seconds(device)
     if step_s is None:
         cache = "warm" if entry else f"cold (a compile costs about {cold_s:.0f} s)"
