@@ -987,8 +987,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--end-to-end", action="store_true", help="what a user waits for: Experiment(...).run() with the "
                    "defaults (evaluation on) vs a serial loop evaluating the whole sets at the log steps, fixed costs "
                    "and peak RSS apart, each in its own process")
-    p.add_argument("--e2e-seconds", default="10,120", help="comma-separated target seconds of the serial loop per "
-                   "--end-to-end cell (short and long runs)")
+    p.add_argument("--e2e-seconds", default="10,120", help="the serial loop's training seconds of the short and the "
+                   "long --end-to-end runs (its evaluations come on top)")
+    p.add_argument("--e2e-long", default=E2E_LONG, help="the --end-to-end long runs, workload:N comma-separated "
+                   "(empty: none)")
+    p.add_argument("--no-e2e-warm-compile", dest="e2e_warm_compile", action="store_false",
+                   help="do not compile each long run's step once before it (default: compile it, so that the long run "
+                        "finds inductor's cache and the library's record warm)")
+    p.add_argument("--quick", action="store_true", help="--end-to-end at N = 2 and 32, 3-second runs, no long runs: "
+                   "a check of the mechanism in a couple of minutes")
     args = p.parse_args(argv)
     if min(args.steps or 1, args.min_steps, args.warmup_steps) < 1 or args.seconds <= 0:
         p.error("--steps, --min-steps, --warmup-steps and --seconds must be positive")
@@ -1099,12 +1106,21 @@ def serial_end_to_end(workload: Workload, n: int, steps: int, device: torch.devi
     return {"seconds": total.seconds, "other_cpu_s": total.other_cpu_s, "breakdown": times}
 
 
-def library_end_to_end(workload: Workload, n: int, steps: int, device: torch.device) -> dict:
+E2E_NS = (1, 2, 8, 32, 64, 128)  # --end-to-end: the short runs' learner counts on a CPU
+E2E_LONG = "mlp:64,lenet:32"  # --end-to-end: the long runs' cells (the issue's targets)
+E2E_PARTS = ("construction", "initial_states", "prepare", "training", "evaluation", "store_write", "store_read")
+
+
+def library_end_to_end(workload: Workload, n: int, steps: int, device: torch.device, compile: bool | str = "auto") -> dict:
     """``Experiment(...).run()`` with the library's defaults (evaluation on, compile and plans "auto") on a fresh
-    store, construction included; the fixed costs apart: construction (the trial step), choosing plans and
-    compiling (``speed_report``), initial states, the store's writes and the read-back of the result."""
+    store, construction included; its parts apart: construction (``Experiment(...)``, the trial step included), and
+    per chunk (``speed_report``, which the library fills in) the initial states, the step's preparation (the purity
+    check, choosing plans, compiling: ``measure_s`` and ``compile_s`` are parts of it), the training steps, the metrics
+    at logged steps (whole-set evaluations); the store's writes and reads (timers on ``exp.store``; the reads are the
+    read-back of the result, and any read while planning); the peak memory beside the plan's budget."""
     times: dict[str, float] = {}
-    lib_training.initial_state = timed(lib_training.initial_state, device, times, "initial_states")  # in the child only
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory(prefix="serimats-e2e-") as tmp:
         with Clock(device) as total:
             with Clock(device) as build:
@@ -1112,57 +1128,132 @@ def library_end_to_end(workload: Workload, n: int, steps: int, device: torch.dev
                                  interventions=[InitWeights.make_variations(seed=range(n))],
                                  optimizer=Optimizer(workload.optimizer, **workload.hparams),
                                  batch_size=workload.batch_size, steps=steps, device=device,
-                                 store=Path(tmp) / "e2e.zarr", progress=False)
+                                 store=Path(tmp) / "e2e.zarr", progress=False, compile=compile)
             exp.store.write = timed(exp.store.write, device, times, "store_write")
             exp.store.read = timed(exp.store.read, device, times, "store_read")
             with Clock(device) as run:
                 ds = exp.run()
                 ds.load()  # the read-back of the result, as a user's first look at it does
+        plan = exp.plan()  # after the run: nothing to train, but the same budget and data
     report = library_speed_report(exp)
-    times.update(construction=build.seconds, run=run.seconds,
-                 measure_plans=sum(r["measure_s"] for r in report), compile=sum(r["compile_s"] for r in report))
-    return {"seconds": total.seconds, "other_cpu_s": total.other_cpu_s, "breakdown": times, "speed": report}
+    part = lambda key: sum(r.get(key) or 0.0 for r in report)  # noqa: E731
+    times.update(construction=build.seconds, run=run.seconds, initial_states=part("initial_state_s"),
+                 prepare=part("prepare_s"), training=part("steps_s"), evaluation=part("evaluate_s"),
+                 measure_plans=part("measure_s"), compile=part("compile_s"))
+    memory = {"budget_mib": (plan.memory_budget + exp.data_bytes) / 2**20, "data_mib": exp.data_bytes / 2**20}
+    if device.type == "cuda":
+        memory["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return {"seconds": total.seconds, "other_cpu_s": total.other_cpu_s, "breakdown": times, "speed": report,
+            "memory": memory, "compiled": any(r.get("compiled") for r in report),
+            "compile_reason": "; ".join(r.get("reason") or "" for r in report)}
 
 
-def end_to_end(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """``--end-to-end``: per workload, N and run length (``--e2e-seconds``: the serial loop's target seconds),
-    the library's ``run()`` with defaults against the serial loop, each in its own process (peak RSS its own)."""
-    cells = []
-    eval_batch = 1024 if device.type == "cuda" else 256  # the library's default evaluation batch
-    for name in args.workloads.split(","):
-        workload = load_workload(name.strip(), args.mnist_root)
-        probe = in_child(lambda w=workload: serial_end_to_end(w, 1, 20, device, eval_batch))
-        per_step = probe["breakdown"]["training"] / 20  # one serial learner-step, to size the runs
-        for seconds in (float(v) for v in args.e2e_seconds.split(",")):
-            for n in learner_counts(args, device):
-                steps = args.steps or max(args.min_steps, min(MAX_STEPS, round(seconds / max(1e-9, n * per_step))))
-                serial = in_child(lambda w=workload, n=n, k=steps: serial_end_to_end(w, n, k, device, eval_batch))
-                ours = in_child(lambda w=workload, n=n, k=steps: library_end_to_end(w, n, k, device))
-                cell = {"workload": workload.name, "n": n, "steps": steps, "serial": serial, "ours": ours,
-                        "ratio": serial["seconds"] / ours["seconds"] if "seconds" in serial and "seconds" in ours else None}
-                cells.append(cell)
-                fixed = ", ".join(f"{k} {v:.2f}s" for k, v in ours.get("breakdown", {}).items())
-                print(f"{workload.name} N={n} steps={steps}: serial {fmt(serial.get('seconds'), '.2f')} s, "
-                      f"library {fmt(ours.get('seconds'), '.2f')} s, serial/library {fmt(cell['ratio'], '.2f')}x; "
-                      f"peak RSS serial {fmt(serial.get('peak_rss_mib'), '.0f')} MiB, library "
-                      f"{fmt(ours.get('peak_rss_mib'), '.0f')} MiB; library: {fixed}"
-                      + (f"; errors {serial.get('error')} {ours.get('error')}" if "error" in serial or "error" in ours else ""))
+def warm_compile(workload: Workload, n: int, device: torch.device) -> dict:
+    """A run with ``compile=True`` of the cell's structure (100 steps: the eager and compiled steps are timed too), so
+    that inductor's cache and the library's record of compiled steps (``compile_record``) hold its step: what a user
+    who has compiled this step once on this machine gets. Its seconds are printed, not counted in the cell."""
+    with Clock(device) as clock:
+        out = library_end_to_end(workload, n, 100, device, compile=True)
+    return {"seconds": clock.seconds, "compile": out.get("breakdown", {}).get("compile"),
+            "cold": [r.get("compile_cold") for r in out.get("speed", [])], **({"error": out["error"]} if "error" in out else {})}
+
+
+def e2e_cells(args: argparse.Namespace, device: torch.device) -> list[tuple[str, int, float, bool]]:
+    """(workload, N, serial target seconds, long) of each --end-to-end cell: the short runs at every N of ``--n``
+    (default ``E2E_NS``), the long runs at the cells of ``--e2e-long``; ``--quick``: a few short cells."""
+    short, long = (float(v) for v in args.e2e_seconds.split(","))
+    names = [w.strip() for w in args.workloads.split(",")]
+    if args.quick:
+        return [(w, n, 3.0, False) for w in names for n in (2, 32)]
+    ns = sorted({int(v) for v in args.n.split(",")}) if args.n else list(CUDA_NS if device.type == "cuda" else E2E_NS)
+    cells = [(w, n, short, False) for w in names for n in ns]
+    for item in filter(None, (v.strip() for v in args.e2e_long.split(","))):
+        w, n = item.split(":")
+        if w in names:
+            cells.append((w, int(n), long, True))
     return cells
 
 
+def end_to_end(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """``--end-to-end``: per cell (``e2e_cells``), the library's ``run()`` with defaults against the serial loop, each
+    in its own process (peak RSS its own), the run length chosen so that the serial loop trains about the cell's
+    seconds (its evaluations come on top)."""
+    cells = []
+    eval_batch = 1024 if device.type == "cuda" else 256  # the library's default evaluation batch
+    workloads: dict[str, Workload] = {}
+    per_step: dict[str, float] = {}
+    for name, n, seconds, long in e2e_cells(args, device):
+        if name not in workloads:
+            workloads[name] = load_workload(name, args.mnist_root)
+            probe = in_child(lambda w=workloads[name]: serial_end_to_end(w, 1, 20, device, eval_batch))
+            per_step[name] = probe["breakdown"]["training"] / 20  # one serial learner-step, to size the runs
+        workload = workloads[name]
+        steps = args.steps or max(args.min_steps, min(MAX_STEPS, round(seconds / max(1e-9, n * per_step[name]))))
+        warm = in_child(lambda w=workload, n=n: warm_compile(w, n, device)) if long and args.e2e_warm_compile else None
+        if warm is not None:
+            print(f"  (warm-up for the long run: compile=True of {workload.name} N={n}, {warm.get('seconds', 0):.1f} s, "
+                  f"compile {fmt(warm.get('compile'), '.1f')} s, cold {warm.get('cold')})", flush=True)
+        serial = in_child(lambda w=workload, n=n, k=steps: serial_end_to_end(w, n, k, device, eval_batch))
+        ours = in_child(lambda w=workload, n=n, k=steps: library_end_to_end(w, n, k, device))
+        cell = {"workload": workload.name, "n": n, "steps": steps, "length": "long" if long else "short",
+                "serial": serial, "ours": ours, "warm_up": warm,
+                "ratio": serial["seconds"] / ours["seconds"] if "seconds" in serial and "seconds" in ours else None}
+        cells.append(cell)
+        print(e2e_line(cell), flush=True)
+    return cells
+
+
+def peak_words(side: dict) -> str:
+    memory = side.get("memory", {})
+    peak = memory.get("peak_allocated_mib", side.get("peak_rss_mib"))
+    return f"{fmt(peak, '.0f')} / {fmt(memory.get('budget_mib'), '.0f')}" if memory else fmt(peak, ".0f")
+
+
+def e2e_line(cell: dict) -> str:
+    serial, ours = cell["serial"], cell["ours"]
+    b, sb = ours.get("breakdown", {}), serial.get("breakdown", {})
+    parts = ", ".join(f"{k} {b[k]:.2f}" for k in E2E_PARTS if k in b)
+    over = " OVER BUDGET" if memory_over(ours) else ""
+    return (f"{cell['workload']} N={cell['n']} {cell['length']} ({cell['steps']} steps): serial "
+            f"{fmt(serial.get('seconds'), '.2f')} s (training {fmt(sb.get('training'), '.2f')}, evaluation "
+            f"{fmt(sb.get('evaluation'), '.2f')}), library {fmt(ours.get('seconds'), '.2f')} s, serial/library "
+            f"{fmt(cell['ratio'], '.2f')}x{' (compiled)' if ours.get('compiled') else ''}\n    library s: {parts}; "
+            f"plans {b.get('measure_plans', 0):.2f}, compile {b.get('compile', 0):.2f}\n    peak memory MiB: serial "
+            f"{fmt(serial.get('peak_rss_mib'), '.0f')}, library {peak_words(ours)} (peak / the plan's budget with the "
+            f"data){over}; compile: {ours.get('compile_reason', '')[:160]}"
+            + (f"\n    errors: {serial.get('error')} {ours.get('error')}" if "error" in serial or "error" in ours else ""))
+
+
+def memory_over(side: dict) -> bool:
+    """Whether the library's peak (CPU: resident, less what the process held before; CUDA: allocated) went above the
+    budget its plan printed (plus the data, which the plan leaves out of its budget)."""
+    memory = side.get("memory", {})
+    if "budget_mib" not in memory:
+        return False
+    peak = memory.get("peak_allocated_mib")
+    if peak is None:
+        peak = side.get("peak_rss_mib", 0.0) - side.get("rss_at_start_mib", 0.0)
+    return peak > memory["budget_mib"]
+
+
 def end_to_end_table(cells: list[dict]) -> str:
-    lines = ["| workload | N | steps | serial s | library s | serial / library | construction s | plans + compile s "
-             "| initial states s | store write s | read-back s | peak RSS serial / library MiB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| workload | N | run | steps | serial s | library s | serial / library | construction s | initial states s "
+             "| prepare s (plans, compile) | training s | evaluation s | store write s | read-back s "
+             "| peak MiB serial / library / budget |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c in cells:
         b = c["ours"].get("breakdown", {})
-        lines.append(f"| {c['workload']} | {c['n']} | {c['steps']} | {fmt(c['serial'].get('seconds'), '.2f')} | "
-                     f"{fmt(c['ours'].get('seconds'), '.2f')} | {fmt(c['ratio'], '.2f')}x | "
-                     f"{fmt(b.get('construction'), '.2f')} | "
-                     f"{fmt((b.get('measure_plans') or 0) + (b.get('compile') or 0), '.2f')} | "
-                     f"{fmt(b.get('initial_states'), '.3f')} | {fmt(b.get('store_write'), '.2f')} | "
-                     f"{fmt(b.get('store_read'), '.2f')} | {fmt(c['serial'].get('peak_rss_mib'), '.0f')} / "
-                     f"{fmt(c['ours'].get('peak_rss_mib'), '.0f')} |")
+        memory = c["ours"].get("memory", {})
+        peak = memory.get("peak_allocated_mib", c["ours"].get("peak_rss_mib"))
+        lines.append(f"| {c['workload']} | {c['n']} | {c['length']} | {c['steps']} | {fmt(c['serial'].get('seconds'), '.2f')} | "
+                     f"{fmt(c['ours'].get('seconds'), '.2f')} | {fmt(c['ratio'], '.2f')}x"
+                     f"{' (compiled)' if c['ours'].get('compiled') else ''} | "
+                     f"{fmt(b.get('construction'), '.2f')} | {fmt(b.get('initial_states'), '.3f')} | "
+                     f"{fmt(b.get('prepare'), '.2f')} ({fmt(b.get('measure_plans'), '.2f')}, {fmt(b.get('compile'), '.2f')}) | "
+                     f"{fmt(b.get('training'), '.2f')} | {fmt(b.get('evaluation'), '.2f')} | "
+                     f"{fmt(b.get('store_write'), '.2f')} | {fmt(b.get('store_read'), '.2f')} | "
+                     f"{fmt(c['serial'].get('peak_rss_mib'), '.0f')} / {fmt(peak, '.0f')} / "
+                     f"{fmt(memory.get('budget_mib'), '.0f')}{' OVER' if memory_over(c['ours']) else ''} |")
     return "\n".join(lines)
 
 
@@ -1207,7 +1298,7 @@ def main(argv: list[str] | None = None) -> dict:
     env, peak = environment(device), matmul_peak(device)
     ctx = Context(device, args, max_serial, peak["flop_per_s"])
     print_header(env, peak, ctx)
-    if args.end_to_end:
+    if args.end_to_end or args.quick:
         cells = end_to_end(args, device)
         table = end_to_end_table(cells)
         print("\n" + table)

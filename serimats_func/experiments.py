@@ -27,6 +27,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .acceleration.compile_record import describe_policy
 from .acceleration.prepare import ChunkSpeed, Speed
 from .callbacks import Callbacks, check_callbacks
 from .core import metrics as metric_registry
@@ -43,12 +44,12 @@ from .run.checkpoints import load_learner, select_learner
 from .run.forks import ForkTree, describe_forks, fork_tree, segments
 from .run.grid import Grid, LearnerSpec, build_grid, class_name
 from .run.identity import describe_callable, describe_class, digest
-from .run.planning import Plan, describe_group, make_plan
+from .run.planning import Chunk, Plan, describe_group, make_plan
 from .run.results import experiment_record
 from .run.resume import Need, Start, start_of, state_at
 from .run.runner import Learners, Runner, RunSettings, read_results
 from .run.setup import Setup, SetupContext
-from .run.training import Schedule
+from .run.training import Schedule, compile_outlook
 from .store.zarr_store import Store
 
 DEFAULT_OPTIMIZER = Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
@@ -485,7 +486,25 @@ class Experiment:
         plan.forks = describe_forks(tree, parts, {i: s.coords for i, s in self._by_id.items()})
         plan.total_steps, plan.store = self.schedule.total_steps, str(self.store.path)
         plan.speed = self.speed.describe(self.context.dtype)
+        if self.speed.compile == "auto":
+            plan.compile_outlook = lambda: self._compile_outlook(plan)
         return plan
+
+    def _compile_outlook(self, plan: Plan) -> list[str]:
+        """``compile="auto"`` in ``plan()``: the policy with the expected cost of a first (cold) compile here, then
+        per group of the plan (its largest chunk) what is expected (``training.compile_outlook``)."""
+        largest: dict[tuple, Chunk] = {}
+        for chunk in plan.chunks:
+            if chunk.structure not in largest or len(chunk.learners) > len(largest[chunk.structure].learners):
+                largest[chunk.structure] = chunk
+        lines, warm = [], 0
+        for chunk in largest.values():
+            total = self.schedule_of(chunk.learners[0].setup).total_steps
+            words, is_warm = compile_outlook(chunk.learners, self.loss, self.device, self.speed,
+                                             (chunk.stop if chunk.stop is not None else total) - chunk.start)
+            warm += is_warm
+            lines.append(f"  {chunk.description}, {len(chunk.learners)} learners: {words}")
+        return [f"compile: {describe_policy(self.device, warm, len(largest))}", *lines]
 
     def run(self, plot: bool = False, executor: Any = None, shards: int | None = None) -> xr.Dataset:
         """Train the learners missing from the store, then return the whole grid's results.

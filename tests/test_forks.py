@@ -74,6 +74,49 @@ def test_momentum_windows_fork_from_a_prefix_not_in_the_grid(experiment):
     assert experiment(grid, steps=14, log_every=1, store=forked.store.path).plan().to_train == 0
 
 
+def test_every_built_in_that_acts_in_time_says_from_which_step_so_that_it_forks():
+    import torch
+
+    from serimats_func.interventions import (
+        Augment,
+        ClipGradients,
+        DropoutMasks,
+        LRSchedule,
+        PerturbActivations,
+        PerturbGradients,
+        PerturbHyperparameter,
+        ResetOptimizerState,
+    )
+
+    late = {  # each variation acts from update 7 on (PerturbWeights: at the end of update 7, after 6 updates)
+        DataOrder(seed=1, at=7): 7, DropoutMasks(seed=1, at=7): 7, PerturbWeights(epsilon=0.1, at=7): 6,
+        PerturbMomentum(momentum=0.5, when=(7, 9)): 7, PerturbHyperparameter(lr=0.5, when=(7, None)): 7,
+        PerturbGradients(noise=0.1, when=(7, 9)): 7, ClipGradients(max_norm=0.1, when=(7, None)): 7,
+        ResetOptimizerState(at=7): 7, ResetOptimizerState(when=((9, 10), (7, 8))): 7,
+        Augment(noise=0.1, when=(7, None)): 7, PerturbActivations(module="1", noise=0.1, when=(7, 9)): 7,
+    }
+    for v, step in late.items():
+        assert v.first_active_step() == step, v
+    # LRSchedule acts at every step, from the first (a schedule that starts later is its own scheduler, warmup=)
+    assert LRSchedule(torch.optim.lr_scheduler.StepLR, step_size=5).first_active_step() == 0
+
+
+@pytest.mark.parametrize("late", ["augment", "clip"])
+def test_augmentation_and_clipping_from_step_k_fork_there_bitwise(experiment, late):
+    from serimats_func.interventions import Augment, ClipGradients
+
+    grid = ([Augment.make_variations(noise=(0.0, 0.3, 1.0), when=(6, None))] if late == "augment" else
+            [ClipGradients.make_variations(max_norm=(float("inf"), 0.01, 0.001), when=(6, None))])
+    forked = experiment(grid, steps=12, log_every=1)
+    assert forked.plan().learner_steps == 6 + 3 * 6  # the learner without it (the first variation) up to 6, then 3
+    a = forked.run()
+    b = experiment(grid, steps=12, log_every=1, fork=False).run()
+    for metric in METRICS:
+        np.testing.assert_array_equal(a[metric].values, b[metric].values)
+    loss = a.train_loss.values  # (3, 13): equal after 0..6 updates, different after
+    assert (loss[1:, :7] == loss[0, :7]).all() and (loss[1:, 7:] != loss[0, 7:]).all()
+
+
 def test_a_rerun_that_adds_children_trains_only_their_suffixes(experiment, tmp_path):
     store = tmp_path / "spawn.zarr"
     first = experiment(spawn_grid((1, 2), 8), steps=12, log_every=2, store=store)

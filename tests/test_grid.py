@@ -47,6 +47,21 @@ def test_a_lambda_that_adds_is_labelled_by_the_difference_and_any_other_by_posit
     assert other.grid.dims["lr_variant"] == [0, 1]
 
 
+def test_one_class_given_an_axis_as_a_function_and_as_a_number_labels_both_on_one_coordinate(experiment):
+    exp = experiment([Optimizer.make_variations(lr=(0.1, 0.2)),
+                      PerturbHyperparameter.make_variations(lr=lambda lr: (lr * 2, lr * 0.5), when=(4, None)),
+                      PerturbHyperparameter.make_variations(lr=0.05, when=(4, None))])
+    assert exp.grid.dims == {"lr": [0.1, 0.2], "lr_change": [1.0, -0.5, -0.75]}  # 0.05 on 0.1 is its lr * 0.5
+    values = {(s.coords["lr"], s.coords["lr_change"]): s.interventions[1].values["lr"] for s in exp.grid.learners}
+    assert values == {(0.1, 1.0): 0.2, (0.1, -0.5): 0.05, (0.2, 1.0): 0.4, (0.2, -0.5): 0.1, (0.2, -0.75): 0.05}
+    assert [len(exp.grid.learners), exp.run().train_loss.sizes["lr_change"]] == [5, 3]  # lr 0.05 once per base lr
+    added = experiment([PerturbHyperparameter.make_variations(lr=lambda lr: lr + 0.04, when=(0, 4)),
+                        PerturbHyperparameter.make_variations(momentum=0.5, when=(0, 4))],
+                       optimizer=Optimizer(torch.optim.SGD, lr=0.01, momentum=0.9))
+    assert [s.coords for s in added.grid.learners] == [{"lr_change": 4.0, "momentum": None, "when": "0-4"},
+                                                       {"lr_change": None, "momentum": 0.5, "when": "0-4"}]
+
+
 def test_windows_are_labelled_by_start_and_end(experiment):
     exp = experiment([PerturbGradients.make_variations(noise=0.01, when=((0, 100), (1000, None), ((5, 6), (9, 10))))],
                      steps=1001)  # every window starts within the run

@@ -38,6 +38,13 @@ class BatchByString(Intervention):
         return x * _factor(self), y
 
 
+class BuffersByString(Intervention):
+    axes = {"mode": "same"}
+
+    def on_buffers(self, buffers, n, ctx):  # another dropout key per mode, from the first step on
+        return {k: b + (1 if _factor(self) == 0.5 else 2) if k.endswith(".key") else b for k, b in buffers.items()}
+
+
 class ActivationsByString(Intervention):
     axes = {"module": "1", "mode": "same"}
 
@@ -73,7 +80,7 @@ class ParamsByString(Intervention):
         return {k: p * (1 - (1 - _factor(self)) / 100) for k, p in params.items()}
 
 
-BY_STRING = [InitByString, BatchByString, ActivationsByString, GradientsByString, HyperparametersByString,
+BY_STRING = [InitByString, BatchByString, BuffersByString, ActivationsByString, GradientsByString, HyperparametersByString,
              OptimizerStateByString, ParamsByString]
 
 
@@ -83,8 +90,11 @@ def test_every_hook_point_has_a_string_axis_test():
 
 @pytest.mark.parametrize("cls", BY_STRING, ids=lambda c: c.__name__)
 def test_a_string_axis_gives_each_learner_its_own_value_at_every_hook_point(experiment, cls):
-    together = experiment([cls.make_variations(mode=("weak", "strong"))]).run()
-    alone = {m: experiment([cls.make_variations(mode=m)]).run() for m in ("weak", "strong")}
+    from serimats_func.models import MLP
+
+    model = (lambda: MLP(widths=(32,), dropout=0.3)) if cls is BuffersByString else (lambda: None)  # buffers to change
+    together = experiment([cls.make_variations(mode=("weak", "strong"))], model=model()).run()
+    alone = {m: experiment([cls.make_variations(mode=m)], model=model()).run() for m in ("weak", "strong")}
     for mode, ds in alone.items():
         np.testing.assert_array_equal(together.train_loss.sel(mode=mode).values, ds.train_loss.values)
     assert not np.array_equal(together.train_loss.sel(mode="weak").values, together.train_loss.sel(mode="strong").values)

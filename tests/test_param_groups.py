@@ -221,3 +221,81 @@ def test_variations_without_groups_take_the_experiments_groups_when_they_name_it
     groups = {(s.coords["optimizer"], s.coords["lr"]): s.config["optimizer"].get("param_groups") for s in exp.grid.learners}
     assert all(g[0]["params"] == ["1.bias", "3.bias"] and g[0]["lr"] == 0.01 for (o, _), g in groups.items() if o == "SGD")
     assert all(g is None for (o, _), g in groups.items() if o == "Adam")  # another class: torch.optim's defaults, no groups
+
+
+# -- hyperparameter perturbations reach every group ------------------------------------------------------------
+
+
+def _halve_or_raise(m):
+    return (m * 0.5, m * 1.05)
+
+
+class GroupedHyperparameterTwin:
+    """torch.optim.SGD with two param groups (weights; biases with their own lr and no momentum), whose values are
+    changed by hand in the windows, as ``for g in optimizer.param_groups`` would: a number set in every group, the
+    function applied to each group's own value."""
+
+    def __new__(cls, spec, data):
+        from tests.reference import Twin, windows_hold
+
+        class Grouped(Twin):
+            def __init__(self, spec, data):
+                super().__init__(spec, data)
+                named = dict(self.module.named_parameters())
+                self.optimizer = torch.optim.SGD(
+                    [{"params": [p for n, p in named.items() if not n.endswith("bias")]},
+                     {"params": [p for n, p in named.items() if n.endswith("bias")], "lr": 0.01, "momentum": 0.0}],
+                    lr=0.05, momentum=0.9, foreach=False)
+                self.bases = [dict(g) for g in self.optimizer.param_groups]
+
+            def before_step(self, step):
+                v = self.spec.interventions[0]
+                for group, base in zip(self.optimizer.param_groups, self.bases, strict=True):
+                    group.update(lr=base["lr"], momentum=base["momentum"])
+                    if not windows_hold(v.values["when"], step):
+                        continue
+                    functions = {"lr": lambda lr: (lr * 2,), "momentum": _halve_or_raise}
+                    for name in ("lr", "momentum"):
+                        if name in v.derived:
+                            group[name] = functions[name](base[name])[v.derived[name][0]]
+                        elif v.values[name] is not None:
+                            group[name] = v.values[name]
+
+        return Grouped(spec, data)
+
+
+def test_perturbing_a_hyperparameter_changes_every_groups_value_as_torch_param_groups_would(experiment):
+    from serimats_func.interventions import PerturbHyperparameter
+    from tests.test_interventions import F64, assert_matches_twins
+
+    grid = [PerturbHyperparameter.make_variations(momentum=_halve_or_raise, lr=lambda lr: lr * 2, when=(20, 60)),
+            PerturbHyperparameter.make_variations(lr=0.2, momentum=0.8, when=(30, 50))]
+    exp = experiment(grid, optimizer=Optimizer(torch.optim.SGD, lr=0.05, momentum=0.9,
+                                               param_groups={"*.bias": dict(lr=0.01, momentum=0.0)}), **F64)
+    assert len(exp.grid.learners) == 3
+    assert_matches_twins(exp, GroupedHyperparameterTwin)
+    numbers = {s.coords["momentum_change"]: s.interventions[0].numbers(s.setup) for s in exp.grid.learners}
+    assert numbers[-0.5]["momentum"] == 0.45 and numbers[-0.5]["lr@1"] == 0.02  # each group from its own value
+    assert numbers[-0.5]["momentum@1"] == 0.0  # half of the group's own 0
+    number = next(s for s in exp.grid.learners if s.coords["momentum_change"] is not None and
+                  s.interventions[0].values["lr"] == 0.2)
+    assert number.interventions[0].numbers(number.setup)["momentum@1"] == 0.8  # a number sets every group
+
+
+def test_ids_of_perturbed_learners_with_groups_name_what_each_group_gets(experiment):
+    from serimats_func.interventions import PerturbHyperparameter
+
+    groups = Optimizer(torch.optim.SGD, lr=0.1, param_groups={"*.bias": dict(lr=0.01)})
+    plain = Optimizer(torch.optim.SGD, lr=0.1)
+
+    def spec(lr, optimizer):
+        return experiment([PerturbHyperparameter(lr=lr, when=(2, 4))], optimizer=optimizer).grid.learners[0]
+
+    # on the main lr of 0.1 a doubling and lr=0.2 are one learner; with a group of lr 0.01 they are two
+    assert spec(lambda lr: lr * 2, plain).id == spec(0.2, plain).id
+    assert spec(lambda lr: lr * 2, groups).id != spec(0.2, groups).id
+    assert spec(0.2, groups).config["interventions"]["PerturbHyperparameter"]["groups"] == [{"lr": 0.2}]
+    assert "groups" not in spec(0.2, plain).config["interventions"]["PerturbHyperparameter"]
+    # lr=0.1 is the main optimizer's own, but not the group's: it changes the group
+    assert spec(0.1, groups).config["interventions"]["PerturbHyperparameter"] is not None
+    assert spec(0.1, plain).config["interventions"] == {}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serimats_func.acceleration import convolutions, plan_cache
+from serimats_func.acceleration import compile_record, convolutions, plan_cache
 from serimats_func.acceleration import prepare as acceleration
 from serimats_func.core.evaluation import evaluate_dataset, make_logits
 from serimats_func.core.learners import initial_model_states, prepare_template
@@ -160,3 +160,101 @@ def test_choose_evaluation_measures_within_its_budget_and_remembers(monkeypatch,
     _new_process(monkeypatch)
     cached = choose(1e9)
     assert (cached.plan, cached.group, cached.measured, cached.reason) == (measured.plan, measured.group, False, "cached")
+
+
+# -- the record of compiled steps (acceleration.compile_record) -------------------------------------------------------
+
+
+def _inductor_folder(monkeypatch, tmp_path):
+    folder = tmp_path / "inductor"
+    folder.mkdir()
+    monkeypatch.setattr(compile_record, "inductor_cache", lambda: str(folder))
+    return folder
+
+
+def test_a_compile_is_recorded_beside_the_plans_and_read_back_while_inductor_s_cache_is_there(monkeypatch, tmp_path,
+                                                                                              plan_cache_dir):
+    folder = _inductor_folder(monkeypatch, tmp_path)
+    key = compile_record.key("abc", "gemm", 8, torch.device("cpu"))
+    assert key.startswith("compile|cpu:") and "|N=8|abc|gemm" in key
+    assert compile_record.lookup(key) is None
+    compile_record.remember(key, 41.5, cold=True, eager_s=0.02, compiled_s=0.01)
+    assert sorted(p.name for p in plan_cache_dir.iterdir()) == [compile_record.FILE_NAME]  # atomic: no temporary left
+    entry = compile_record.lookup(key)
+    assert entry["cold_s"] == 41.5 and entry["eager_s"] == 0.02 and entry["compiled_s"] == 0.01
+    compile_record.remember(key, 6.0, cold=False, eager_s=0.02, compiled_s=0.009)  # a second, warm compile
+    entry = compile_record.lookup(key)
+    assert (entry["cold_s"], entry["warm_s"], entry["compiled_s"]) == (41.5, 6.0, 0.009)
+    assert compile_record.expected_cold_seconds(torch.device("cpu")) == 41.5  # this device's own cold compile
+    assert plan_cache.lookup(key) is None and plan_cache.read_entries() == {}  # the plans' file is another file
+    folder.rmdir()  # a reboot emptied /tmp: inductor's kernels are gone, the record is cold again
+    assert compile_record.lookup(key) is None
+
+
+def test_the_compile_decision_given_warm_and_cold_records():
+    cold_s = 40.0
+    warm = {"cold_s": 40.0, "warm_s": 7.0, "eager_s": 0.010, "compiled_s": 0.004}
+    assert compile_record.decide(61.0, warm, "cpu", cold_s).compile  # a minute of eager steps, kernels cached
+    assert not compile_record.decide(59.0, {**warm, "compiled_s": 0.009}, "cpu", cold_s).compile
+    # the saving repays the recorded compile: 30 s x (1 - 0.4) = 18 s >= 2 x 7 s, though under a minute
+    assert compile_record.decide(30.0, warm, "cpu", cold_s).compile
+    assert not compile_record.decide(20.0, warm, "cpu", cold_s).compile  # 12 s < 14 s
+    decision = compile_record.decide(61.0, warm, "cpu", cold_s)
+    assert decision.warm and decision.expected_s == 7.0 and "warm inductor cache" in decision.reason
+    slower = {**warm, "compiled_s": 0.0099}  # compiled here before, and it was not faster
+    assert not compile_record.decide(10_000.0, slower, "cpu", cold_s).compile
+    # cold: compiling may cost at most COLD_SHARE of the eager run
+    threshold = cold_s / compile_record.COLD_SHARE
+    assert not compile_record.decide(threshold - 1, None, "cpu", cold_s).compile
+    decision = compile_record.decide(threshold + 1, None, "cpu", cold_s)
+    assert decision.compile and not decision.warm and decision.expected_s == cold_s
+    assert not compile_record.decide(59.0, None, "cpu", cold_s=1.0).compile  # never below the warm threshold
+    assert compile_record.decide(61.0, {"cold_s": 30.0}, "cpu", cold_s).compile  # recorded without timings
+
+
+def test_without_records_a_cold_compile_is_expected_to_cost_the_device_s_measured_default(plan_cache_dir):
+    assert compile_record.expected_cold_seconds(torch.device("cpu")) == compile_record.COLD_COMPILE_SECONDS["cpu"]
+
+
+def test_auto_records_each_compile_and_plan_names_warm_steps_and_the_cold_cost(experiment, monkeypatch, tmp_path,
+                                                                              plan_cache_dir):
+    """The whole path with a stand-in for torch.compile (the eager step itself: no kernels are built), compiling
+    whatever the estimate: the compile is recorded, and the next plan() knows the step, and whether compiling it paid."""
+    _inductor_folder(monkeypatch, tmp_path)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    monkeypatch.setattr(acceleration, "MEASURE_MIN_STEPS", 1)
+    monkeypatch.setattr(compile_record, "WARM_COMPILE_SECONDS", 0.0)
+    monkeypatch.setattr(compile_record, "COLD_COMPILE_SECONDS", {"cpu": 0.0, "cuda": 0.0})
+    monkeypatch.setattr(acceleration, "_COMPILED", {})
+    grid = [InitWeights.make_variations(seed=range(3))]
+    first = experiment(grid, steps=6)
+    text = str(first.plan())
+    assert "compile: compiled when a chunk's eager estimate is at least 0 s" in text
+    assert "(0 of 1 group(s) compiled here before)" in text and "cold (a compile costs about 0 s)" in text
+    first.run()
+    (report,) = first.speed_report
+    assert report.compile_s > 0 and report.compile_cold is False  # no kernel was built
+    (entry,) = plan_cache.read_entries(compile_record.FILE_NAME).values()
+    assert entry["warm_s"] == report.compile_s and entry["eager_s"] == report.eager_step_s
+    (key,) = plan_cache.read_entries(compile_record.FILE_NAME)
+    for compiled_s, outcome in ((entry["eager_s"], ": eager"), (entry["eager_s"] / 2, ": compiled")):
+        compile_record.remember(key, 5.0, cold=False, eager_s=entry["eager_s"], compiled_s=compiled_s)
+        text = str(experiment(grid, steps=6, store=tmp_path / "again.zarr").plan())
+        assert "(1 of 1 group(s) compiled here before)" in text and text.endswith(outcome)
+        assert ("not faster" in text) == (outcome == ": eager")
+
+
+def test_an_eager_run_leaves_its_step_time_so_that_the_next_plan_estimates_the_run(experiment, monkeypatch, tmp_path,
+                                                                                  plan_cache_dir):
+    monkeypatch.setattr(acceleration, "MEASURE_MIN_STEPS", 1)
+    grid = [InitWeights.make_variations(seed=range(3))]
+    first = experiment(grid, steps=6)
+    assert "step not timed yet" in str(first.plan())
+    first.run()
+    (report,) = first.speed_report
+    assert not report.compiled and report.eager_step_s is not None
+    (entry,) = plan_cache.read_entries(compile_record.FILE_NAME).values()
+    assert entry["eager_s"] == report.eager_step_s and "inductor" not in entry  # timed, never compiled: not warm
+    text = str(experiment(grid, steps=6, store=tmp_path / "again.zarr").plan())
+    assert "(0 of 1 group(s) compiled here before)" in text
+    assert "eager estimate 0 s; cold inductor cache" in text and text.endswith("(6 steps): eager")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from serimats_func.acceleration import convolutions
+from serimats_func.acceleration import compile_record, convolutions, plan_cache
 from serimats_func.acceleration import prepare as acceleration
 from serimats_func.core import pytrees
 from serimats_func.core.evaluation import evaluate_dataset, make_logits
@@ -204,6 +204,8 @@ def test_an_experiment_with_compile_reports_the_compile_time_apart_and_matches_e
     ds = compiled.run()
     (report,) = compiled.speed_report
     assert report.compiled and report.compile_s > 0
+    (entry,) = plan_cache.read_entries(compile_record.FILE_NAME).values()  # recorded: the next run knows it
+    assert entry["cold_s"] == report.compile_s and entry["inductor"] == compile_record.inductor_cache()
     eager = experiment(grid, compile=False, steps=6).run()
     np.testing.assert_allclose(ds.train_loss.values, eager.train_loss.values, rtol=1e-5)
 
@@ -222,7 +224,8 @@ class GraphBreakingNoise(Intervention):
 def test_a_step_that_cannot_compile_trains_eagerly_under_auto_and_fails_clearly_when_forced(experiment, monkeypatch):
     monkeypatch.setattr(acceleration, "COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(acceleration, "MEASURE_MIN_STEPS", 1)  # measure and compile even a short chunk
-    monkeypatch.setattr(acceleration, "AUTO_COMPILE_SECONDS", {"cpu": 0.0, "cuda": 0.0})
+    monkeypatch.setattr(compile_record, "WARM_COMPILE_SECONDS", 0.0)  # compile whatever the estimate
+    monkeypatch.setattr(compile_record, "COLD_COMPILE_SECONDS", {"cpu": 0.0, "cuda": 0.0})
     grid = [GraphBreakingNoise.make_variations(scale=(0.0, 0.01))]
     auto = experiment(grid, steps=6)
     with pytest.warns(UserWarning, match="torch.compile of the training step failed .*eager step"):

@@ -64,9 +64,10 @@ def entry_key(kind: str, structure: str, n: int, device: torch.device) -> str:
     return f"{kind}|{device_name(device)}|torch {torch.__version__}|N={n}|{structure}"
 
 
-def _read() -> dict[str, dict]:
+def read_entries(name: str = FILE_NAME) -> dict[str, dict]:
+    """Every entry of the cache file ``name`` in ``cache_dir()`` ({} when it is missing or unreadable)."""
     try:
-        with open(cache_file()) as f:
+        with open(cache_dir() / name) as f:
             content = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -77,18 +78,19 @@ def _read() -> dict[str, dict]:
 
 def lookup(key: str) -> dict | None:
     """The stored entry of ``key`` ({"choice": ..., and what was measured}), or None."""
-    entry = _read().get(key)
+    entry = read_entries().get(key)
     return entry if isinstance(entry, dict) and "choice" in entry else None
 
 
-def remember(key: str, entry: dict) -> None:
-    """Store ``entry`` under ``key`` (read, update, write to a temporary file, rename it over the old one)."""
-    plans = _read()
+def remember(key: str, entry: dict, name: str = FILE_NAME) -> None:
+    """Store ``entry`` under ``key`` in the cache file ``name`` (read, update, write to a temporary file, rename it
+    over the old one)."""
+    plans = read_entries(name)
     plans[key] = entry
-    path = cache_file()
+    path = cache_dir() / name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plans-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump({"version": VERSION, "plans": plans}, f, indent=1, sort_keys=True)
@@ -100,9 +102,9 @@ def remember(key: str, entry: dict) -> None:
         pass  # a read-only home: the choice is kept for this process only
 
 
-def clear() -> None:
+def clear(name: str = FILE_NAME) -> None:
     """Forget every stored choice (the next run measures again)."""
     try:
-        cache_file().unlink()
+        (cache_dir() / name).unlink()
     except FileNotFoundError:
         pass

@@ -12,9 +12,10 @@ and says what it chose and what that cost in a ``ChunkSpeed`` report.
   same way (``choose_evaluation``), on its first batch.
 - **Compilation**: the whole step (hooks, forward, backward, optimizer) under ``torch.compile(fullgraph=True)``,
   vmap inside, on CUDA with CUDA graphs (``mode="reduce-overhead"``). ``"auto"`` compiles when the measured
-  eager step times the steps left exceeds ``AUTO_COMPILE_SECONDS`` of the device (compiling costs seconds
-  to minutes; inductor caches the kernels on disk, so later runs pay less), and keeps the compiled step only
-  if it is faster than the eager one; ``True``/``False`` force it. A compiled step is built once per process
+  eager step times the steps left is long enough to repay it, knowing from ``compile_record`` whether inductor's
+  on-disk cache holds the step's kernels (a warm compile costs seconds, a cold one tens of seconds on a CPU:
+  ``compile_record.decide``), and keeps the compiled step only if it is faster than the eager one; every compile
+  is recorded there; ``True``/``False`` force it. A compiled step is built once per process
   for each structure and reused by every chunk of that structure.
 - **Precision**: ``"float32"`` (default), ``"tf32"`` (TensorFloat-32 matmuls and convolutions on CUDA, oneDNN's
   reduced-precision float32 on CPUs that have it) or ``"bf16"`` (forward and backward under bfloat16
@@ -42,11 +43,8 @@ from typing import Any
 
 import torch
 
-from . import convolutions, plan_cache
+from . import compile_record, convolutions, plan_cache
 
-# compile when the eager chunk would take longer: compiling costs minutes when inductor's cache is cold (5 min for
-# a small convolutional step on a 2-core CPU), seconds when it is warm
-AUTO_COMPILE_SECONDS = {"cpu": 1800.0, "cuda": 300.0}
 COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager": the same graphs without generating kernels
 MEASURE_SHARE = 0.02  # what measuring (plans, eager step time) may cost, as a share of the chunk's estimated run
 MEASURE_MIN_STEPS = 100  # timing one step (two calls: the first carries one-time costs) costs MEASURE_SHARE of this
@@ -82,8 +80,7 @@ class Speed:
         """In words, for ``Experiment.plan()``, with the learners' ``dtype``: ``"...; float64"``, or for float32
         learners their precision (``"float32"``, ``"tf32"``, ``"bf16"``)."""
         compile_words = {True: "compiled step", False: "eager step",
-                         "auto": f"eager step, compiled when a chunk would train longer than "
-                                 f"{AUTO_COMPILE_SECONDS['cpu']:.0f} s (CPU) / {AUTO_COMPILE_SECONDS['cuda']:.0f} s (CUDA)"}
+                         "auto": "eager step, compiled where it repays its cost (compile: below)"}
         conv = "convolutions measured per chunk" if self.convolutions == "auto" else f"convolutions '{self.convolutions}'"
         numbers = self.precision if dtype == torch.float32 else str(dtype).removeprefix("torch.") + (
             "" if self.precision == "float32" else f", precision={self.precision!r}")
@@ -102,9 +99,15 @@ class ChunkSpeed:
     evaluation: str = ""  # the evaluation's plan and learners per pass, and why (once the chunk evaluated)
     compiled: bool = False
     compile_s: float = 0.0
+    compile_cold: bool | None = None  # whether the compile built kernels (inductor's cache did not hold them)
     measure_s: float = 0.0
     eager_step_s: float | None = None
     reason: str = ""
+    # where the chunk's time went (seconds, host clock: on CUDA the device may still run queued work when a part ends)
+    initial_state_s: float = 0.0  # building the initial states (and restoring stored ones)
+    prepare_s: float = 0.0  # the purity check, choosing the plan, compiling (measure_s and compile_s are parts of it)
+    evaluate_s: float = 0.0  # the metrics at logged steps: whole-set evaluations and the rest
+    steps_s: float = 0.0  # the training loop less the metrics: batches and steps
 
 
 @dataclass
@@ -164,25 +167,32 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
     timed = steps_left >= MEASURE_MIN_STEPS  # one step timed twice costs at most MEASURE_SHARE of the run
     if report.eager_step_s is None and timed:
         report.eager_step_s = _seconds(lambda: run(report.plan), device, repeats=1)
+    eager_plan, eager_layers = report.plan, report.layers
+    compile_plan = compiled_plan(report.plan, device)
+    record_key = None if stable_key is None else compile_record.key(
+        plan_cache.digest((stable_key, tuple(run_args[1].shape))), compile_plan, n, device)
+    entry = compile_record.lookup(record_key) if record_key else None
     if speed.compile == "auto" and report.eager_step_s is not None:
-        estimate = report.eager_step_s * steps_left
-        compile_now = estimate > AUTO_COMPILE_SECONDS.get(device.type, AUTO_COMPILE_SECONDS["cuda"])
-        report.reason = f"eager estimate {estimate:.0f} s for {steps_left} steps"
+        decision = compile_record.decide(report.eager_step_s * steps_left, entry, device.type,
+                                         compile_record.expected_cold_seconds(device))
+        compile_now, report.reason = decision.compile, f"{decision.reason} ({steps_left} steps)"
     elif speed.compile == "auto":
         report.reason = f"{steps_left} steps: too short to measure, eager"
     report.measure_s = time.perf_counter() - start
 
     prepared = PreparedStep(step, logits, report, logits_of=lambda plan: built(plan)[1])
     if not compile_now:
+        if record_key is not None and entry is None and report.eager_step_s is not None and timed:
+            compile_record.remember_eager(record_key, report.eager_step_s)  # for the next plan()'s estimate
         return prepared
     eager = prepared
-    if convolutions.PLANS[report.plan].per_learner:  # torch.autograd one learner at a time does not trace: compile a vmapped plan
-        eager_plan, eager_layers = report.plan, report.layers
-        report.plan = default_plan(device, n=SERIAL_MAX_LEARNERS.get(device.type, 0) + 1)
+    if compile_plan != report.plan:  # torch.autograd one learner at a time does not trace: compile a vmapped plan
+        report.plan = compile_plan
         report.layers = convolutions.plan_for(template, report.plan)
         report.reason += f"; the {eager_plan} plan does not compile: a vmapped plan is compiled"
         step, logits = built(report.plan)
     compiled_key = (key, report.plan, str(device))
+    misses = _kernel_builds()
     start = time.perf_counter()
     try:
         if compiled_key in _COMPILE_FAILED:
@@ -216,13 +226,19 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
             report.plan, report.layers = eager_plan, eager_layers
         return eager
     report.compile_s = time.perf_counter() - start
-    if speed.compile == "auto":  # keep it only if it is faster than the eager step
+    cold = _kernel_builds() > misses if misses is not None and COMPILE_BACKEND == "inductor" else entry is None
+    report.compile_cold = cold
+    compiled_s = None
+    if speed.compile == "auto" or report.eager_step_s is not None:  # timed for the record; "auto" keeps it if faster
         def run_compiled() -> None:
             with torch.no_grad():
                 compiled(*run_args)
 
         compiled_s = _seconds(run_compiled, device, repeats=2)
-        if compiled_s >= 0.95 * report.eager_step_s:
+    if record_key is not None:
+        compile_record.remember(record_key, report.compile_s, cold, report.eager_step_s, compiled_s)
+    if speed.compile == "auto":
+        if compiled_s >= compile_record.NOT_FASTER * report.eager_step_s:
             report.reason += f"; compiled step {compiled_s:.3g} s not faster than eager {report.eager_step_s:.3g} s"
             if eager.step is not step:
                 report.plan, report.layers = eager_plan, eager_layers
@@ -230,6 +246,24 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
         report.reason += f"; compiled step {compiled_s:.3g} s vs eager {report.eager_step_s:.3g} s"
     report.compiled = True
     return compiled
+
+
+def compiled_plan(plan: str, device: torch.device) -> str:
+    """The plan a chunk of ``plan`` compiles: itself, or the device's vmapped default for a plan that runs the
+    learners one after another with torch.autograd (which dynamo does not trace)."""
+    if convolutions.PLANS[plan].per_learner:
+        return default_plan(device, n=SERIAL_MAX_LEARNERS.get(device.type, 0) + 1)
+    return plan
+
+
+def _kernel_builds() -> int | None:
+    """How many graphs inductor has compiled in this process so far, not found in its cache (None: unknown)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["fxgraph_cache_miss"])
+    except Exception:
+        return None
 
 
 _CHOSEN: dict[tuple, PlanChoice] = {}  # this process's choices (the disk cache: plan_cache)

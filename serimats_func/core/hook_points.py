@@ -5,7 +5,7 @@ Each point is a method name of ``Intervention``, what the hook receives (and ret
 runs in the training step (and so takes ``when=`` windows) or once, on the initial state.
 
 >>> [p.method for p in POINTS if p.in_step][:3]
-['on_batch', 'on_activations', 'on_gradients']
+['on_batch', 'on_buffers', 'on_activations']
 >>> POINT["on_optimizer_state"].receives
 "the optimizer's state before its update (a NamedTuple: momentum_buffer, exp_avg, exp_avg_sq, step...)"
 """
@@ -27,6 +27,8 @@ class HookPoint:
 POINTS: tuple[HookPoint, ...] = (
     HookPoint("on_init", "the new learner's ModelState(params, buffers)", in_step=False),
     HookPoint("on_batch", "(x, y) of this step", in_step=True),
+    HookPoint("on_buffers", "the model's buffers (name -> tensor: BatchNorm statistics, dropout keys and call counts) "
+              "before the forward pass; what it returns is what the forward pass starts from and keeps", in_step=True),
     HookPoint("on_activations", "the output of the submodule named by the class's module axis", in_step=True),
     HookPoint("on_gradients", "grads (parameter name -> gradient) before the optimizer", in_step=True),
     HookPoint("on_hyperparameters", "h (name -> float64 scalar) for this step", in_step=True),

@@ -1,7 +1,7 @@
 """The vmapped training step and evaluation: pure functions over stacked learner state.
 
 One step, for every learner of a chunk at once: the interventions' hooks at each point of the table in
-``hook_points`` (batch, activations in the forward pass, gradients after ``torch.func.grad``, this step's
+``hook_points`` (batch, buffers, activations in the forward pass, gradients after ``torch.func.grad``, this step's
 hyperparameters, the optimizer's state), the optimizer's update, then the parameter hooks. The step number
 enters as a tensor and windows are ``torch.where`` masks, so one function serves every learner and nothing
 waits for the host. Learners that share a data order get the batch unbatched (``in_dims=None``), which is much
@@ -324,11 +324,12 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
     def gradients(state: ChunkState, x, y, t, differentiate=grad_and_value):  # one learner
         inter = state.interventions
         (x, y), inter = run_hooks(hooks.at("on_batch"), (x, y), inter, t)
+        start, inter = run_hooks(hooks.at("on_buffers"), state.buffers, inter, t)
         params = state.params
         train, frozen = {k: params[k] for k in names}, {k: v for k, v in params.items() if k not in names}
 
         def loss_of(p):
-            b = {k: v.clone() for k, v in state.buffers.items()}  # updated in place by BatchNorm, dropout
+            b = {k: v.clone() for k, v in start.items()}  # updated in place by BatchNorm, dropout
             points.begin(inter, t)
             try:
                 with autocast():

@@ -14,6 +14,7 @@ from .activations import PerturbActivations
 from .augment import Augment
 from .base import Derived, Intervention, Numbers, Variations
 from .data import BatchSize, DataOrder, Dataset
+from .dropout import DropoutMasks
 from .gradients import ClipGradients, PerturbGradients
 from .hyperparameters import PerturbHyperparameter, PerturbMomentum
 from .model import Model
@@ -45,6 +46,7 @@ __all__ = [
     "DataOrderIntervention",
     "Dataset",
     "Derived",
+    "DropoutMasks",
     "InitWeights",
     "InitWeightsIntervention",
     "Intervention",

@@ -157,7 +157,9 @@ def noise(x: torch.Tensor, std: torch.Tensor, draws: Draws) -> torch.Tensor:
 class Augment(Intervention):
     """Augment each training batch in the step: ``crop`` (padding in pixels), ``translate`` (a fraction of the
     size), ``flip`` (left-right, p = 0.5), ``noise`` (a standard deviation), each example drawn on its own from
-    the learner's key (experiment seed, ``seed``) and the step. Evaluation is not augmented.
+    the learner's key (experiment seed, ``seed``) and the step. Evaluation is not augmented. ``when=(k, None)``
+augments from update k on (a draw depends on the key and the step only, so the first k updates are the
+unaugmented learner's, bitwise, and it forks from it there).
 
     >>> Augment(crop=4, flip=True).values
     {'crop': 4, 'translate': 0.0, 'flip': True, 'noise': 0.0, 'seed': 0, 'when': None}
@@ -174,6 +176,9 @@ class Augment(Intervention):
 
     def is_default(self) -> bool:
         return all(self.values[t.name] == t.default for t in TRANSFORMS.values())
+
+    def first_active_step(self) -> int:
+        return self.window_start()  # its hook acts only in its windows (when=(k, None): from update k on)
 
     def check(self, setup: Any) -> None:
         shape = tuple(setup.data.x.shape[1:])

@@ -9,6 +9,7 @@ hook                   called with                                            re
 ``on_init``            ``state`` = ``ModelState(params, buffers)`` of the     the new ``state``
                        new learner
 ``on_batch``           ``(x, y)`` of this step                                ``(x, y)``
+``on_buffers``         ``buffers`` (name -> tensor) before the forward pass   the new ``buffers`` (kept)
 ``on_activations``     the output of the submodule named by axis ``module``   the new output
 ``on_gradients``       ``grads`` (name -> tensor) before the optimizer        the new ``grads``
 ``on_hyperparameters`` ``h`` (name -> float64 scalar) for this step           the new ``h``

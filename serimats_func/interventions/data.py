@@ -45,6 +45,10 @@ class DataOrder(Intervention):
     def first_active_step(self) -> int:
         return self.values["at"]
 
+    def beyond_run(self, total_steps: int) -> str | None:
+        at = self.values["at"]
+        return None if self.is_default() or at < total_steps else f"at={at} changes the order from update {at + 1} on"
+
 
 class BatchSize(Intervention):
     """Train with another batch size (default: the experiment's ``batch_size=``). Structural: each batch

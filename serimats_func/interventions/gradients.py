@@ -89,6 +89,9 @@ class ClipGradients(Intervention):
     def is_default(self) -> bool:
         return self.values["max_norm"] == math.inf
 
+    def first_active_step(self) -> int:
+        return self.window_start()  # its hook acts only in its windows
+
     def on_gradients(self, grads: dict, n: Any, ctx: Any) -> dict:
         norm_type = self.values["norm_type"]  # structural: the same for every learner of the step
         norms = [torch.linalg.vector_norm(g, norm_type) for g in grads.values()]

@@ -104,12 +104,13 @@ def _part_hparams(h: HParams, twin: FunctionalOptimizer, part: int) -> HParams:
 def grouped_twin(main: ParamGroup, groups: Sequence[ParamGroup], names: Sequence[str],
                  varied: frozenset[str] = frozenset()) -> FunctionalOptimizer:
     """The functional optimizer of ``main`` with ``groups`` over the parameters ``names`` (``varied``: the main
-    optimizer's hyperparameters that interventions change during training). Without groups, the main twin."""
+    optimizer's hyperparameters that interventions change during training, in every group: ``PerturbHyperparameter``
+    changes each group's too). Without groups, the main twin."""
     first = main.family.build(main.family.resolve(main.values), frozenset(varied))
     if not groups:
         return first
     parts = assign(names, [g.pattern for g in groups])
-    twins = (first, *(g.family.build(g.family.resolve(g.values), frozenset()) for g in groups))
+    twins = (first, *(g.family.build(g.family.resolve(g.values), frozenset(varied)) for g in groups))
 
     def init(params: Params) -> GroupedState:
         return GroupedState(tuple(t.init({k: params[k] for k in part}) for t, part in zip(twins, parts, strict=True)))
@@ -136,33 +137,36 @@ def grouped_twin(main: ParamGroup, groups: Sequence[ParamGroup], names: Sequence
     return GroupedOptimizer(first.name, init, update, numeric, first.family, stacked, names=parts, twins=twins)
 
 
-def structure(main_structure: tuple, groups: Sequence[ParamGroup], names: Sequence[str]) -> tuple:
+def structure(main_structure: tuple, groups: Sequence[ParamGroup], names: Sequence[str],
+              varied: frozenset[str] = frozenset()) -> tuple:
     """What learners must share to train in one update: the main structure, and each group's parameters and
     structure. Without groups, the main structure as it is."""
     if not groups:
         return main_structure
     parts = assign(names, [g.pattern for g in groups])
-    return (main_structure, tuple((part, g.family.structure(g.values, frozenset()))
+    return (main_structure, tuple((part, g.family.structure(g.values, frozenset(varied)))
                                   for part, g in zip(parts[1:], groups, strict=True)))
 
 
-def identity(main_identity: dict[str, Any], groups: Sequence[ParamGroup], names: Sequence[str]) -> dict[str, Any]:
+def identity(main_identity: dict[str, Any], groups: Sequence[ParamGroup], names: Sequence[str],
+             varied: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The main optimizer's identity with, when there are groups, ``param_groups``: each group's parameters and
     hyperparameters (defaults filled in), in order. The globs themselves are not part of it: only what they
     matched. Without groups, the main identity as it is (ids of learners without groups are unchanged)."""
     if not groups:
         return main_identity
     parts = assign(names, [g.pattern for g in groups])
-    return {**main_identity, "param_groups": [{"params": list(part), **g.family.canonical(g.values)}
+    return {**main_identity, "param_groups": [{"params": list(part), **g.family.canonical(g.values, frozenset(varied))}
                                               for part, g in zip(parts[1:], groups, strict=True)]}
 
 
-def describe(main_words: str, groups: Sequence[ParamGroup], names: Sequence[str]) -> str:
+def describe(main_words: str, groups: Sequence[ParamGroup], names: Sequence[str],
+             varied: frozenset[str] = frozenset()) -> str:
     """A grouped optimizer in words: the main's, then each group's parameters and optimizer."""
     if not groups:
         return main_words
     parts = assign(names, [g.pattern for g in groups])
-    return main_words + "".join(f"; {', '.join(part)}: {g.family.describe(g.family.structure(g.values, frozenset()))}"
+    return main_words + "".join(f"; {', '.join(part)}: {g.family.describe(g.family.structure(g.values, frozenset(varied)))}"
                                 for part, g in zip(parts[1:], groups, strict=True))
 
 

@@ -256,9 +256,12 @@ def _learner(groups, names, codes, resolved, setup: Setup, seeds: dict, seed: in
     coords, derived = {}, {}
     for g, v in zip(groups, resolved, strict=True):
         for axis in g.given:
-            coords[names[(g.cls, axis)]] = v.label(axis)
+            name = names[(g.cls, axis)]
+            coords[name] = v.label(axis)
             if axis in v.derived:
-                derived[names[(g.cls, axis)]] = v.derived[axis]
+                derived[name] = v.derived[axis]
+            elif name.endswith(DERIVED):  # a value given as it is, on an axis that other variations derive
+                derived[name] = (None, _base_value(v, axis, setup), v.values[axis])
     keys = {stream: derive_key(seed, stream, value) for stream, value in seeds.items()}
     data_at = max((v.first_active_step() for v in resolved if "data" in v.streams and not v.is_default()), default=0)
     data_from = (derive_key(seed, "data", DEFAULT_STREAMS["data"]), data_at) if data_at > 0 else None
@@ -287,23 +290,49 @@ def _json_label(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
+def _base_value(v: Intervention, axis: str, setup: Setup) -> Any:
+    """The learner's base value of ``axis`` for labelling a value given as it is (None where it has none)."""
+    if v.values[axis] is None:
+        return None
+    try:
+        return v.base_value(axis, setup)
+    except (NotImplementedError, ValueError, KeyError):
+        return None
+
+
 def _label_derived(built: dict, groups: list[_ClassGroup], names: dict) -> None:
-    """Relabel axes given as functions of a base value: by relative change, else difference, else position."""
+    """Relabel axes given as functions of a base value: by relative change, else difference, else position. A value
+    given as it is on such an axis (another ``make_variations`` of the class gave a number) is labelled by the same
+    measure against the learner's base value (``lr=0.05`` beside ``lr=lambda v: v * 2`` on a base of 0.1: change
+    -0.5), or by the value itself when the labels are positions; a variation without the axis is labelled None."""
     axes = {name for _, _, derived in built.values() for name in derived}
     for name in axes:
         entries = [(coords, derived[name]) for coords, _, derived in built.values() if name in derived]
-        kind, labels = _derived_labels([value for _, value in entries])
+        kind, labels = _derived_labels([value for _, value in entries if value[0] is not None])
         new_name = f"{name.removesuffix(DERIVED)}_{kind}"
-        for coords, (i, _, _) in entries:
-            _rename(coords, name, new_name, labels[i])
+        for coords, (i, base, value) in entries:
+            _rename(coords, name, new_name, labels[i] if i is not None else _given_label(kind, base, value))
         for _, spec, _ in built.values():
             if name in spec.config["coords"]:
                 _rename(spec.config["coords"], name, new_name, _json_label(spec.coords[new_name]))
 
 
+def _given_label(kind: str, base: Any, value: Any) -> Any:
+    """The label of a value given as it is on a derived axis labelled by ``kind``."""
+    if value is None:
+        return None
+    fn = {"change": _relative, "delta": _difference}.get(kind)
+    try:
+        return value if fn is None or base is None else _round(fn(base, value))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return value
+
+
 def _derived_labels(values: list[tuple[int, Any, Any]]) -> tuple[str, dict[int, Any]]:
     """For (index, base, value) triples: the first labelling that gives each index one label, distinct across
     indices: the relative change, the difference, else the index itself."""
+    if not values:  # no variation derives it here (every learner's came as a number)
+        return "change", {}
     for kind, fn in (("change", _relative), ("delta", _difference)):
         labels: dict[int, Any] = {}
         try:

@@ -74,6 +74,8 @@ class Plan:
     speed: str = ""
     forks: list[str] = field(default_factory=list)  # the fork tree in words, one line per fork point
     refreshed: frozenset[str] = frozenset()  # stored learners trained again up to a fork step, to fork from there
+    # compile="auto" in words, per group (made when printed: planning again during run() does not pay for it)
+    compile_outlook: Callable[[], list[str]] | None = field(default=None, repr=False)
 
     @property
     def to_train(self) -> int:
@@ -132,6 +134,8 @@ class Plan:
         lines.append(f"  memory budget: {self.memory_budget / 2**30:.1f} GiB")
         if self.speed:
             lines.append(f"  speed: {self.speed}")
+        if self.compile_outlook is not None and self.chunks:
+            lines += [f"  {line}" for line in self.compile_outlook()]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -214,6 +218,10 @@ VMAP_ACTIVATIONS = 1.5  # vmapped activations take more than one learner's: layo
 # an evaluation batch holds a layer's input and output and a copy (im2col, channels-last): LeNet-5, 32 learners,
 # 20,000 examples, batch 256 peaked 600 MiB above the process's size, 2 of them estimated 505 MiB, 3: 694 MiB
 EVAL_LAYER_OUTPUTS = 3
+# what a training chunk holds beyond the step's tensors: the heap that training keeps (acceleration.keep_freed_memory)
+# fragments, and measuring plans runs other layouts at the chunk's start. LeNet-5, 21 learners in a chunk sized to a
+# 206 MiB budget (4,000 images): 228 MiB resident above the process at the chunk's start, 204 MiB estimated without it
+STEP_SLACK = 1.15
 
 
 @dataclass(frozen=True)
@@ -223,7 +231,7 @@ class LearnerMemory:
     - ``state``: params, buffers and optimizer state, on the device for the whole chunk;
     - ``step``: what one training step adds at its peak: the new state and the gradients, the update's
       temporaries (two parameter-sized tensors), and the batch's activations (what autograd saves, plus two of
-      the largest layer output for the gradients flowing back);
+      the largest layer output for the gradients flowing back), times ``STEP_SLACK`` (the kept heap's fragments);
     - ``evaluation``: one evaluation pass: ``EVAL_LAYER_OUTPUTS`` of the largest layer output per example of an
       evaluation batch, and the logits of the largest set, twice (the whole-set loss needs them all, and its
       softmax a copy).
@@ -254,8 +262,8 @@ def learner_memory(spec: LearnerSpec, batch_size: int, eval_batch_size: int) -> 
         classes = copy.deepcopy(template).eval()(example_x).shape[-1]
     largest_set = max(len(t) for t in (setup.data.x, setup.data.x_test) if t is not None)
     state = param_bytes + buffer_bytes + opt_bytes
-    step = (state + 3 * param_bytes + 2 * param_bytes  # new state, gradients and more, update temporaries
-            + int(VMAP_ACTIVATIONS * batch_size * (acts.saved + 2 * acts.largest)))
+    step = int(STEP_SLACK * (state + 3 * param_bytes + 2 * param_bytes  # new state, gradients and more, update temporaries
+                             + VMAP_ACTIVATIONS * batch_size * (acts.saved + 2 * acts.largest)))
     logits = largest_set * classes * example_x.element_size()  # the batches' logits and their concatenation
     evaluation = int(VMAP_ACTIVATIONS * eval_batch_size * EVAL_LAYER_OUTPUTS * acts.largest) + 2 * logits
     return LearnerMemory(state, step, evaluation)

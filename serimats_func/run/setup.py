@@ -204,16 +204,16 @@ class Setup:
 
     def optimizer_structure(self) -> tuple:
         main = twins.structure_key(self.optimizer_class, self.optimizer_values, frozenset(self.varied_hyperparameters))
-        return groups.structure(main, self.optimizer_groups, self.trainable_names)
+        return groups.structure(main, self.optimizer_groups, self.trainable_names, frozenset(self.varied_hyperparameters))
 
     def optimizer_identity(self) -> dict[str, Any]:
         main = twins.canonical(self.optimizer_class, self.optimizer_values, frozenset(self.varied_hyperparameters))
-        return groups.identity(main, self.optimizer_groups, self.trainable_names)
+        return groups.identity(main, self.optimizer_groups, self.trainable_names, frozenset(self.varied_hyperparameters))
 
     def describe_optimizer(self) -> str:
         family = twins.family_of(self.optimizer_class)
         main = family.describe(family.structure(self.optimizer_values, frozenset(self.varied_hyperparameters)))
-        return groups.describe(main, self.optimizer_groups, self.trainable_names)
+        return groups.describe(main, self.optimizer_groups, self.trainable_names, frozenset(self.varied_hyperparameters))
 
     @property
     def optimizer_parts(self) -> tuple[groups.ParamGroup, ...]:

@@ -5,6 +5,7 @@ learner's values, and nothing is copied to the host until the chunk ends.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from ..acceleration import convolutions, plan_cache
+from ..acceleration import compile_record, convolutions, plan_cache
 from ..acceleration import prepare as acceleration
 from ..acceleration.prepare import ChunkSpeed, Speed
 from ..core import pytrees
@@ -193,6 +194,40 @@ def _stable_key(specs: Sequence[LearnerSpec], hooks: Hooks, twin, shared: bool, 
                               twin.name, setup.optimizer_structure(), points, shared, loss, speed.precision))
 
 
+def compile_outlook(specs: Sequence[LearnerSpec], loss_fn: LossFn, device: torch.device, speed: Speed,
+                    steps_left: int) -> tuple[str, bool]:
+    """What ``compile="auto"`` expects for a chunk of ``specs`` before it trains, for ``plan()``: in words (the eager
+    estimate when a step time is remembered, in ``plan_cache`` or ``compile_record``, and the decision), and whether
+    inductor's cache is warm for its step (``compile_record``)."""
+    specs = list(specs) * 2 if len(specs) == 1 else list(specs)  # a lone learner trains as two copies
+    n, setup = len(specs), specs[0].setup
+    hooks, twin = chunk_hooks(specs), chunk_optimizer(specs)
+    shared = len({s.data_stream for s in specs}) == 1
+    batch = (min(setup.batch_size, len(setup.data.x)), *setup.data.x.shape[1:])
+    shape = batch if shared else (n, *batch)
+    digest = plan_cache.digest((_stable_key(specs, hooks, twin, shared, loss_fn, speed), shape))
+    convolutional = bool(convolutions.convolutions_of(setup.template))
+    step_s = None
+    if speed.precision == "bf16" or (speed.convolutions == "auto" and not convolutional):
+        plan = "vmap"
+    elif speed.convolutions == "auto":
+        cached = plan_cache.lookup(plan_cache.entry_key("train", digest, n, device))
+        plan = cached["choice"] if cached else acceleration.default_plan(device, n)
+        step_s = cached.get("step_s") if cached else None
+    else:
+        plan = speed.convolutions
+    record_key = compile_record.key(digest, acceleration.compiled_plan(plan, device), n, device)
+    entry = compile_record.lookup(record_key)
+    step_s = step_s or compile_record.eager_seconds(record_key)
+    cold_s = compile_record.expected_cold_seconds(device)
+    if step_s is None:
+        cache = "warm" if entry else f"cold (a compile costs about {cold_s:.0f} s)"
+        return f"step not timed yet (it is at the chunk's start, from {acceleration.MEASURE_MIN_STEPS} steps); inductor's " \
+               f"cache {cache}", entry is not None
+    decision = compile_record.decide(step_s * steps_left, entry, device.type, cold_s)
+    return f"{decision.reason} ({steps_left} steps): {'compiled' if decision.compile else 'eager'}", entry is not None
+
+
 def chunk_optimizer(specs: Sequence[LearnerSpec]):
     setup = specs[0].setup
     varied = frozenset().union(*(s.setup.varied_hyperparameters for s in specs))
@@ -303,6 +338,7 @@ def train_chunk(
     specs = list(specs) * 2 if n_learners == 1 else list(specs)
     setup = specs[0].setup
     template = setup.template
+    began = time.perf_counter()
     hooks = chunk_hooks(specs)
     twin = chunk_optimizer(specs)
     state = initial_state(specs, hooks, device)
@@ -326,6 +362,7 @@ def train_chunk(
                                 layers=layers, autocast=autocast, per_learner=per_learner),
                 make_logits(template, layers, per_learner=per_learner))
 
+    initial_s = time.perf_counter() - began
     first = batch_indices(_orders(data_keys[:1], 0, data, device), 0, data.batch_size)[0]
     xb, yb = data.x[first], data.y[first]
     if not shared:
@@ -343,18 +380,25 @@ def train_chunk(
     builtins = list(builtins) if builtins is not None else recorded_metrics(evaluate, controls)
     log_steps = {t for t in schedule.log_steps if t <= stop}
     evaluations = sum(1 for t in schedule.log_steps if t >= start.step and any(m.evaluates and m.when.due(t) for m in builtins))
+    times = step_fn.report
+    times.initial_state_s, times.prepare_s = initial_s, time.perf_counter() - began - initial_s
     evaluation = _evaluation_chooser(step_fn, template, structure, stable, data, schedule, start.step, len(specs),
                                      device, speed, evaluation_learners, evaluations)
-    record = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
-                      metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
-                      records=records, logits_fn=step_fn.logits, evaluation=evaluation, builtins=builtins, when=when)
+    recorder = Recorder(specs, data, template, loss_fn, device, initial_params, evaluate=evaluate, controls=controls,
+                        metrics=metrics, reads_control=reads_control, steps_per_epoch=schedule.steps_per_epoch,
+                        records=records, logits_fn=step_fn.logits, evaluation=evaluation, builtins=builtins, when=when)
+
+    def record(state: ChunkState, step: int) -> None:
+        began = time.perf_counter()
+        recorder(state, step)
+        times.evaluate_s += time.perf_counter() - began
 
     def snapshot() -> tuple[list[int], dict[str, np.ndarray]]:
         """The logged steps recorded in full so far, and their metrics (N, steps)."""
         k = len(recorded)
         if not k:
             return [], {}
-        return list(recorded), record.results(n_learners, state, k)
+        return list(recorded), recorder.results(n_learners, state, k)
 
     kept: dict[int, FlatState] = dict(start.kept)  # every checkpoint holds the kept states passed so far
     if checkpoints is not None:
@@ -369,6 +413,7 @@ def train_chunk(
             kept[start.step] = flatten(state, n_learners)
         on_step(start.step, state, None)
         orders = None
+        loop_began, evaluated = time.perf_counter(), times.evaluate_s
         for step in range(start.step, stop):
             epoch, position = divmod(step, schedule.steps_per_epoch)
             if position == 0 or orders is None:
@@ -390,9 +435,10 @@ def train_chunk(
             on_step(step + 1, state, loss)
             if checkpoints is not None and step + 1 < stop and checkpoints.due(step + 1):
                 checkpoints.save(step + 1, state, *snapshot())
+        times.steps_s = time.perf_counter() - loop_began - (times.evaluate_s - evaluated)
     steps, out = snapshot()
     kept[stop] = flatten(state, n_learners)
     diverged_at = state.diverged_at[:n_learners].cpu().numpy()  # (N,)
-    control = record.control[:n_learners].cpu().numpy() % n_learners  # (N,) a lone learner trains as two copies
-    out = nan_from_divergence(out, steps, diverged_at, control, record.against_control())
+    control = recorder.control[:n_learners].cpu().numpy() % n_learners  # (N,) a lone learner trains as two copies
+    out = nan_from_divergence(out, steps, diverged_at, control, recorder.against_control())
     return ChunkResult(tuple(steps), out, diverged_at, kept)
