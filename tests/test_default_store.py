@@ -182,6 +182,9 @@ def test_stores_given_with_store_and_those_earlier_versions_named_after_the_clas
 
 
 def test_plan_shows_the_dtype_of_the_learners(experiment, in_tmp):
-    assert str(experiment(GRID, dtype=torch.float64).plan()).splitlines()[-1].endswith("; float64")
-    assert str(experiment(GRID).plan()).splitlines()[-1].endswith("; float32")
-    assert str(experiment(GRID, precision="bf16").plan()).splitlines()[-1].endswith("; bf16")
+    def speed_line(plan) -> str:
+        return next(line for line in str(plan).splitlines() if line.strip().startswith("speed:"))
+
+    assert speed_line(experiment(GRID, dtype=torch.float64).plan()).endswith("; float64")
+    assert speed_line(experiment(GRID).plan()).endswith("; float32")
+    assert speed_line(experiment(GRID, precision="bf16").plan()).endswith("; bf16")
