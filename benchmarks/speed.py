@@ -1053,26 +1053,40 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def in_child(fn: Callable[[], dict]) -> dict:
-    """``fn()`` in a forked process, so that its peak resident memory is its own (ru_maxrss starts from this
-    process's size at the fork: ``rss_at_start_mib``)."""
-    import multiprocessing
+CHILD_MARK = "E2E-RESULT "  # the line a --e2e-child process prints its result on
 
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
 
-    def target() -> None:
-        start = peak_rss_mib()
-        try:
-            queue.put({**fn(), "rss_at_start_mib": start, "peak_rss_mib": peak_rss_mib()})
-        except BaseException as error:  # report, do not hang the parent
-            queue.put({"error": f"{type(error).__name__}: {error}"})
+def in_child(task: str, args: argparse.Namespace, device: torch.device, workload: str, **kwargs: object) -> dict:
+    """``task`` (a function of ``E2E_TASKS``, given the loaded ``workload``, ``device`` and ``kwargs``) in a new
+    Python process (``speed.py --e2e-child``), so that its peak resident memory (``ru_maxrss``) is its own and
+    nothing it allocates or caches is left to the next cell. Not a fork: libgomp's threads do not survive a
+    fork after the parent ran parallel work (the matmul peak), and a forked child hung in its first matmul."""
+    import subprocess
 
-    child = ctx.Process(target=target)
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    spec = {"task": task, "workload": workload, "device": str(device), "mnist_root": str(args.mnist_root),
+            "threads": args.threads, "kwargs": kwargs}
+    proc = subprocess.run([sys.executable, "-u", str(Path(__file__).resolve()), "--e2e-child", json.dumps(spec)],
+                          capture_output=True, text=True, check=False)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(CHILD_MARK):
+            return json.loads(line[len(CHILD_MARK):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"the {task} process exited with {proc.returncode}: {tail}"}
+
+
+def child_main(spec_json: str) -> None:
+    """``--e2e-child SPEC``: run one task of ``in_child`` and print its result (JSON) on a ``CHILD_MARK`` line."""
+    spec = json.loads(spec_json)
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    workload = load_workload(spec["workload"], Path(spec["mnist_root"]))
+    start = peak_rss_mib()  # the process with its data loaded, before the task
+    try:
+        out = E2E_TASKS[spec["task"]](workload, device=torch.device(spec["device"]), **spec["kwargs"])
+    except BaseException as error:  # report, do not leave the parent without an answer
+        out = {"error": f"{type(error).__name__}: {error}"}
+    print(CHILD_MARK + json.dumps(jsonable({**out, "rss_at_start_mib": start, "peak_rss_mib": peak_rss_mib()})),
+          flush=True)
 
 
 def serial_end_to_end(workload: Workload, n: int, steps: int, device: torch.device, eval_batch: int) -> dict:
@@ -1158,6 +1172,10 @@ def warm_compile(workload: Workload, n: int, device: torch.device) -> dict:
             "cold": [r.get("compile_cold") for r in out.get("speed", [])], **({"error": out["error"]} if "error" in out else {})}
 
 
+E2E_TASKS: dict[str, Callable[..., dict]] = {"serial": serial_end_to_end, "library": library_end_to_end,
+                                              "warm_compile": warm_compile}  # what an --e2e-child process runs
+
+
 def e2e_cells(args: argparse.Namespace, device: torch.device) -> list[tuple[str, int, float, bool]]:
     """(workload, N, serial target seconds, long) of each --end-to-end cell: the short runs at every N of ``--n``
     (default ``E2E_NS``), the long runs at the cells of ``--e2e-long``; ``--quick``: a few short cells."""
@@ -1185,16 +1203,16 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for name, n, seconds, long in e2e_cells(args, device):
         if name not in workloads:
             workloads[name] = load_workload(name, args.mnist_root)
-            probe = in_child(lambda w=workloads[name]: serial_end_to_end(w, 1, 20, device, eval_batch))
+            probe = in_child("serial", args, device, name, n=1, steps=20, eval_batch=eval_batch)
             per_step[name] = probe["breakdown"]["training"] / 20  # one serial learner-step, to size the runs
         workload = workloads[name]
         steps = args.steps or max(args.min_steps, min(MAX_STEPS, round(seconds / max(1e-9, n * per_step[name]))))
-        warm = in_child(lambda w=workload, n=n: warm_compile(w, n, device)) if long and args.e2e_warm_compile else None
+        warm = in_child("warm_compile", args, device, name, n=n) if long and args.e2e_warm_compile else None
         if warm is not None:
             print(f"  (warm-up for the long run: compile=True of {workload.name} N={n}, {warm.get('seconds', 0):.1f} s, "
                   f"compile {fmt(warm.get('compile'), '.1f')} s, cold {warm.get('cold')})", flush=True)
-        serial = in_child(lambda w=workload, n=n, k=steps: serial_end_to_end(w, n, k, device, eval_batch))
-        ours = in_child(lambda w=workload, n=n, k=steps: library_end_to_end(w, n, k, device))
+        serial = in_child("serial", args, device, name, n=n, steps=steps, eval_batch=eval_batch)
+        ours = in_child("library", args, device, name, n=n, steps=steps)
         cell = {"workload": workload.name, "n": n, "steps": steps, "length": "long" if long else "short",
                 "serial": serial, "ours": ours, "warm_up": warm,
                 "ratio": serial["seconds"] / ours["seconds"] if "seconds" in serial and "seconds" in ours else None}
@@ -1285,6 +1303,9 @@ def run_workload(name: str, ns: list[int], ctx: Context) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--e2e-child":
+        child_main(sys.argv[2])
+        return {}
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
