@@ -4,6 +4,7 @@ to float32 rounding. Each test has its own empty cache directory (the autouse fi
 """
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -99,7 +100,8 @@ def test_a_cache_entry_is_per_learner_count_and_a_short_run_without_one_takes_th
     other = _lenet(experiment, n=5)
     other.run()
     (report,) = other.speed_report
-    assert not report.plan_measured and report.plan_reason.startswith("default: 4 steps are too short")
+    assert not report.plan_measured and report.plan_reason.startswith("default: 4 steps")
+    assert "too short" in report.plan_reason
     assert report.plan == acceleration.default_plan(torch.device("cpu"), 5)
     assert len(_entries(plan_cache_dir, "train")) == 1  # a default is not remembered: a longer run may measure
 
@@ -210,6 +212,12 @@ def test_the_compile_decision_given_warm_and_cold_records():
     assert decision.compile and not decision.warm and decision.expected_s == cold_s
     assert not compile_record.decide(59.0, None, "cpu", cold_s=1.0).compile  # never below the warm threshold
     assert compile_record.decide(61.0, {"cold_s": 30.0}, "cpu", cold_s).compile  # recorded without timings
+    # compiled once (cold, 21 s): a warm compile costs a share of that, and a 52 s run saving 29 s repays it
+    once = {"cold_s": 21.0, "eager_s": 0.0156, "compiled_s": 0.0069}
+    decision = compile_record.decide(52.0, once, "cpu", cold_s)
+    assert decision.compile and decision.warm and decision.expected_s == compile_record.WARM_SHARE * 21.0
+    assert "of the first one" in decision.reason
+    assert not compile_record.decide(8.0, once, "cpu", cold_s).compile  # saves 4.5 s < 2 x 6.3 s
 
 
 def test_without_records_a_cold_compile_is_expected_to_cost_the_device_s_measured_default(plan_cache_dir):
@@ -258,3 +266,19 @@ def test_an_eager_run_leaves_its_step_time_so_that_the_next_plan_estimates_the_r
     text = str(experiment(grid, steps=6, store=tmp_path / "again.zarr").plan())
     assert "(0 of 1 group(s) compiled here before)" in text
     assert "eager estimate 0 s; cold inductor cache" in text and text.endswith("(6 steps): eager")
+
+
+def test_a_run_s_evaluations_count_toward_what_measuring_plans_may_cost():
+    """60 training steps alone are too short to time the plans within MEASURE_SHARE; with the run's whole-set
+    evaluations (counted in training steps) the same chunk measures them and takes the fastest."""
+    cpu = torch.device("cpu")
+    seconds = {plan: 0.004 for plan in convolutions.candidates(cpu)} | {"serial": 0.002}
+
+    def run(plan: str) -> None:
+        time.sleep(seconds[plan])
+
+    short = acceleration.choose_plan(run, ("evaluations-count", 1), cpu, 8, 60, run_steps=60)
+    assert not short.measured and short.plan == acceleration.default_plan(cpu, 8) and "too short" in short.reason
+    longer = acceleration.choose_plan(run, ("evaluations-count", 2), cpu, 8, 60, run_steps=60 + 2000)
+    assert longer.measured and longer.plan == "serial"
+    assert longer.reason.startswith("measured: ") and "serial 2" in longer.reason

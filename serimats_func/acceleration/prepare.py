@@ -130,11 +130,14 @@ _COMPILE_FAILED: dict[tuple, Exception] = {}  # structures whose step failed to 
 
 def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: torch.nn.Module, key: tuple,
                  run_args: tuple, steps_left: int, n: int, device: torch.device, speed: Speed,
-                 stable_key: str | None = None) -> PreparedStep:
+                 stable_key: str | None = None, evaluation_steps: float = 0.0) -> PreparedStep:
     """The step of a chunk of ``n`` learners. ``build(plan)`` makes its eager step and logits functions for a
     plan of ``convolutions.PLANS``; ``run_args`` (state, x, y, t) are what one step takes, for measuring (the step is pure:
     nothing is changed); ``key`` names the chunk's structure (for the caches of plans and compiled steps) in this
-    process, ``stable_key`` across processes (the disk cache of plans, ``plan_cache``; None: not used)."""
+    process, ``stable_key`` across processes (the disk cache of plans, ``plan_cache``; None: not used).
+    ``evaluation_steps``: the chunk's whole-set evaluations, counted in training steps (a forward pass of an example
+    costs about ``FORWARD_SHARE`` of a training step's): measuring plans may take ``MEASURE_SHARE`` of the whole run,
+    evaluations included."""
     report = ChunkSpeed(learners=n)
     built_steps: dict[str, tuple[Callable, Callable]] = {}
 
@@ -155,7 +158,8 @@ def prepare_step(build: Callable[[str], tuple[Callable, Callable]], template: to
         plan_key = (key, n, str(device), tuple(run_args[1].shape))
         cache_key = None if stable_key is None else plan_cache.entry_key(
             "train", plan_cache.digest((stable_key, tuple(run_args[1].shape))), n, device)
-        choice = choose_plan(run, plan_key, device, n, steps_left, cache_key=cache_key)
+        choice = choose_plan(run, plan_key, device, n, steps_left, cache_key=cache_key,
+                             run_steps=steps_left + evaluation_steps)
         report.plan, report.plan_measured, report.plan_reason = choice.plan, choice.measured, choice.reason
         report.eager_step_s = choice.step_s
     else:
@@ -290,13 +294,16 @@ def default_plan(device: torch.device, n: int) -> str:
 
 
 def choose_plan(run: Callable[[str], None], key: tuple, device: torch.device, n: int, steps_left: int,
-                cache_key: str | None = None, candidates: tuple[str, ...] | None = None) -> PlanChoice:
+                cache_key: str | None = None, candidates: tuple[str, ...] | None = None,
+                run_steps: float | None = None) -> PlanChoice:
     """The plan of a convolutional model's step, among ``candidates`` (default: those of ``device``,
     ``convolutions.candidates``): the choice cached in this process under ``key`` or on disk under ``cache_key``
-    (``plan_cache``); else, when the chunk trains at least ``MEASURE_MIN_STEPS``, the default plan's step is timed
+    (``plan_cache``); else, when the chunk's run is at least ``MEASURE_MIN_STEPS`` long (``run_steps``: its
+    ``steps_left`` training steps and its evaluations, counted in training steps), the default plan's step is timed
     twice (``run(plan)``: the first call carries one-time costs) and, if timing every candidate that way would cost
-    at most ``MEASURE_SHARE`` of the chunk's training, each candidate runs once timed (twice when it is within
+    at most ``MEASURE_SHARE`` of the run, each candidate runs once timed (twice when it is within
     reach of the best) and the fastest wins, cached in the process and on disk; otherwise ``default_plan``."""
+    run_steps = steps_left if run_steps is None else run_steps
     candidates = convolutions.candidates(device) if candidates is None else candidates
     if key in _CHOSEN:
         return dataclasses.replace(_CHOSEN[key], measured=False, reason="cached")
@@ -305,16 +312,17 @@ def choose_plan(run: Callable[[str], None], key: tuple, device: torch.device, n:
         _CHOSEN[key] = PlanChoice(entry["choice"], False, "cached", entry.get("step_s"))
         return _CHOSEN[key]
     default = default_plan(device, n)
-    if steps_left < MEASURE_MIN_STEPS:
-        return PlanChoice(default, False, f"default: {steps_left} steps are too short to time one within "
+    length = f"{steps_left} steps" + (f" and evaluations worth {run_steps - steps_left:.0f}" if run_steps > steps_left else "")
+    if run_steps < MEASURE_MIN_STEPS:
+        return PlanChoice(default, False, f"default: {length} are too short to time one step within "
                                           f"{MEASURE_SHARE:.0%} of the run")
     first = _once(lambda: run(default), device)  # allocation, kernel selection
     timings = {default: _once(lambda: run(default), device)}
-    budget = MEASURE_SHARE * steps_left * timings[default]
+    budget = MEASURE_SHARE * run_steps * timings[default]
     estimate = first + timings[default] + (len(candidates) - 1) * 1.5 * timings[default]  # one or two calls each
     if estimate > budget:
         return PlanChoice(default, False, f"default: timing {len(candidates)} plans (about {estimate:.2g} s) would "
-                                          f"take over {MEASURE_SHARE:.0%} of {steps_left} steps", timings[default])
+                                          f"take over {MEASURE_SHARE:.0%} of {length}", timings[default])
     overhead = max(0.0, first - timings[default])  # what a plan's first call adds
     for plan in candidates:
         if plan == default:

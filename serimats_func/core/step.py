@@ -45,11 +45,12 @@ from ..interventions.base import Intervention, Numbers
 from ..optimizers import FunctionalOptimizer
 from ..optimizers.base import stacked_update
 from . import keys, pytrees
-from .hook_points import METHODS, POINT
+from .hook_points import METHODS, POINT, STEP_METHODS
 from .learners import forward
 from .state import ChunkState, InterventionData, ModelState
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GRADIENT_POINTS = tuple(m for m in STEP_METHODS if m != "on_params")  # the points of the gradient pass, before the update
 
 
 @dataclass(frozen=True)
@@ -320,8 +321,19 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
         model.train()  # a copy for this step: always in training mode
     names = list(dict(template.named_parameters())) if trainable is None else list(trainable)
     optimizer_hooks = hooks.at("on_optimizer_state")
+    # What the gradient pass reads and returns, known from the hooks: only that goes through vmap (each leaf in or
+    # out costs vmap a wrapper and pytree work per step; with no hook there, hyperparameters, interventions and the
+    # optimizer's state pass it by).
+    gradient_hooks = [h for m in GRADIENT_POINTS for h in hooks.at(m)]
+    reads_inter = bool(gradient_hooks)
+    changes_inter = any(h.stateful for h in gradient_hooks)
+    changes_hparams = bool(hooks.at("on_hyperparameters"))
 
-    def gradients(state: ChunkState, x, y, t, differentiate=grad_and_value):  # one learner
+    def inputs(state: ChunkState) -> ChunkState:  # the parts of the state the gradient pass reads
+        return state._replace(opt=state.opt if optimizer_hooks else (), hparams=state.hparams if changes_hparams else (),
+                              interventions=state.interventions if reads_inter else {}, diverged_at=())
+
+    def gradients(state: ChunkState, x, y, t, differentiate=grad_and_value):  # one learner (``inputs`` of its state)
         inter = state.interventions
         (x, y), inter = run_hooks(hooks.at("on_batch"), (x, y), inter, t)
         start, inter = run_hooks(hooks.at("on_buffers"), state.buffers, inter, t)
@@ -344,7 +356,7 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
         opt = ()  # unchanged: the stacked state is used as it is (no leaf: vmap returns no None)
         if optimizer_hooks:
             opt, inter = run_hooks(optimizer_hooks, state.opt, inter, t, params=train, optimizer_init=twin.init)
-        return grads, loss, buffers, inter, hparams, opt
+        return grads, loss, buffers, inter if changes_inter else {}, hparams, opt
 
     def after_update(params, inter, t):  # one learner
         return run_hooks(hooks.at("on_params"), params, inter, t)
@@ -353,7 +365,7 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
     vmapped_gradients = vmap(gradients, in_dims=(0, data_dim, data_dim, None))
 
     def looped_gradients(state: ChunkState, x, y, t):  # the learners one after another, with torch.autograd
-        n = len(state.diverged_at)
+        n = len(pytrees.leaves(state.params)[0])
         layout = _channels_last if x.device.type == "cpu" and x.ndim == (4 if shared_batch else 5) else _same
         x = layout(x) if shared_batch else x
         outs = []
@@ -375,7 +387,9 @@ def make_train_step(template: nn.Module, twin: FunctionalOptimizer, loss_fn: Los
         vmapped_after_update = looped_after_update  # noqa: F811
 
     def step(state: ChunkState, x, y, t) -> tuple[ChunkState, torch.Tensor]:
-        grads, loss, buffers, inter, hparams, opt = vmapped_gradients(state, x, y, t)  # (N, ...)
+        grads, loss, buffers, inter, hparams, opt = vmapped_gradients(inputs(state), x, y, t)  # (N, ...)
+        inter = inter if changes_inter else state.interventions
+        hparams = hparams if changes_hparams else state.hparams
         params = state.params
         train, opt = stacked_update(twin, grads, opt if optimizer_hooks else state.opt, {k: params[k] for k in names}, hparams)
         params = {k: train[k] if k in train else v for k, v in params.items()}

@@ -372,14 +372,17 @@ def train_chunk(
     stop = schedule.total_steps if stop is None else stop
     stable = _stable_key(specs, hooks, twin, shared, loss_fn, speed)
     steps_left = stop - start.step
-    with acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
-        step_fn = acceleration.prepare_step(build, template, structure, (state, xb, yb, torch.tensor(start.step, device=device)),
-                                            steps_left, len(specs), device, speed, stable_key=stable)
-    if report is not None:
-        report.append(step_fn.report)
     builtins = list(builtins) if builtins is not None else recorded_metrics(evaluate, controls)
     log_steps = {t for t in schedule.log_steps if t <= stop}
     evaluations = sum(1 for t in schedule.log_steps if t >= start.step and any(m.evaluates and m.when.due(t) for m in builtins))
+    evaluated = len(data.x) + (0 if data.x_test is None else len(data.x_test))  # examples per whole-set evaluation
+    evaluation_steps = evaluations * evaluated * acceleration.FORWARD_SHARE / data.batch_size  # in training steps
+    with acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
+        step_fn = acceleration.prepare_step(build, template, structure, (state, xb, yb, torch.tensor(start.step, device=device)),
+                                            steps_left, len(specs), device, speed, stable_key=stable,
+                                            evaluation_steps=evaluation_steps)
+    if report is not None:
+        report.append(step_fn.report)
     times = step_fn.report
     times.initial_state_s, times.prepare_s = initial_s, time.perf_counter() - began - initial_s
     evaluation = _evaluation_chooser(step_fn, template, structure, stable, data, schedule, start.step, len(specs),
