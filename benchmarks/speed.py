@@ -1122,6 +1122,7 @@ def serial_end_to_end(workload: Workload, n: int, steps: int, device: torch.devi
 
 E2E_NS = (1, 2, 8, 32, 64, 128)  # --end-to-end: the short runs' learner counts on a CPU
 E2E_LONG = "mlp:64,lenet:32"  # --end-to-end: the long runs' cells (the issue's targets)
+PROBE_STEPS = 300  # --end-to-end: the serial steps timed to size the runs (not a moment: this 2-core VM's speed drifts)
 E2E_PARTS = ("construction", "initial_states", "prepare", "training", "evaluation", "store_write", "store_read")
 
 
@@ -1203,8 +1204,8 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for name, n, seconds, long in e2e_cells(args, device):
         if name not in workloads:
             workloads[name] = load_workload(name, args.mnist_root)
-            probe = in_child("serial", args, device, name, n=1, steps=20, eval_batch=eval_batch)
-            per_step[name] = probe["breakdown"]["training"] / 20  # one serial learner-step, to size the runs
+            probe = in_child("serial", args, device, name, n=1, steps=PROBE_STEPS, eval_batch=eval_batch)
+            per_step[name] = probe["breakdown"]["training"] / PROBE_STEPS  # one serial learner-step, to size the runs
         workload = workloads[name]
         steps = args.steps or max(args.min_steps, min(MAX_STEPS, round(seconds / max(1e-9, n * per_step[name]))))
         warm = in_child("warm_compile", args, device, name, n=n) if long and args.e2e_warm_compile else None

@@ -140,6 +140,16 @@ def test_every_evaluation_plan_gives_the_vmap_reference_to_float32_rounding(trai
             torch.testing.assert_close(accuracy, reference[1], rtol=0, atol=1 / 70)  # an argmax may flip at a tie
 
 
+def test_a_cpu_evaluates_a_few_convolutional_learners_in_turn_by_default_and_many_with_its_vmapped_plan():
+    cpu = torch.device("cpu")
+    assert acceleration.evaluation_candidates("vmap", cpu, True, n=8)[0] == "serial"
+    assert acceleration.evaluation_candidates("vmap", cpu, True, n=9)[0] == acceleration.default_plan(cpu, 9)
+    assert set(acceleration.evaluation_candidates("vmap", cpu, True, n=8)) == {"vmap", "gemm", "serial"}
+    assert acceleration.evaluation_candidates("gemm", cpu, True)[0] == "gemm"  # no learner count: the training plan
+    assert acceleration.evaluation_candidates("vmap", cpu, False, n=2) == ("vmap",)  # an MLP keeps vmap
+    assert acceleration.evaluation_candidates("grouped", torch.device("cuda"), True, n=2)[0] == "grouped"
+
+
 def test_choose_evaluation_measures_within_its_budget_and_remembers(monkeypatch, plan_cache_dir):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(40, 1, 28, 28, generator=gen)

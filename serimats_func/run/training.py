@@ -269,7 +269,8 @@ def _evaluation_chooser(step_fn: acceleration.PreparedStep, template, structure:
     of a training step per example); ``evaluations``: how many logged steps of the chunk evaluate."""
     report = step_fn.report
     own = speed.convolutions == "auto" and speed.precision != "bf16" and step_fn.logits_of is not None
-    candidates = (acceleration.evaluation_candidates(report.plan, device, bool(convolutions.convolutions_of(template)))
+    candidates = (acceleration.evaluation_candidates(report.plan, device, bool(convolutions.convolutions_of(template)),
+                                                     n if cap is None else min(n, cap))
                   if own else (report.plan,))
 
     def choose(state: dict, x: torch.Tensor) -> tuple[Callable, int | None]:
