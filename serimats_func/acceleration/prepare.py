@@ -355,6 +355,16 @@ EVAL_GROUP_CANDIDATES = (None, 32, 8)  # learners per evaluation pass (None: all
 FORWARD_SHARE = 1 / 3  # a forward pass's share of a training step (forward and backward), to estimate a batch's cost
 
 
+def evaluation_steps(evaluations: int, examples: int, batch_size: int) -> float:
+    """``evaluations`` whole passes over ``examples``, counted in training steps of ``batch_size`` examples (a forward
+    pass of an example costs about ``FORWARD_SHARE`` of a training step's).
+
+    >>> evaluation_steps(3, 6400, 64)
+    100.0
+    """
+    return evaluations * examples * FORWARD_SHARE / batch_size
+
+
 EVAL_SERIAL_MAX_LEARNERS = {"cpu": 8}  # up to this many learners, a CPU evaluates a convolutional model's learners in turn
 
 

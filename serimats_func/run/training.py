@@ -274,12 +274,12 @@ def _evaluation_chooser(step_fn: acceleration.PreparedStep, template, structure:
                   if own else (report.plan,))
 
     def choose(state: dict, x: torch.Tensor) -> tuple[Callable, int | None]:
-        batches = -(-len(x) // data.eval_batch_size)
         step_s = report.eager_step_s
-        batch_s = None if step_s is None else (step_s * acceleration.FORWARD_SHARE
-                                               * min(len(x), data.eval_batch_size) / data.batch_size)
-        budget = None if batch_s is None else acceleration.MEASURE_SHARE * (
-            (schedule.total_steps - start_step) * step_s / 2 + evaluations * batches * batch_s)  # half the steps per set
+        batch_s = None if step_s is None else step_s * acceleration.evaluation_steps(
+            1, min(len(x), data.eval_batch_size), data.batch_size)
+        budget = None if batch_s is None else acceleration.MEASURE_SHARE * step_s * (
+            (schedule.total_steps - start_step) / 2  # half the steps per set
+            + acceleration.evaluation_steps(evaluations, len(x), data.batch_size))
         cache_key = plan_cache.entry_key("evaluate", plan_cache.digest(
             (stable, report.plan, tuple(x.shape), data.eval_batch_size, cap)), n, device)
         choice = acceleration.choose_evaluation(step_fn.logits_of or (lambda plan: step_fn.logits), candidates,
@@ -377,7 +377,7 @@ def train_chunk(
     log_steps = {t for t in schedule.log_steps if t <= stop}
     evaluations = sum(1 for t in schedule.log_steps if t >= start.step and any(m.evaluates and m.when.due(t) for m in builtins))
     evaluated = len(data.x) + (0 if data.x_test is None else len(data.x_test))  # examples per whole-set evaluation
-    evaluation_steps = evaluations * evaluated * acceleration.FORWARD_SHARE / data.batch_size  # in training steps
+    evaluation_steps = acceleration.evaluation_steps(evaluations, evaluated, data.batch_size)
     with acceleration.keep_freed_memory(device), acceleration.precision(speed.precision, device):
         step_fn = acceleration.prepare_step(build, template, structure, (state, xb, yb, torch.tensor(start.step, device=device)),
                                             steps_left, len(specs), device, speed, stable_key=stable,
